@@ -1,0 +1,40 @@
+"""cnnwidgets: Jupyter widgets that show what a convolutional neural network sees.
+
+    import cnnwidgets as cw
+    model = cw.load_model("efficientnet_lite0")
+    cw.FeatureMapExplorer(model, cw.sample_image("cat"))
+"""
+from importlib import import_module
+
+from .engine import (
+    LayerNotFoundError,
+    Model,
+    available_models,
+    load_image,
+    load_model,
+    sample_image,
+    sample_images,
+)
+
+__version__ = "0.1.0"
+
+# Widgets import ipywidgets and matplotlib: load them on first use only.
+_LAZY = {
+    "FeatureMapExplorer": "cnnwidgets.widgets.feature_maps",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cnnwidgets' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = [
+    "LayerNotFoundError", "Model", "available_models", "load_image", "load_model",
+    "sample_image", "sample_images", *_LAZY,
+]

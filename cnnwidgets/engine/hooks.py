@@ -1,0 +1,157 @@
+"""Hook capture: the one way every method reads a layer's input, output and gradient.
+
+``capture(module, layers, ...)`` is a context manager that registers forward hooks (and, when
+gradients are wanted, tensor hooks on the captured outputs) and removes every one of them in
+``finally`` — after success and after an exception alike. ``restored(module)`` puts the module
+back as it was: its training flags and each parameter's ``requires_grad``.
+
+Full backward hooks are never used: they break on in-place ReLU.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Record:
+    """What one ``capture`` saw during the forward (and backward) passes inside it."""
+
+    #: layer name → the layer's output (detached clone unless ``keep_graph``)
+    outputs: dict = field(default_factory=dict)
+    #: layer name → the layer's first positional input (detached clone), when asked for
+    inputs: dict = field(default_factory=dict)
+    #: layer name → gradient of the backward pass w.r.t. the layer's output, when asked for
+    grads: dict = field(default_factory=dict)
+
+
+def resolve(module: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` (as in ``named_modules``), with a helpful error."""
+    modules = dict(module.named_modules())
+    if name in modules and name != "":
+        return modules[name]
+    raise layer_not_found(name, [n for n in modules if n])
+
+
+class LayerNotFoundError(ValueError):
+    """A layer name that the model does not have."""
+
+
+def layer_not_found(name, names: Iterable[str]) -> LayerNotFoundError:
+    import difflib
+
+    names = list(names)
+    close = difflib.get_close_matches(str(name), names, n=5, cutoff=0.5)
+    if not close:  # fall back to names that share the last part (e.g. "conv2")
+        tail = str(name).split(".")[-1]
+        close = [n for n in names if n.split(".")[-1] == tail][:5]
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return LayerNotFoundError(
+        f"the model has no layer {name!r}{hint} (model.layers() lists every layer name)"
+    )
+
+
+def _first_tensor(value):
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    if isinstance(value, dict):
+        for v in value.values():
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+@contextlib.contextmanager
+def capture(
+    module: nn.Module,
+    layers: Iterable[str],
+    *,
+    inputs: bool = False,
+    grads: bool = False,
+    keep_graph: bool = False,
+    replace: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
+):
+    """Record the named layers' outputs (and optionally inputs and output gradients).
+
+    ``keep_graph=True`` stores the outputs attached to the autograd graph (for methods that
+    differentiate with respect to them); otherwise a detached clone is stored, safe from later
+    in-place operations. ``replace(name, output)`` may return a tensor that replaces the
+    layer's output in the forward pass (for ablation and masking methods).
+    """
+    record = Record()
+    handles = []
+    names = list(dict.fromkeys(layers))
+    try:
+        for name in names:
+            layer = resolve(module, name)
+
+            def hook(mod, args, output, name=name):
+                out = _first_tensor(output)
+                if inputs:
+                    x = _first_tensor(args)
+                    if x is not None:
+                        record.inputs[name] = x.detach().clone()
+                if replace is not None and out is not None:
+                    new = replace(name, out)
+                    if new is not None:
+                        output = new if isinstance(output, torch.Tensor) else output
+                        out = new
+                if out is not None:
+                    record.outputs[name] = out if keep_graph else out.detach().clone()
+                    if grads and out.requires_grad:
+
+                        def save_grad(g, name=name):
+                            record.grads[name] = g.detach().clone()
+
+                        handles.append(out.register_hook(save_grad))
+                if replace is not None:
+                    return output
+                return None
+
+            handles.append(layer.register_forward_hook(hook))
+        yield record
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def restored(module: nn.Module, *, eval_mode: bool = True):
+    """Run the body with ``module`` in eval mode, then restore training flags and
+    ``requires_grad`` exactly as they were, whatever happens inside."""
+    training = [(m, m.training) for m in module.modules()]
+    requires = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        if eval_mode:
+            module.eval()
+        yield module
+    finally:
+        for m, flag in training:
+            m.training = flag
+        for p, flag in requires:
+            p.requires_grad_(flag)
+
+
+def hook_count(module: nn.Module) -> int:
+    """Number of forward / backward / pre-hooks registered on ``module`` and its children
+    (for tests that check nothing was left behind)."""
+    total = 0
+    for m in module.modules():
+        for attr in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        ):
+            total += len(getattr(m, attr, {}) or {})
+    return total
