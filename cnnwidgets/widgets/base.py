@@ -1,0 +1,141 @@
+"""What every cnnwidgets widget shares: ipympl canvases, shown errors, background work, save.
+
+Widgets are thin: they observe traitlets, call the public engine API, hand arrays to
+``cnnwidgets.render`` and place the canvases in an ipywidgets layout. No maths here.
+"""
+from __future__ import annotations
+
+import functools
+import html
+import threading
+import traceback
+from typing import Callable
+
+import ipywidgets as widgets
+from matplotlib.figure import Figure
+
+
+def make_figure(width: float = 6.0, height: float = 4.0, dpi: int = 100):
+    """A matplotlib ``Figure`` with an ipympl canvas widget, outside pyplot's global state.
+
+    Nothing is registered with ``pyplot`` (no figure leaks, no double display), and it works
+    whatever ``%matplotlib`` backend the notebook uses.
+    """
+    from ipympl.backend_nbagg import Canvas, FigureManager
+
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    canvas = Canvas(fig)
+    FigureManager(canvas, 0)
+    canvas.header_visible = False
+    canvas.footer_visible = False
+    canvas.toolbar_visible = "fade-in-fade-out"
+    canvas.toolbar_position = "left"
+    canvas.resizable = False
+    canvas.capture_scroll = False
+    return fig, canvas
+
+
+class ErrorBox(widgets.HTML):
+    """A red box inside the widget that shows the last callback error (hidden when none)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.layout.display = "none"
+        self.last_error: BaseException | None = None
+
+    def show(self, exc: BaseException) -> None:
+        self.last_error = exc
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])
+        self.value = (
+            "<div style='color:#a40000;background:#fff0f0;border:1px solid #e0a0a0;"
+            "padding:6px;font-family:monospace;white-space:pre-wrap;font-size:12px'>"
+            f"<b>{html.escape(type(exc).__name__)}: {html.escape(str(exc))}</b>\n"
+            f"<details><summary>traceback</summary>{html.escape(tb)}</details></div>"
+        )
+        self.layout.display = None
+
+    def clear(self) -> None:
+        self.last_error = None
+        self.value = ""
+        self.layout.display = "none"
+
+
+class WidgetBase(widgets.VBox):
+    """Base container: an error box, a status line, ``save(path)`` and background tasks.
+
+    Subclasses set ``self.figure`` (the figure ``save`` writes) and wrap their callbacks with
+    :meth:`guarded` so that an exception shows inside the widget instead of vanishing into the
+    JupyterLab log.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.errors = ErrorBox()
+        self.status = widgets.HTML(value="", layout=widgets.Layout(min_height="1.5em"))
+        self.figure: Figure | None = None
+        self._generation = 0
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- errors
+    def guarded(self, fn: Callable) -> Callable:
+        """Wrap a callback: exceptions are shown in the widget's error box, not raised."""
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - shown to the user
+                self.errors.show(exc)
+                return None
+            self.errors.clear()
+            return result
+
+        return wrapper
+
+    # ----------------------------------------------------------------- background work
+    def submit(self, compute: Callable, done: Callable, *, background: bool = True) -> int:
+        """Run ``compute()`` (in a thread when ``background``), then ``done(result)``.
+
+        Each submission gets a generation number; a result that arrives after a newer
+        submission is dropped, so an old selection never overwrites a newer one.
+        Returns the generation number.
+        """
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+
+        def run():
+            try:
+                result = compute()
+            except Exception as exc:  # noqa: BLE001
+                if generation == self._generation:
+                    self.errors.show(exc)
+                    self.status.value = ""
+                return
+            if generation == self._generation:
+                try:
+                    done(result)
+                    self.errors.clear()
+                except Exception as exc:  # noqa: BLE001
+                    self.errors.show(exc)
+
+        if background:
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            self._thread = thread
+        else:
+            run()
+        return generation
+
+    def wait(self, timeout: float | None = 60.0) -> None:
+        """Block until the latest background task has finished (for scripts and tests)."""
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            thread.join(timeout)
+
+    # ----------------------------------------------------------------- output
+    def save(self, path, dpi: int | None = None) -> None:
+        """Write the widget's current figure to ``path`` (PNG unless the suffix says otherwise)."""
+        if self.figure is None:
+            raise RuntimeError("this widget has no figure to save yet")
+        self.figure.savefig(path, dpi=dpi or self.figure.dpi)
