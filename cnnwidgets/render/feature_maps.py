@@ -73,8 +73,10 @@ def mosaic(maps: np.ndarray, layout: GridLayout) -> np.ndarray:
 def draw_grid(ax: Axes, tiles: np.ndarray, vmin: float, vmax: float, cmap: str = "viridis"):
     """Draw a mosaic; returns (image artist, selection rectangle)."""
     ax.set_axis_off()
-    image = ax.imshow(tiles, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-    image.cmap.set_bad((1, 1, 1, 0))
+    import matplotlib
+
+    colours = matplotlib.colormaps[cmap].with_extremes(bad=(1, 1, 1, 0))  # gaps transparent
+    image = ax.imshow(tiles, cmap=colours, vmin=vmin, vmax=vmax, interpolation="nearest")
     box = Rectangle((0, 0), 1, 1, fill=False, edgecolor="#ff3030", linewidth=2)
     ax.add_patch(box)
     return image, box
