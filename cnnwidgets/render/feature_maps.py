@@ -131,28 +131,40 @@ def update_overlay(ax: Axes, overlay, marker, amap: np.ndarray, title: str,
 
 
 def draw_bars(ax: Axes, k: int = 10):
-    """A horizontal bar chart with ``k`` bars; returns the bar container."""
-    bars = ax.barh(np.arange(k), np.zeros(k), color="#4a7dbf")
-    ax.invert_yaxis()
+    """A horizontal bar chart with ``k`` bars labelled inside; returns (bars, labels).
+
+    Labels are text artists rather than tick labels: updating them in place is several times
+    cheaper to redraw than re-making an axis's ticks.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    bars = ax.barh(np.arange(k), np.zeros(k), color="#4a7dbf", height=0.8)
+    labels = [ax.text(0, i, "", va="center", ha="left", fontsize=8, color="white", fontweight="bold",
+                      clip_on=False) for i in range(k)]
+    ax.set_ylim(k - 0.5, -0.5)
+    ax.set_yticks([])
+    ax.xaxis.set_major_locator(MaxNLocator(3))
     ax.tick_params(labelsize=8)
     ax.set_xlabel("activation", fontsize=8)
-    for side in ("top", "right"):
+    for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
-    return bars
+    return bars, labels
 
 
-def update_bars(ax: Axes, bars, labels, values: np.ndarray, title: str,
+def update_bars(ax: Axes, bars, labels, names, values: np.ndarray, title: str,
                 highlight: int | None = None) -> None:
-    """Set bar lengths and tick labels in place; ``highlight`` marks one bar in red."""
+    """Set bar lengths and labels in place; ``highlight`` marks one bar in red."""
     k = len(bars)
+    n = min(k, len(values))
     vals = np.zeros(k)
-    vals[: len(values)] = values[:k]
-    for i, (bar, v) in enumerate(zip(bars, vals)):
-        bar.set_width(float(v))
-        bar.set_color("#d9432f" if i == highlight else "#4a7dbf")
-        bar.set_visible(i < len(values))
-    ax.set_yticks(np.arange(k), list(labels)[:k] + [""] * (k - len(labels)))
+    vals[:n] = values[:n]
     lo, hi = min(0.0, float(vals.min())), max(0.0, float(vals.max()))
     span = (hi - lo) or 1.0
+    for i, (bar, text, v) in enumerate(zip(bars, labels, vals)):
+        bar.set_width(float(v))
+        bar.set_color("#d9432f" if i == highlight else "#4a7dbf")
+        bar.set_visible(i < n)
+        text.set_text(names[i] if i < n else "")
+        text.set_x(lo + 0.01 * span)
     ax.set_xlim(lo - 0.02 * span, hi + 0.05 * span)
     ax.set_title(title, fontsize=10, loc="left")

@@ -62,11 +62,11 @@ class FeatureMapExplorer(WidgetBase):
         # fixed axes positions (figure fractions): no layout engine work on each redraw
         self.ax_grid = self.figure.add_axes((0.005, 0.02, 0.39, 0.88))
         self.ax_map = self.figure.add_axes((0.405, 0.02, 0.33, 0.88))
-        self.ax_bars = self.figure.add_axes((0.815, 0.1, 0.175, 0.80))
+        self.ax_bars = self.figure.add_axes((0.75, 0.1, 0.24, 0.80))
         self._grid_artist, self._grid_box = draw.draw_grid(self.ax_grid, [[0.0]], 0.0, 1.0)
         H, W = self.display_image.shape[:2]
         self._overlay, self._marker = draw.draw_overlay(self.ax_map, self.display_image, [[0.0]])
-        self._bars = draw.draw_bars(self.ax_bars, TOP_K)
+        self._bars, self._bar_labels = draw.draw_bars(self.ax_bars, TOP_K)
         self._bar_channels = []
         self.canvas.mpl_connect("button_press_event", self.guarded(self._on_click))
 
@@ -264,7 +264,8 @@ class FeatureMapExplorer(WidgetBase):
         channels, values = fm.top_channels(row, col, TOP_K)
         self._bar_channels = [int(ch) for ch in channels]
         highlight = self._bar_channels.index(c) if c in self._bar_channels else None
-        draw.update_bars(self.ax_bars, self._bars, [f"ch {ch}" for ch in channels], values,
+        draw.update_bars(self.ax_bars, self._bars, self._bar_labels,
+                         [f"ch {ch}" for ch in channels], values,
                          f"top channels at ({row}, {col})", highlight)
 
     # ------------------------------------------------------------------ clicks
