@@ -147,3 +147,13 @@ def test_widget_leaves_model_unchanged(lite0, cat):
     w.channel = 1
     assert hook_count(lite0.module) == 0
     assert_same_state(lite0.module, before)
+
+
+def test_explorer_tabs_build_on_first_view(lite0, cat, tmp_path):
+    ex = cw.Explorer(lite0, cat)
+    assert ex.titles[0] == "Feature maps"
+    assert list(ex.views) == ["Feature maps"]  # only the first tab is built
+    fmx = ex.show("Feature maps")
+    assert isinstance(fmx, cw.FeatureMapExplorer)
+    ex.save(tmp_path / "tab.png")
+    assert (tmp_path / "tab.png").stat().st_size > 0
