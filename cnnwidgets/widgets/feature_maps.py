@@ -42,7 +42,7 @@ class FeatureMapExplorer(WidgetBase):
     page = traitlets.Int(0, help="page of the grid, for layers with many channels")
 
     def __init__(self, model: Model, image, layer: str | None = None, *, layers=None,
-                 width: float = 11.0, height: float = 4.6):
+                 prefetch: bool = True, width: float = 11.0, height: float = 4.6):
         super().__init__()
         if not isinstance(model, Model):
             model = Model(model)
@@ -90,6 +90,12 @@ class FeatureMapExplorer(WidgetBase):
         # the first layer shown: the one asked for, else a middle one (more telling than the stem)
         start = layer if layer is not None else self._layers[min(len(self._layers) - 1,
                                                                  len(self._layers) // 3)]
+        if prefetch and start in self._layers:
+            # one forward pass fills the cache for every layer that fits: switching is then
+            # drawing only (the first layer's own forward pass is this one)
+            i = self._layers.index(start)
+            order = sorted(range(len(self._layers)), key=lambda j: abs(j - i))
+            model.prefetch(image, [self._layers[j] for j in order])
         self.layer = start
 
     def _from_control(self, box, name):
