@@ -62,7 +62,7 @@ class FeatureMapExplorer(WidgetBase):
         # fixed axes positions (figure fractions): no layout engine work on each redraw
         self.ax_grid = self.figure.add_axes((0.005, 0.02, 0.39, 0.88))
         self.ax_map = self.figure.add_axes((0.405, 0.02, 0.33, 0.88))
-        self.ax_bars = self.figure.add_axes((0.75, 0.1, 0.24, 0.80))
+        self.ax_bars = self.figure.add_axes((0.75, 0.1, 0.225, 0.80))
         self._grid_artist, self._grid_box = draw.draw_grid(self.ax_grid, [[0.0]], 0.0, 1.0)
         H, W = self.display_image.shape[:2]
         self._overlay, self._marker = draw.draw_overlay(self.ax_map, self.display_image, [[0.0]])
