@@ -73,7 +73,7 @@ from torch import fx, nn
 from .hooks import restored
 
 __all__ = [
-    "Fixations", "FixationTracer", "UnsupportedOperationError", "fixations",
+    "Fixations", "FixationTracer", "UnsupportedOperationError", "backtrack", "fixations",
     "fixation_attribution", "gaussian_blur", "outlier_mask",
 ]
 
@@ -774,7 +774,7 @@ class _Backtrack:
         along = coords[dim - 1]
         sizes = [self.values[t].shape[dim] if isinstance(t, fx.Node) else 0 for t in tensors]
         ends = torch.tensor(np.cumsum(sizes), device=idx.device)
-        branch = torch.searchsorted(ends, along, right=True)
+        branch = torch.searchsorted(ends, along.contiguous(), right=True)
         starts = ends - torch.tensor(sizes, device=idx.device)
         for k, t in enumerate(tensors):
             sel = branch == k
@@ -840,15 +840,40 @@ def fixations(
     rule (a known layer type) if points reach them. ``position`` picks where a convolution
     moves a point: ``"centre"`` of the window (the authors' rule), ``"argmax"`` of the chosen
     channel's contribution in the window, or ``"auto"`` (centre for stride 1, argmax for
-    strided convolutions; see ``_Backtrack.conv``). ``progress`` shows a progress bar. Raises :class:`UnsupportedOperationError`
-    naming the operation when the backtrack reaches one without a rule.
+    strided convolutions; see ``_Backtrack.conv``). ``progress`` shows a progress bar.
+    Raises :class:`UnsupportedOperationError` naming the operation when the backtrack reaches
+    one without a rule. A model that returns a tuple is backtracked from its first element.
+    """
+    model = _resolve_model(model)
+    x, _ = model.prepare(image)
+    tgt = None if target is None else model.target_index(target)
+    result = backtrack(model.module, x, tgt, position=position, leaf_modules=leaf_modules,
+                       progress=progress, outlier_removal=outlier_removal)
+    result.label = model.label(result.target)
+    return result
+
+
+def backtrack(
+    module: nn.Module,
+    x: torch.Tensor,
+    target: int | None = None,
+    *,
+    position: str = "auto",
+    leaf_modules: Sequence = (),
+    progress: bool = False,
+    outlier_removal: bool = True,
+) -> Fixations:
+    """CNN Fixations of a prepared input ``x`` (1×C×H×W, or 1×F for a vector network) for the
+    class index ``target`` (None: the top-1 score); the engine behind :func:`fixations`.
+
+    The model runs once inside ``restored(module)`` (eval mode; training flags and
+    ``requires_grad`` put back after) under ``torch.no_grad``; no hook is registered.
     """
     if position not in ("auto", "centre", "center", "argmax"):
         raise ValueError(f"position must be 'auto', 'centre' or 'argmax', not {position!r}")
     position = "centre" if position == "center" else position
-    model = _resolve_model(model)
-    module = model.module
-    x, display = model.prepare(image)
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != 1:
+        raise ValueError("backtrack needs one input with a batch dimension of 1 (1×C×H×W)")
     graph = trace_graph(module, leaf_modules)
     with restored(module), torch.no_grad():
         values, out = _run(graph, module, x)
@@ -864,10 +889,7 @@ def fixations(
     logits = values[logits_node]
     if logits.dim() != 2:
         raise ValueError(f"the model returned scores of shape {tuple(logits.shape)}, not N×K")
-    if target is None:
-        tgt = int(logits[0].argmax())
-    else:
-        tgt = model.target_index(target)
+    tgt = int(logits[0].argmax()) if target is None else int(target)
     if not 0 <= tgt < logits.shape[1]:
         raise ValueError(f"target {tgt} is out of range for {logits.shape[1]} classes")
 
@@ -905,7 +927,7 @@ def fixations(
                 input_idx = idx
                 continue
             bt.step(node, idx)
-    h, w = display.shape[:2]
+    h, w = x.shape[-2:] if x.dim() == 4 else (1, 1)
     if input_idx is None:
         pts = np.zeros((0, 2), np.int64)
     else:
@@ -918,7 +940,7 @@ def fixations(
         trace=trace,
         shapes=shapes,
         target=tgt,
-        label=model.label(tgt),
+        label=f"class {tgt}",
         image_size=(int(h), int(w)),
         score=float(logits[0, tgt]),
         probability=float(probs[tgt]),
