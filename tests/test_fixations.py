@@ -424,3 +424,54 @@ def test_targets_and_attribution(lite0):
     assert set(np.unique(raw)) <= {0.0, 1.0} and raw.sum() == len(f.points)
     with pytest.raises(ValueError, match="no class label"):
         cw.fixations(lite0, img, target="not a class")
+
+
+# ----------------------------------------------------------------------------- widget
+def test_fixation_explorer_updates_artists(lite0):
+    import traitlets
+
+    img = cw.sample_image("cat")
+    w = cw.FixationExplorer(lite0, img, background=False)
+    assert w.errors.last_error is None
+    r = w.result
+    assert w.target == r.target == lite0.predict(img, 1)[0][0]
+    assert w.layer == r.layers()[0] and w.layer_slider.max == len(r.trace) - 1
+    pts = w._fix_art["points"].get_offsets()
+    assert len(pts) == len(r.points) and np.array_equal(pts[:, ::-1], r.points)
+    assert w._fix_art["box"].get_visible()
+
+    # walking the backtrack: the slider sets the layer and the layer panel shows its grid
+    grid0 = np.ma.getdata(w._layer_art["grid"].get_array()).copy()
+    w.layer_slider.value = len(r.trace) - 2  # the layer just above the pixels
+    assert w.layer == r.layers()[-2]
+    grid1 = w._layer_art["grid"].get_array()
+    c, h, wd = r.shapes[w.layer]
+    assert grid1.shape == (h, wd) and grid1.shape != grid0.shape
+    assert np.nansum(np.ma.getdata(grid1)) == len(r.trace[w.layer])
+    w.layer = r.layers()[3]
+    assert w.layer_slider.value == 3
+
+    heat0 = np.asarray(w._heat_art["heat"].get_array()).copy()
+    w.sigma = 5.0
+    assert w.sigma_slider.value == 5.0
+    assert not np.allclose(np.asarray(w._heat_art["heat"].get_array()), heat0)
+
+    n_kept = len(w._fix_art["points"].get_offsets())
+    w.outlier_removal = False
+    assert len(w._fix_art["points"].get_offsets()) == len(r.all_points) >= n_kept
+    assert len(w._fix_art["outliers"].get_offsets()) == 0
+    w.box_box.value = False
+    assert not w.show_box and not w._fix_art["box"].get_visible()
+
+    # the target selector recomputes
+    w.target_select.value = lite0.labels.index("tabby")
+    assert w.result.target == lite0.labels.index("tabby")
+    assert w.layer in w.result.trace
+
+    with pytest.raises(traitlets.TraitError, match="sigma"):
+        w.sigma = -1.0
+    with pytest.raises(traitlets.TraitError, match="not a layer"):
+        w.layer = "no.such.layer"
+    with pytest.raises(traitlets.TraitError, match="not a class"):
+        w.target = 5000
+    assert hook_count(lite0.module) == 0
