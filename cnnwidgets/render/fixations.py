@@ -109,7 +109,7 @@ def update_layer(artists: dict, points, shape, title: str | None = None) -> None
     art = artists["grid"]
     art.set_data(masked)
     art.set_extent(extent)
-    art.set_clim(0, max(1.0, float(np.nanmax(grid)) if grid.size else 1.0))
+    art.set_clim(0, max(2.0, float(np.nanmax(grid)) if grid.size else 2.0))  # 1 point: mid colour
     background = artists["background"]
     background.set_extent(extent)
     background.set_visible(spatial)

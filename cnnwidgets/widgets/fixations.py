@@ -68,10 +68,10 @@ class FixationExplorer(WidgetBase):
         self.box_box = widgets.Checkbox(value=True, description="box", indent=False)
 
         h, w = self.display.shape[:2]
-        self.figure, self.canvas = make_figure(11.5, 4.0)
+        self.figure, self.canvas = make_figure(11.5, 4.2)
         axes = self.figure.subplots(1, 3)
         self._fix_art = draw_fixations(axes[0], self.display, [], title="CNN Fixations")
-        self._layer_art = draw_layer(axes[1], self.display, [], (1, 1, 1), title="")
+        self._layer_art = draw_layer(axes[1], self.display, [], (1, 1, 1), title="backtrack")
         self._heat_art = draw_heatmap(axes[2], self.display, self.display[..., 0] * 0,
                                       title="heatmap")
 
