@@ -319,6 +319,10 @@ def _is_inplace(node: fx.Node, module: nn.Module | None) -> bool:
     return False
 
 
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
+                 operator.imul: operator.mul, operator.itruediv: operator.truediv}
+
+
 def _run(graph: fx.Graph, root: nn.Module, x: torch.Tensor) -> tuple[dict, Any]:
     """Evaluate the graph on ``x``; returns (node → value, output value)."""
     values: dict = {}
@@ -341,7 +345,21 @@ def _run(graph: fx.Graph, root: nn.Module, x: torch.Tensor) -> tuple[dict, Any]:
         args, kwargs = load(node.args), load(node.kwargs)
         module = modules[node.target] if node.op == "call_module" else None
         if _is_inplace(node, module) and args and isinstance(args[0], torch.Tensor):
-            args = (args[0].clone(),) + tuple(args[1:])  # keep the recorded value intact
+            # keep the recorded input intact: run the out-of-place twin where there is one
+            # (no copy), else work on a copy
+            if node.op == "call_module" and type(module) is nn.ReLU:
+                values[node] = torch.relu(args[0])
+                continue
+            if node.op == "call_module" and isinstance(module, nn.Hardtanh):  # incl. ReLU6
+                values[node] = F.hardtanh(args[0], module.min_val, module.max_val)
+                continue
+            if node.op == "call_function" and node.target in _OUT_OF_PLACE:
+                values[node] = _OUT_OF_PLACE[node.target](*args, **kwargs)
+                continue
+            if node.op == "call_function" and "inplace" in kwargs:
+                values[node] = node.target(*args, **{**kwargs, "inplace": False})
+                continue
+            args = (args[0].clone(),) + tuple(args[1:])
         if node.op == "call_module":
             values[node] = module(*args, **kwargs)
         elif node.op == "call_function":
@@ -517,11 +535,24 @@ class _Backtrack:
         a = a[0]
         w = weight.detach()
         if self._flattened_map(src):
+            # per kept neuron the argmax of a * W[i]; only the kept rows are read, in blocks
             best = torch.empty_like(idx)
             step = max(1, _CHUNK // a.numel())
-            for s in range(0, idx.numel(), step):
-                rows = w.index_select(0, idx[s:s + step])
-                best[s:s + step] = (rows * a).argmax(1)
+            if idx.numel() * 3 > w.shape[0]:  # most rows kept: stream contiguous blocks
+                where = torch.full((w.shape[0],), -1, dtype=torch.long, device=idx.device)
+                where[idx] = torch.arange(idx.numel(), device=idx.device)
+                buf = torch.empty(min(step, w.shape[0]), a.numel(), dtype=a.dtype, device=a.device)
+                for s in range(0, w.shape[0], step):
+                    e = min(s + step, w.shape[0])
+                    sel = where[s:e] >= 0
+                    if not sel.any():
+                        continue
+                    arg = torch.mul(w[s:e], a, out=buf[:e - s]).argmax(1)
+                    best[where[s:e][sel]] = arg[sel]
+            else:
+                for s in range(0, idx.numel(), step):
+                    rows = w.index_select(0, idx[s:s + step])
+                    best[s:s + step] = rows.mul_(a).argmax(1)
             return self.send(src, best)
         hi = torch.full_like(a, -math.inf)
         lo = torch.full_like(a, math.inf)
@@ -616,6 +647,7 @@ class _Backtrack:
         rows_c, cols_c = rows.clamp(0, hx - 1), cols.clamp(0, wx - 1)
         chan_off = torch.arange(cin_g, device=x.device)
         xf = x.reshape(x.shape[0], -1)
+        xt = xf.t().contiguous() if m.groups == 1 and cin_g > 1 else None  # (H·W)×C
         best = torch.empty_like(c)
         ni = (i * sh - top + dh * ((kh - 1) // 2)).clamp(0, hx - 1)
         nj = (j * sw - left + dw * ((kw - 1) // 2)).clamp(0, wx - 1)
@@ -625,25 +657,27 @@ class _Backtrack:
         step = max(1, _CHUNK // (cin_g * kh * kw))
         for s in range(0, idx.numel(), step):
             sl_ = slice(s, s + step)
-            pos = rows_c[sl_, :, None] * wx + cols_c[sl_, None, :]  # M×kh×kw flat positions
-            mm = pos.shape[0]
+            pos = (rows_c[sl_, :, None] * wx + cols_c[sl_, None, :]).reshape(-1, kh * kw)
+            mm, kk = pos.shape
+            ok = valid[sl_].reshape(mm, kk)
+            wsel = w.reshape(cout, cin_g, kk).index_select(0, c[sl_])  # M×cin_g×K
             if cin_g == 1:  # depthwise: one candidate channel
-                win = xf[group[sl_, None, None], pos][:, None]
-            elif m.groups == 1:  # read only the columns at the windows
-                win = xf.index_select(1, pos.reshape(-1)).view(cin, mm, kh, kw).transpose(0, 1)
+                win = xf[group[sl_, None], pos][:, None, :]  # M×1×K
+            elif m.groups == 1:  # read only the window columns, as M×K×cin (contiguous)
+                win = xt.index_select(0, pos.reshape(-1)).view(mm, kk, cin).transpose(1, 2)
             else:
                 chans = group[sl_, None] * cin_g + chan_off  # M×cin_g
-                win = xf[chans[:, :, None, None], pos[:, None]]
-            contrib = win * w.index_select(0, c[sl_]) * valid[sl_, None]  # M×cin_g×kh×kw
-            local = contrib.sum((2, 3)).argmax(1) if cin_g > 1 else torch.zeros_like(c[sl_])
+                win = xf[chans[:, :, None], pos[:, None, :]]  # M×cin_g×K
+            contrib = win * wsel  # M×cin_g×K: each input's contribution to the point
+            if not bool(ok.all()):  # padded positions contribute zero
+                contrib = contrib * ok[:, None, :]
+            local = contrib.sum(2).argmax(1) if cin_g > 1 else torch.zeros_like(c[sl_])
             best[sl_] = group[sl_] * cin_g + local
             if use_argmax:  # the chosen channel's most contributing position in the window
-                pick = contrib[torch.arange(local.numel(), device=x.device), local]  # M×kh×kw
-                pick = pick.masked_fill(~valid[sl_], -math.inf).flatten(1).argmax(1)
-                r_sel, c_sel = pick // kw, pick % kw
-                ar = torch.arange(local.numel(), device=x.device)
-                ni[sl_] = rows_c[sl_][ar, r_sel]
-                nj[sl_] = cols_c[sl_][ar, c_sel]
+                ar = torch.arange(mm, device=x.device)
+                pick = contrib[ar, local].masked_fill(~ok, -math.inf).argmax(1)
+                ni[sl_] = rows_c[sl_][ar, pick // kw]
+                nj[sl_] = cols_c[sl_][ar, pick % kw]
         ni = (ni - off_t).clamp(0, h_in - 1)
         nj = (nj - off_l).clamp(0, w_in - 1)
         self.send(src, _encode(best, ni, nj, (cin, h_in, w_in)))
