@@ -535,25 +535,7 @@ class _Backtrack:
         a = a[0]
         w = weight.detach()
         if self._flattened_map(src):
-            # per kept neuron the argmax of a * W[i]; only the kept rows are read, in blocks
-            best = torch.empty_like(idx)
-            step = max(1, _CHUNK // a.numel())
-            if idx.numel() * 3 > w.shape[0]:  # most rows kept: stream contiguous blocks
-                where = torch.full((w.shape[0],), -1, dtype=torch.long, device=idx.device)
-                where[idx] = torch.arange(idx.numel(), device=idx.device)
-                buf = torch.empty(min(step, w.shape[0]), a.numel(), dtype=a.dtype, device=a.device)
-                for s in range(0, w.shape[0], step):
-                    e = min(s + step, w.shape[0])
-                    sel = where[s:e] >= 0
-                    if not sel.any():
-                        continue
-                    arg = torch.mul(w[s:e], a, out=buf[:e - s]).argmax(1)
-                    best[where[s:e][sel]] = arg[sel]
-            else:
-                for s in range(0, idx.numel(), step):
-                    rows = w.index_select(0, idx[s:s + step])
-                    best[s:s + step] = rows.mul_(a).argmax(1)
-            return self.send(src, best)
+            return self.send(src, self._argmax_rows(w, a, idx))
         hi = torch.full_like(a, -math.inf)
         lo = torch.full_like(a, math.inf)
         step = max(1, _CHUNK // a.numel())
@@ -563,6 +545,35 @@ class _Backtrack:
             lo = torch.minimum(lo, rows.amin(0))
         keep = ((a > 0) & (hi > 0)) | ((a < 0) & (lo < 0))
         self.send(src, keep.nonzero().flatten())
+
+    @staticmethod
+    def _argmax_rows(w: torch.Tensor, a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``argmax_j a_j * w[i, j]`` for each row i in ``idx``, reading only those rows (in
+        blocks of a few MB) and only the columns where ``a`` is non-zero (post-ReLU maps are
+        sparse): a zero input contributes 0, so it can only win when every non-zero input
+        contributes less than 0 — then the first zero input is the argmax, as over all j."""
+        nz = a.nonzero().flatten()
+        if nz.numel() == 0:
+            return torch.zeros_like(idx)
+        dense = nz.numel() * 4 > a.numel() * 3
+        cols = None if dense else nz
+        a_sub = a if dense else a[nz]
+        best = torch.empty_like(idx)
+        top = torch.empty(idx.numel(), dtype=a.dtype, device=a.device)
+        step = max(1, _CHUNK // a_sub.numel())
+        for s in range(0, idx.numel(), step):
+            rows = w.index_select(0, idx[s:s + step])
+            if cols is not None:
+                rows = rows.index_select(1, cols)
+            val, arg = rows.mul_(a_sub).max(1)
+            top[s:s + step] = val
+            best[s:s + step] = arg if cols is None else cols[arg]
+        if not dense:
+            zeros = (a == 0).nonzero().flatten()
+            losing = top < 0
+            if zeros.numel() and bool(losing.any()):
+                best[losing] = zeros[0]
+        return best
 
     def _flattened_map(self, node) -> bool:
         """Whether ``node`` is (through pass-through layers) a flattened map with h·w > 1."""
@@ -648,6 +659,7 @@ class _Backtrack:
         chan_off = torch.arange(cin_g, device=x.device)
         xf = x.reshape(x.shape[0], -1)
         xt = xf.t().contiguous() if m.groups == 1 and cin_g > 1 else None  # (H·W)×C
+        ones_k = torch.ones(kh * kw, dtype=x.dtype, device=x.device)
         best = torch.empty_like(c)
         ni = (i * sh - top + dh * ((kh - 1) // 2)).clamp(0, hx - 1)
         nj = (j * sw - left + dw * ((kw - 1) // 2)).clamp(0, wx - 1)
@@ -671,7 +683,12 @@ class _Backtrack:
             contrib = win * wsel  # M×cin_g×K: each input's contribution to the point
             if not bool(ok.all()):  # padded positions contribute zero
                 contrib = contrib * ok[:, None, :]
-            local = contrib.sum(2).argmax(1) if cin_g > 1 else torch.zeros_like(c[sl_])
+            if cin_g == 1:
+                local = torch.zeros_like(c[sl_])
+            elif kk == 1:
+                local = contrib[:, :, 0].argmax(1)
+            else:  # sum over the window as a matrix-vector product (fast for small K)
+                local = (contrib.reshape(-1, kk) @ ones_k).view(mm, cin_g).argmax(1)
             best[sl_] = group[sl_] * cin_g + local
             if use_argmax:  # the chosen channel's most contributing position in the window
                 ar = torch.arange(mm, device=x.device)
