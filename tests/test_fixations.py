@@ -475,3 +475,27 @@ def test_fixation_explorer_updates_artists(lite0):
     with pytest.raises(traitlets.TraitError, match="not a class"):
         w.target = 5000
     assert hook_count(lite0.module) == 0
+
+
+def test_indexing_and_pretrained_googlenet_transform_input():
+    class Pick(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = _set(nn.Conv2d(1, 1, 1, bias=False), weight=[[[[1.0]]]])
+
+        def forward(self, x):
+            y = torch.cat([x[:, 2:3] * 2.0, x[:, 0:1]], 1)  # channels (2, 0) of x
+            return self.conv(y[:, 1:2, ::2]).flatten(1)
+
+    x = torch.arange(3 * 4 * 2, dtype=torch.float32).view(1, 3, 4, 2)
+    # output = x[0, 0, ::2, :] flattened = [0, 1, 4, 5]; class 3 -> conv point (0, 1, 1)
+    # -> y[:, 1:2, ::2] row 1 = y row 2 -> y channel 1 -> cat branch 2 (x[:, 0:1]) -> x (0, 2, 1)
+    f = backtrack(Pick(), x, 3)
+    assert _trace(f, "conv") == [(0, 1, 1)]
+    assert _trace(f, "input") == [(0, 2, 1)]
+    # torchvision's GoogLeNet with transform_input=True (as its pretrained weights use)
+    torch.manual_seed(0)
+    net = torchvision.models.googlenet(weights=None, init_weights=True, aux_logits=False,
+                                       transform_input=True)
+    f = backtrack(net, torch.rand(1, 3, 64, 64))
+    assert len(f.all_points) > 0

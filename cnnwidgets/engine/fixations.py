@@ -24,6 +24,11 @@ The authors' rules (see ``shared/ALGORITHMS.md``):
   ``x[:, window] * W[c]`` summed over the window give one score per input channel; the new
   channel is the argmax, the new position the window centre ``S*h - P + D*((K-1)//2)``,
   clipped to the map. One point in, one point out. Only the windows at the points are read.
+  Departure (``position="auto"``, the default): for *strided* convolutions the point moves to
+  the window position where the chosen channel contributes most, as the authors' ResNet-101
+  code does for its 3×3 convolutions — the centre rule would put every point of a network that
+  downsamples by strided convolutions (EfficientNet, MobileNet) on a grid of the total stride.
+  ``position="centre"`` is the paper's rule everywhere.
 * **max pooling**: the point moves to the argmax of its window (via ``return_indices``, so
   padding, dilation and ``ceil_mode`` are exactly those of the forward pass).
 * **global average pooling**: the pooled vector is 1-D for the linear rule that follows; each
@@ -53,7 +58,8 @@ Extensions the authors did not cover, made here (each also noted at its rule):
   the point passes through to the gated feature map; the gate (N×C×1×1) is not backtracked.
   Products of two full-size maps send the point to both.
 * **flatten / view / reshape / squeeze**: they keep the memory order, so a flat index is
-  unchanged.
+  unchanged. **Basic indexing** (``x[:, 0]``, GoogLeNet's ``transform_input``) maps each point
+  to the element it was read from.
 * **several outputs**: a model returning a tuple is backtracked from its first element.
 """
 from __future__ import annotations
@@ -487,7 +493,7 @@ class _Backtrack:
             if t in _REDUCE_FUNCTIONS:
                 return self.reduce(node, idx)
             if t is operator.getitem and isinstance(v.get(first), torch.Tensor):
-                raise self.unsupported(node, "tensor indexing/slicing")
+                return self.getitem(node, idx)
             raise self.unsupported(node)
         if node.op == "call_method":
             t = node.target
@@ -810,6 +816,33 @@ class _Backtrack:
             raise self.unsupported(node, "a broadcast product with no full-size factor")
         for a in full:
             self.send(a, idx)
+
+    def getitem(self, node, idx):
+        """Basic indexing ``x[:, 1]``, ``x[:, 0:3:2, ...]`` (extension; e.g. GoogLeNet's and
+        Inception's ``transform_input``): each output coordinate maps to its input coordinate."""
+        src, key = node.args[0], node.args[1]
+        x = self.values[src]
+        key = key if isinstance(key, tuple) else (key,)
+        if Ellipsis in key:
+            k = key.index(Ellipsis)
+            key = key[:k] + (slice(None),) * (x.dim() - len(key) + 1) + key[k + 1:]
+        key = key + (slice(None),) * (x.dim() - len(key))
+        if len(key) != x.dim() or key[0] != slice(None) or not all(
+                isinstance(k, (int, slice)) for k in key):
+            raise self.unsupported(node, f"indexing with {node.args[1]!r}")
+        out_shape = tuple(self.values[node].shape[1:])
+        coords = list(torch.unravel_index(idx, out_shape)) if out_shape else []
+        flat = torch.zeros_like(idx)
+        o = 0
+        for k, n in zip(key[1:], x.shape[1:]):
+            if isinstance(k, int):
+                cc = torch.full_like(idx, k % n)
+            else:
+                start, _, step = k.indices(n)
+                cc = start + coords[o] * step
+                o += 1
+            flat = flat * n + cc
+        self.send(src, flat)
 
     def cat(self, node, idx):
         """Concatenation (Inception, DenseNet): the index along the concatenated dim selects
