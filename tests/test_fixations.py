@@ -499,3 +499,21 @@ def test_indexing_and_pretrained_googlenet_transform_input():
                                        transform_input=True)
     f = backtrack(net, torch.rand(1, 3, 64, 64))
     assert len(f.all_points) > 0
+
+
+def test_untraceable_model_gets_clear_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                y = y * 2
+            return y.mean((2, 3))
+
+    net = Branchy()
+    with pytest.raises(UnsupportedOperationError, match="torch.fx.*leaf_modules"):
+        backtrack(net, torch.ones(1, 3, 8, 8))
+    assert hook_count(net) == 0 and net.training
