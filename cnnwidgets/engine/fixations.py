@@ -649,6 +649,8 @@ class _Backtrack:
             pad_h = max((oh - 1) * sh + (kh - 1) * dh + 1 - h_in, 0)
             pad_w = max((ow - 1) * sw + (kw - 1) * dw + 1 - w_in, 0)
             left, right, top, bottom = pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
+        if (kh, kw, sh, sw, left, right, top, bottom, m.groups) == (1, 1, 1, 1, 0, 0, 0, 0, 1):
+            return self._pointwise(src, w, idx, x)
         off_t = off_l = 0
         if m.padding_mode != "zeros" and (left or right or top or bottom):
             x = F.pad(x, (left, right, top, bottom), mode=m.padding_mode)
@@ -664,7 +666,6 @@ class _Backtrack:
         rows_c, cols_c = rows.clamp(0, hx - 1), cols.clamp(0, wx - 1)
         chan_off = torch.arange(cin_g, device=x.device)
         xf = x.reshape(x.shape[0], -1)
-        xt = xf.t().contiguous() if m.groups == 1 and cin_g > 1 else None  # (H·W)×C
         ones_k = torch.ones(kh * kw, dtype=x.dtype, device=x.device)
         best = torch.empty_like(c)
         ni = (i * sh - top + dh * ((kh - 1) // 2)).clamp(0, hx - 1)
@@ -682,11 +683,14 @@ class _Backtrack:
             if cin_g == 1:  # depthwise: one candidate channel
                 win = xf[group[sl_, None], pos][:, None, :]  # M×1×K
             elif m.groups == 1:  # read only the window columns, as M×K×cin (contiguous)
-                win = xt.index_select(0, pos.reshape(-1)).view(mm, kk, cin).transpose(1, 2)
+                upos, inv = torch.unique(pos, return_inverse=True)
+                xsub = xf.index_select(1, upos).t().contiguous()  # (distinct positions)×cin
+                win = xsub.index_select(0, inv.reshape(-1)).view(mm, kk, cin).transpose(1, 2)
             else:
                 chans = group[sl_, None] * cin_g + chan_off  # M×cin_g
                 win = xf[chans[:, :, None], pos[:, None, :]]  # M×cin_g×K
-            contrib = win * wsel  # M×cin_g×K: each input's contribution to the point
+            # M×cin_g×K, contiguous: each input's contribution to the point
+            contrib = torch.mul(wsel, win, out=torch.empty_like(wsel))
             if not bool(ok.all()):  # padded positions contribute zero
                 contrib = contrib * ok[:, None, :]
             if cin_g == 1:
@@ -704,6 +708,18 @@ class _Backtrack:
         ni = (ni - off_t).clamp(0, h_in - 1)
         nj = (nj - off_l).clamp(0, w_in - 1)
         self.send(src, _encode(best, ni, nj, (cin, h_in, w_in)))
+
+    def _pointwise(self, src, w, idx, x):
+        """The convolution rule for a 1×1, stride-1, unpadded, ungrouped convolution (most
+        layers of bottleneck networks), with a few tensor operations: the window is the point
+        itself, so only the channel changes."""
+        cin, h_in, w_in = x.shape
+        hw = h_in * w_in
+        c, pos = idx // hw, idx % hw
+        upos, inv = torch.unique(pos, return_inverse=True)
+        win = x.reshape(cin, hw).index_select(1, upos).t().contiguous().index_select(0, inv)
+        score = win.mul_(w.reshape(w.shape[0], cin).index_select(0, c))  # M×cin
+        self.send(src, score.argmax(1) * hw + pos)
 
     def _window_argmax(self, node, idx, src, pooled_indices, pads=(0, 0, 0, 0)):
         """Move points to the input positions that ``pooled_indices`` (C×oh×ow, flat h*W+w in
