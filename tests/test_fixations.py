@@ -394,6 +394,25 @@ def test_efficientnet_lite0_points_fall_on_the_cat(lite0):
     assert r >= 35 and 20 <= c <= 215
 
 
+def test_efficientnet_lite0_localises_a_small_cat(lite0):
+    """The cat's face shrunk to 128×128 in the top-left of a grey 256×256 canvas (the model's
+    preprocessing keeps the canvas' centre 224 crop, so the cat covers rows/cols 0–127 of the
+    network input: 33% of its area). The fixations of "Egyptian cat" must land on it."""
+    from PIL import Image
+
+    crop = lite0.prepare(cw.sample_image("cat"))[1]
+    cat = Image.fromarray((crop * 255).astype(np.uint8)).resize((128, 128), Image.BILINEAR)
+    canvas = np.full((256, 256, 3), 128, np.uint8)
+    canvas[16:144, 16:144] = np.asarray(cat)
+    f = cw.fixations(lite0, Image.fromarray(canvas), target="Egyptian cat")
+    pts = f.points
+    assert len(pts) >= 20
+    on_cat = (pts[:, 0] < 128) & (pts[:, 1] < 128)
+    assert on_cat.mean() > 0.65  # measured 0.77; uniformly spread points would give 0.33
+    x0, y0, x1, y1 = f.box()
+    assert x0 < 64 and y0 < 64  # the box starts on the cat
+
+
 def test_no_hook_and_unchanged_after_exception():
     class Sine(nn.Module):
         def __init__(self):
