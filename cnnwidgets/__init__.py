@@ -15,12 +15,15 @@ from .engine import (
     sample_image,
     sample_images,
 )
+from .engine.optvis import Visualization, deconv, invert, objectives, visualize
 
 __version__ = "0.1.0"
 
 # Widgets import ipywidgets and matplotlib: load them on first use only.
 _LAZY = {
     "FeatureMapExplorer": "cnnwidgets.widgets.feature_maps",
+    "FeatureVisualizer": "cnnwidgets.widgets.optvis",
+    "InversionExplorer": "cnnwidgets.widgets.optvis",
 }
 
 
@@ -37,4 +40,5 @@ def __dir__():
 __all__ = [
     "LayerNotFoundError", "Model", "available_models", "load_image", "load_model",
     "sample_image", "sample_images", *_LAZY,
+    "Visualization", "deconv", "invert", "objectives", "visualize",
 ]
