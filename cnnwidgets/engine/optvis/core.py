@@ -264,10 +264,11 @@ class DeconvProjection(np.ndarray):
     * ``layer``, ``channel`` — what was projected;
     * ``position`` — ``(row, col, value)`` of the projected activation (layer coordinates);
     * ``positions`` — k×3 array of the top-k ``(row, col, value)`` of the channel, strongest first;
+    * ``input_positions`` — k×2 ``(row, col)`` of those positions in input pixels (cell centres);
     * ``box`` — ``(x0, y0, x1, y1)`` in input pixels around where the projection is non-zero.
     """
 
-    _attrs = ("raw", "layer", "channel", "position", "positions", "box")
+    _attrs = ("raw", "layer", "channel", "position", "positions", "input_positions", "box")
 
     def __new__(cls, display, **attrs):
         out = np.asarray(display, dtype=np.float32).view(cls)
@@ -321,5 +322,9 @@ def deconv(model, image, layer: str, channel: int | None = None, top_k: int = 5,
     mag = np.abs(raw).max(-1)
     ys, xs = np.nonzero(mag > 0.01 * peak) if peak > 0 else (np.array([0]), np.array([0]))
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    positions = np.array(pos[:k], dtype=np.float32)
+    H, W = raw.shape[:2]
+    scale = np.array([H / h, W / w], dtype=np.float32)
+    input_positions = (positions[:, :2] + 0.5) * scale - 0.5
     return DeconvProjection(display, raw=raw, layer=layer, channel=channel, position=(r, c, v),
-                            positions=np.array(pos[:k], dtype=np.float32), box=box)
+                            positions=positions, input_positions=input_positions, box=box)
