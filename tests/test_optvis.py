@@ -12,8 +12,6 @@ from cnnwidgets.engine.optvis import (FFTParam, PixelParam, color_matrix, decorr
                                       optimize)
 from cnnwidgets.engine.optvis import objectives as O
 
-torch.set_num_threads(2)
-
 
 class Tiny(nn.Module):
     """conv 3→6 (3×3) → ReLU → conv 6→4 (3×3, stride 2) → ReLU6 → GAP → linear 4→3."""

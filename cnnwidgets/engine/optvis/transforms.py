@@ -32,15 +32,18 @@ def jitter(x: torch.Tensor, d: int, generator=None) -> torch.Tensor:
     return x[..., dy:dy + h - d, dx:dx + w - d]
 
 
-def scale_rotate(x: torch.Tensor, scale: float, degrees: float) -> torch.Tensor:
-    """Zoom by ``scale`` and rotate by ``degrees`` about the centre (bilinear, same size)."""
+def scale_rotate(x: torch.Tensor, scale: float, degrees: float, fill: float = 0.5) -> torch.Tensor:
+    """Zoom by ``scale`` and rotate by ``degrees`` about the centre (bilinear, same size).
+    Pixels from outside the image are ``fill`` (replicating the border instead would send
+    the gradient of the whole outside onto the edge pixels, which then saturate)."""
     if scale == 1.0 and degrees == 0.0:
         return x
     a = math.radians(degrees)
     cos, sin = math.cos(a) / scale, math.sin(a) / scale
     theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype, device=x.device)
     grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out + fill
 
 
 SCALES = [1 + (i - 5) / 50 for i in range(11)]  # 0.90 … 1.10
