@@ -7,6 +7,7 @@ updated in place. ``run(wait=True)`` runs synchronously (scripts, tests, noteboo
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 import ipywidgets as widgets
@@ -18,7 +19,15 @@ from .base import WidgetBase, make_figure
 
 
 class _LiveRun:
-    """Runs a step generator (in a thread or not), calling ``on_step`` every few steps."""
+    """Runs a step generator (in a thread or not), calling ``on_step`` every few steps.
+
+    A preview happens every ``every`` steps, but never sooner than its own measured cost allows:
+    after a preview that took ``t`` seconds the next waits ``t (1/PREVIEW_BUDGET − 1)``, so the
+    previews take at most ``PREVIEW_BUDGET`` of the run's time (a slow figure render is
+    previewed less often instead of slowing the optimisation down).
+    """
+
+    PREVIEW_BUDGET = 0.08
 
     def __init__(self, owner: WidgetBase):
         self.owner = owner
@@ -42,18 +51,26 @@ class _LiveRun:
 
         def loop():
             gen = None
-            last = None
+            last = shown = None
+            gap = 0.0  # seconds to wait after a preview, so previews cost ≤ PREVIEW_BUDGET
+            next_at = 0.0
             try:
                 gen = make()
                 for step in gen:
                     last = step
                     if stop_event.is_set():
                         break
-                    if step.step % every == 0 or step.step == step.steps:
+                    now = time.perf_counter()
+                    due = step.step % every == 0 and now >= next_at
+                    if due or step.step == step.steps:
                         on_step(step)
+                        shown = step
+                        end = time.perf_counter()
+                        gap = (end - now) * (1.0 / self.PREVIEW_BUDGET - 1.0)
+                        next_at = end + gap
                     else:
                         self.owner._progress.value = step.step
-                if last is not None and last.step % every and last.step != last.steps:
+                if last is not None and shown is not last:
                     on_step(last)  # stopped between previews: show where it got to
                 self.owner.errors.clear()
             except Exception as exc:  # noqa: BLE001 - shown in the widget

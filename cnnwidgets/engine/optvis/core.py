@@ -5,10 +5,12 @@ per iteration and does no display or I/O: the caller decides what to show (``vis
 ``invert`` just run it to the end; the widgets refresh a figure every few steps).
 
 Every step runs the network inside ``restored(model.module)`` with the parameters' gradients
-switched off and the layer captured by ``capture(...)``, all entered and left within the step,
+switched off, entered and left within the step,
 so between steps (and after a run is stopped or fails) the model is exactly as it was: no hook,
-same training flags, same ``requires_grad``, no ``.grad``. The forward pass stops at the deepest
-layer an objective needs (an exception raised from a hook), so early layers are cheap.
+same training flags, same ``requires_grad``, no ``.grad``. The layers are read with forward hooks
+registered and removed inside each step (``layer_outputs``, in ``try/finally``); the forward
+pass stops at the deepest layer an objective needs (an exception raised from that hook), so
+early layers are cheap.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..hooks import capture, resolve, restored
+from ..hooks import resolve, restored
 from ..relu_rules import relu_rule
 from . import objectives as obj
 from .param import make_param
@@ -40,37 +42,47 @@ def _frozen(model):
         yield module
 
 
-def layer_outputs(model, x: torch.Tensor, layers) -> dict:
+class LayerPlan:
+    """The layers one objective reads, validated and resolved once per run."""
+
+    def __init__(self, model, layers):
+        self.layers = list(dict.fromkeys(layers))
+        names = [n for n in self.layers if n != obj.LOGITS]
+        for n in names:
+            model.check_layer(n)
+        self.modules = [(n, resolve(model.module, n)) for n in names]
+        self.logits = obj.LOGITS in self.layers
+        order = model.layers("all")
+        self.last = max(names, key=order.index) if names and not self.logits else None
+
+
+def layer_outputs(model, x: torch.Tensor, layers, plan: LayerPlan | None = None) -> dict:
     """Run ``model`` on ``x`` and return ``{layer: output with graph}`` (plus ``"logits"`` when
     asked for). The forward pass stops after the deepest layer when logits are not needed.
-    Call inside ``restored``/``_frozen``."""
-    layers = list(dict.fromkeys(layers))
-    names = [n for n in layers if n != obj.LOGITS]
-    for n in names:
-        model.check_layer(n)
-    order = model.layers("all")
-    handle = None
-    logits = None
-    with capture(model.module, names, keep_graph=True) as rec:
-        try:
-            if obj.LOGITS not in layers and names:
-                last = max(names, key=order.index)
+    Call inside ``restored``/``_frozen``. Hooks are removed in ``finally``."""
+    plan = plan or LayerPlan(model, layers)
+    acts: dict = {}
+    handles = []
+    try:
+        for name, module in plan.modules:
 
-                def stop(mod, args, out):
+            def hook(mod, args, out, name=name):
+                if isinstance(out, torch.Tensor):
+                    acts[name] = out
+                if name == plan.last:
                     raise _Stop
 
-                handle = resolve(model.module, last).register_forward_hook(stop)
-            try:
-                logits = model.scores(x)
-            except _Stop:
-                pass
-        finally:
-            if handle is not None:
-                handle.remove()
-    acts = dict(rec.outputs)
-    if logits is not None:
-        acts[obj.LOGITS] = logits
-    missing = [n for n in layers if n not in acts]
+            handles.append(module.register_forward_hook(hook))
+        try:
+            acts_logits = model.scores(x)
+            if plan.logits:
+                acts[obj.LOGITS] = acts_logits
+        except _Stop:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in plan.layers if n not in acts]
     if missing:
         raise ValueError(f"layers {missing} produced no tensor output in the forward pass")
     return acts
@@ -141,6 +153,7 @@ def optimize(model, objective, *, steps: int = 256, param: str = "fft", size=128
     gen = _generator(seed)
     image_param = make_param(param, batch=int(batch), size=size, decorrelated=decorrelate,
                              generator=gen).to(model.device)
+    plan = LayerPlan(model, objective.layers)
     chain = Robustness() if transforms else identity
     opt = torch.optim.Adam(image_param.parameters(), lr=lr)
     history: list = []
@@ -148,7 +161,7 @@ def optimize(model, objective, *, steps: int = 256, param: str = "fft", size=128
         with _frozen(model):
             img = image_param()
             x = model.normalize(chain(img, generator=gen))
-            acts = layer_outputs(model, x, objective.layers)
+            acts = layer_outputs(model, x, objective.layers, plan)
             loss = objective(acts, model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -214,6 +227,7 @@ def invert_steps(model, image, layer: str, *, steps: int = 200, seed: int = 0, l
     with _frozen(model), torch.no_grad():
         target = layer_outputs(model, x0, [layer])[layer].detach()
     norm = target.pow(2).sum().clamp_min(1e-12)
+    plan = LayerPlan(model, [layer])
     gen = _generator(seed)
     h, w = x0.shape[-2:]
     start = 0.5 + 0.01 * torch.randn(1, 3, h, w, generator=gen)
@@ -224,7 +238,7 @@ def invert_steps(model, image, layer: str, *, steps: int = 200, seed: int = 0, l
     base_lr = None
     for i in range(1, steps + 1):
         with _frozen(model):
-            acts = layer_outputs(model, model.normalize(x), [layer])
+            acts = layer_outputs(model, model.normalize(x), [layer], plan)
             rec = (acts[layer] - target).pow(2).sum() / norm
             r_alpha = ((x - 0.5).abs() / B).pow(alpha).mean()
             dh = x[..., 1:, :-1] - x[..., :-1, :-1]
