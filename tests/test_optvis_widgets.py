@@ -98,3 +98,24 @@ def test_inversion_explorer(model):
     w.channel = 2
     assert w.projection.channel == 2
     assert hook_count(model.module) == 0
+
+
+def test_background_run_and_notebook_calls_do_not_interfere(model):
+    # eval mode, as cw.load_model leaves a model: the engine core's model.predict and this
+    # package's steps both switch to eval inside, and train/eval is not what is tested here
+    model.module.eval()
+    image = smooth_image(32)
+    expected = model.predict(image, k=3)
+    proj0 = np.asarray(cw.deconv(model, image, "conv2", channel=1)).copy()
+    w = cw.FeatureVisualizer(model, layer="conv2", steps=100000, size=16, preview_every=5)
+    w.run(wait=False)
+    try:
+        for _ in range(20):  # the main thread uses the model while the optimiser runs
+            assert model.predict(image, k=3) == expected
+            np.testing.assert_array_equal(np.asarray(cw.deconv(model, image, "conv2", channel=1)),
+                                          proj0)
+    finally:
+        w.stop()
+    assert w._progress.value > 0
+    assert hook_count(model.module) == 0
+    assert all(p.requires_grad and p.grad is None for p in model.module.parameters())

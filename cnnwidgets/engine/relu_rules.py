@@ -24,7 +24,9 @@ They apply to every ReLU-like operation the model runs, not only ``nn.ReLU`` mod
 Functional calls inside a hooked module are not wrapped twice. An in-place functional call
 (``F.relu(x, inplace=True)``) is computed out of place under the rule and its result returned:
 code that ignores the returned tensor and reads ``x`` afterwards would see the pre-activation.
-All hooks are removed in ``finally``; the model's parameters are never touched.
+All hooks are removed in ``finally``; the model's parameters are never touched. The hooks act
+only on forward passes run by the thread that entered the block (the function mode is
+thread-local anyway), so a widget's background thread is not affected.
 
 This module is self-contained (torch only) so that both the attribution methods
 (guided backprop, DeconvNet saliency) and the DeconvNet projection can share it.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +143,7 @@ def relu_rule(module: nn.Module, rule: str = "deconvnet", *, functional: bool = 
     handles = []
     entered = False
     state = {"depth": 0, "inputs": []}
+    me = threading.get_ident()
     mode = _FunctionalRule(rule, state) if functional else None
     try:
         for m in module.modules():
@@ -148,6 +152,8 @@ def relu_rule(module: nn.Module, rule: str = "deconvnet", *, functional: bool = 
             cap = _module_cap(m)
 
             def pre(mod, args):
+                if threading.get_ident() != me:  # another thread's forward: leave it alone
+                    return None
                 x = args[0]
                 state["inputs"].append(x)
                 state["depth"] += 1
@@ -157,6 +163,8 @@ def relu_rule(module: nn.Module, rule: str = "deconvnet", *, functional: bool = 
                 return (x.detach(),) + tuple(args[1:])
 
             def post(mod, args, out, cap=cap):
+                if threading.get_ident() != me:
+                    return None
                 state["depth"] -= 1
                 x = state["inputs"].pop()
                 if not x.requires_grad:

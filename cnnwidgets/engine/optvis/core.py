@@ -4,9 +4,9 @@ Each optimiser is a generator (``optimize``, ``invert_steps``) that yields one :
 per iteration and does no display or I/O: the caller decides what to show (``visualize`` and
 ``invert`` just run it to the end; the widgets refresh a figure every few steps).
 
-Every step runs the network inside ``restored(model.module)`` with the parameters' gradients
-switched off, entered and left within the step,
-so between steps (and after a run is stopped or fails) the model is exactly as it was: no hook,
+Every step runs the network inside ``restored(model.module)`` (entered and left within the
+step, under a per-module lock) and differentiates with ``torch.autograd.grad`` with respect to
+the image only, so between steps (and after a run is stopped or fails) the model is exactly as it was: no hook,
 same training flags, same ``requires_grad``, no ``.grad``. The layers are read with forward hooks
 registered and removed inside each step (``layer_outputs``, in ``try/finally``); the forward
 pass stops at the deepest layer an objective needs (an exception raised from that hook), so
@@ -15,7 +15,8 @@ early layers are cheap.
 from __future__ import annotations
 
 import contextlib
-import math
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -33,12 +34,29 @@ class _Stop(Exception):
     """Raised from a forward hook once the deepest needed layer has run."""
 
 
+_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(module) -> threading.RLock:
+    """One re-entrant lock per module: a step of a background run and a call from the notebook
+    never interleave their ``restored`` blocks (which would restore each other's flags)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.RLock()
+        return lock
+
+
 @contextlib.contextmanager
 def _frozen(model):
-    """``restored`` plus parameters with ``requires_grad=False`` (restored after)."""
-    with restored(model.module) as module:
-        for p in module.parameters():
-            p.requires_grad_(False)
+    """``restored`` (eval mode inside, flags restored after) holding the module's lock.
+
+    Gradients are taken with ``torch.autograd.grad`` with respect to the image only, so the
+    parameters never receive a ``.grad`` and their ``requires_grad`` is never touched — which
+    also keeps a concurrent ``restored`` block elsewhere (``model.predict`` from the notebook
+    while a widget optimises in the background) from saving and restoring a changed flag."""
+    with model_lock(model.module), restored(model.module) as module:
         yield module
 
 
@@ -63,10 +81,13 @@ def layer_outputs(model, x: torch.Tensor, layers, plan: LayerPlan | None = None)
     plan = plan or LayerPlan(model, layers)
     acts: dict = {}
     handles = []
+    me = threading.get_ident()
     try:
         for name, module in plan.modules:
 
             def hook(mod, args, out, name=name):
+                if threading.get_ident() != me:  # another thread's forward: not ours
+                    return None
                 if isinstance(out, torch.Tensor):
                     acts[name] = out
                 if name == plan.last:
@@ -163,8 +184,9 @@ def optimize(model, objective, *, steps: int = 256, param: str = "fft", size=128
             x = model.normalize(chain(img, generator=gen))
             acts = layer_outputs(model, x, objective.layers, plan)
             loss = objective(acts, model)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            tensors = list(image_param.parameters())
+            for t, g in zip(tensors, torch.autograd.grad(loss, tensors)):
+                t.grad = g
             opt.step()
         history.append(float(loss.detach()))
         yield Step(i, steps, history[-1], history, image_param)
@@ -245,8 +267,7 @@ def invert_steps(model, image, layer: str, *, steps: int = 200, seed: int = 0, l
             dv = x[..., :-1, 1:] - x[..., :-1, :-1]
             r_tv = ((dh * dh + dv * dv) / BV ** 2 + 1e-8).pow(beta / 2).mean()
             loss = rec + lambda_alpha * r_alpha + lam_tv * r_tv
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (x.grad,) = torch.autograd.grad(loss, [x])
             if base_lr is None:
                 base_lr = lr / float(x.grad.abs().max().clamp_min(1e-12))
             for group in opt.param_groups:
