@@ -137,6 +137,15 @@ class _OptBase(WidgetBase):
         if self.figure is not None:
             self.figure.canvas.draw_idle()
 
+    def _freeze_layout(self) -> None:
+        """Lay the figure out once and keep those positions: a constrained-layout pass on every
+        live refresh would double the cost of each render."""
+        fig = self.figure
+        engine = fig.get_layout_engine() if fig is not None else None
+        if engine is not None and engine.__class__.__name__ != "PlaceHolderLayoutEngine":
+            engine.execute(fig)
+            fig.set_layout_engine("none")
+
 
 class FeatureVisualizer(_OptBase):
     """Activation maximisation running live: ``cw.FeatureVisualizer(model)``.
@@ -335,6 +344,7 @@ class FeatureVisualizer(_OptBase):
         self._progress.value = 0
         self.history = []
         self._set_running(True)
+        self._freeze_layout()
         self.status.value = f"optimising {obj.name} …"
 
         def make():
@@ -480,6 +490,7 @@ class InversionExplorer(_OptBase):
         self._progress.value = 0
         self.history = []
         self._set_running(True)
+        self._freeze_layout()
         self.status.value = f"inverting {layer} …"
 
         def make():
