@@ -17,6 +17,7 @@ from .engine import (
     sample_image,
     sample_images,
 )
+from .engine.optvis import Visualization, deconv, invert, objectives, visualize
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "FeatureMapExplorer": "cnnwidgets.widgets.feature_maps",
     "FixationExplorer": "cnnwidgets.widgets.fixations",
+    "FeatureVisualizer": "cnnwidgets.widgets.optvis",
+    "InversionExplorer": "cnnwidgets.widgets.optvis",
     "Explorer": "cnnwidgets.widgets.explorer",
 }
 
@@ -41,4 +44,5 @@ def __dir__():
 __all__ = [
     "Fixations", "LayerNotFoundError", "Model", "available_models", "fixations", "load_image",
     "load_model", "sample_image", "sample_images", *_LAZY,
+    "Visualization", "deconv", "invert", "objectives", "visualize",
 ]

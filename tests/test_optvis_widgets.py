@@ -1,0 +1,121 @@
+"""FeatureVisualizer and InversionExplorer: controls change state, runs update artists in place."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import traitlets
+
+import cnnwidgets as cw
+from cnnwidgets.engine.hooks import hook_count
+from cnnwidgets.render.optvis import mosaic
+
+from test_optvis import smooth_image, tiny_model
+
+
+@pytest.fixture
+def model():
+    return tiny_model(32)
+
+
+def test_feature_visualizer_runs_and_updates_artists(model):
+    w = cw.FeatureVisualizer(model, layer="conv2", channel=1, steps=6, size=32, preview_every=2)
+    before = np.array(w._img.get_array())
+    w.run(wait=True)
+    after = np.array(w._img.get_array())
+    assert after.shape == (32, 32, 3) and not np.array_equal(before, after)
+    x, y = w._line.get_data()
+    assert len(x) == 6 and np.allclose(y, w.history)
+    assert w._progress.value == 6 and not w.running
+    assert w.status.value.startswith("done at step 6/6")
+    assert hook_count(model.module) == 0
+    w.save("/tmp/issue6_widget_test.png")
+
+
+def test_feature_visualizer_controls_and_validation(model):
+    w = cw.FeatureVisualizer(model, layer="conv1", steps=4, size=32)
+    w._w_channel.value = 3  # the control sets the traitlet
+    assert w.channel == 3
+    assert w._ax_img.get_title() == "conv1:3"
+    w.layer = "conv2"  # conv2 has 4 channels: the control's range follows
+    assert w._w_layer.value == "conv2" and w._w_channel.max == 3
+    with pytest.raises(traitlets.TraitError, match="out of range"):
+        w.channel = 4
+    with pytest.raises(traitlets.TraitError):
+        w.mode = "dream"
+    with pytest.raises(ValueError, match="no class label"):
+        w.target = "zebra"
+    w._w_channel.value = 3
+    w._w_channel.max = 10
+    w._w_channel.value = 9  # a bad value from a control shows in the error box
+    assert w.errors.last_error is not None and w.channel == 3
+
+
+def test_feature_visualizer_grid_and_class(model):
+    w = cw.FeatureVisualizer(model, layer="conv2", steps=3, size=16, preview_every=1)
+    w.mode = "grid"
+    w.grid = 3
+    w.run(wait=True)
+    assert w.result.shape == (3, 16, 16, 3)
+    np.testing.assert_array_equal(w._img.get_array(), mosaic(w.result))
+    w.mode = "class"
+    w._w_target.value = "cow"
+    assert w.target == "cow"
+    w.run(wait=True)
+    assert w.history[-1] < w.history[0]
+
+
+def test_feature_visualizer_background_stop(model):
+    w = cw.FeatureVisualizer(model, layer="conv2", steps=100000, size=16, preview_every=5)
+    w.run(wait=False)
+    t0 = time.time()
+    while w._progress.value < 5 and time.time() - t0 < 30:
+        time.sleep(0.05)
+    assert w.running
+    w.stop()
+    assert not w.running
+    assert "stopped" in w.status.value
+    assert 5 <= len(w.history) < 100000
+    assert hook_count(model.module) == 0
+    assert all(p.requires_grad and p.grad is None for p in model.module.parameters())
+
+
+def test_inversion_explorer(model):
+    w = cw.InversionExplorer(model, smooth_image(32), layer="conv1", steps=6, preview_every=3)
+    dec = np.array(w._dec.get_array())
+    assert not np.allclose(dec, 0.5)  # the projection is shown at once
+    assert w.projection.layer == "conv1"
+    inv_before = np.array(w._inv.get_array())
+    w.run(wait=True)
+    assert not np.array_equal(inv_before, np.array(w._inv.get_array()))
+    assert len(w._line.get_data()[0]) == 6
+    w._w_layer.value = "conv2"
+    assert w.layer == "conv2" and w.projection.layer == "conv2"
+    assert not np.array_equal(dec, np.array(w._dec.get_array()))
+    offsets = w._marks.get_offsets()
+    assert len(offsets) == min(5, 16 * 16)
+    w.channel = 2
+    assert w.projection.channel == 2
+    assert hook_count(model.module) == 0
+
+
+def test_background_run_and_notebook_calls_do_not_interfere(model):
+    # eval mode, as cw.load_model leaves a model: the engine core's model.predict and this
+    # package's steps both switch to eval inside, and train/eval is not what is tested here
+    model.module.eval()
+    image = smooth_image(32)
+    expected = model.predict(image, k=3)
+    proj0 = np.asarray(cw.deconv(model, image, "conv2", channel=1)).copy()
+    w = cw.FeatureVisualizer(model, layer="conv2", steps=100000, size=16, preview_every=5)
+    w.run(wait=False)
+    try:
+        for _ in range(20):  # the main thread uses the model while the optimiser runs
+            assert model.predict(image, k=3) == expected
+            np.testing.assert_array_equal(np.asarray(cw.deconv(model, image, "conv2", channel=1)),
+                                          proj0)
+    finally:
+        w.stop()
+    assert w._progress.value > 0
+    assert hook_count(model.module) == 0
+    assert all(p.requires_grad and p.grad is None for p in model.module.parameters())
