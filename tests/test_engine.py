@@ -252,3 +252,32 @@ def test_prefetch_fills_the_cache_in_one_pass_within_budget(tiny):
         assert len(calls) == 1  # both were cache hits
     finally:
         handle.remove()
+
+
+def test_restored_is_safe_across_threads_and_nesting():
+    import threading
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout())
+    net.train()
+    inside, release = threading.Event(), threading.Event()
+
+    def background():
+        with restored(net):
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    inside.wait(10)
+    # the notebook uses the model while the background block is still inside
+    with restored(net):
+        assert not net.training
+    assert not net.training  # the background block still needs eval mode
+    release.set()
+    thread.join(10)
+    assert net.training and net[1].training  # the last block out restored the train flags
+    with restored(net):
+        with restored(net):
+            net[0].weight.requires_grad_(False)
+        assert not net.training
+    assert net.training and net[0].weight.requires_grad

@@ -10,6 +10,8 @@ Full backward hooks are never used: they break on in-place ReLU.
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -125,25 +127,44 @@ def capture(
             h.remove()
 
 
+# module → [number of restored() blocks inside it, saved training flags, saved requires_grad]
+_SAVED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+_SAVED_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def restored(module: nn.Module, *, eval_mode: bool = True):
     """Run the body with ``module`` in eval mode, then restore training flags and
-    ``requires_grad`` exactly as they were, whatever happens inside."""
-    training = [(m, m.training) for m in module.modules()]
-    requires = [(p, p.requires_grad) for p in module.parameters()]
-    try:
-        if eval_mode and any(flag for _, flag in training):
+    ``requires_grad`` exactly as they were, whatever happens inside.
+
+    Safe across threads and nesting (a widget computing in the background while the notebook
+    calls ``predict``): the first block to enter saves the state, and the last one to leave
+    restores it, so one block can never restore the other's temporary eval mode for good.
+    """
+    with _SAVED_LOCK:
+        entry = _SAVED.get(module)
+        if entry is None:
+            entry = [0, [(m, m.training) for m in module.modules()],
+                     [(p, p.requires_grad) for p in module.parameters()]]
+            _SAVED[module] = entry
+        entry[0] += 1
+        if eval_mode and any(m.training for m in module.modules()):
             module.eval()
+    try:
         yield module
     finally:
-        # only what changed: setting every module's flag costs ~10 ms on a 300-module net,
-        # which per-step callers (feature visualisation) pay at every step
-        for m, flag in training:
-            if m.training != flag:
-                m.training = flag
-        for p, flag in requires:
-            if p.requires_grad != flag:
-                p.requires_grad_(flag)
+        with _SAVED_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _SAVED[module]
+                # only what changed: setting every flag costs ~10 ms on a 300-module net,
+                # which per-step callers (feature visualisation) pay at every step
+                for m, flag in entry[1]:
+                    if m.training != flag:
+                        m.training = flag
+                for p, flag in entry[2]:
+                    if p.requires_grad != flag:
+                        p.requires_grad_(flag)
 
 
 def hook_count(module: nn.Module) -> int:
