@@ -6,10 +6,13 @@
 """
 from importlib import import_module
 
+from . import datasets
 from .engine import (
+    DissectionResult,
     LayerNotFoundError,
     Model,
     available_models,
+    dissect,
     load_image,
     load_model,
     sample_image,
@@ -21,6 +24,7 @@ __version__ = "0.1.0"
 # Widgets import ipywidgets and matplotlib: load them on first use only.
 _LAZY = {
     "FeatureMapExplorer": "cnnwidgets.widgets.feature_maps",
+    "DissectionExplorer": "cnnwidgets.widgets.dissection",
 }
 
 
@@ -36,5 +40,6 @@ def __dir__():
 
 __all__ = [
     "LayerNotFoundError", "Model", "available_models", "load_image", "load_model",
+    "DissectionResult", "datasets", "dissect",
     "sample_image", "sample_images", *_LAZY,
 ]
