@@ -222,15 +222,29 @@ def merge_top(values: torch.Tensor, k: int) -> torch.Tensor:
     return values.topk(k, dim=1, largest=True, sorted=True).values
 
 
-def merge_top_images(scores, index, maps, k):
-    """Keep the ``k`` best (score desc, image index asc) entries of each row; deterministic
-    whatever order the candidates come in (so ranks can merge in any order)."""
+def top_order(scores: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` best entries of each row, ranked by score (descending), then by
+    image index (ascending): deterministic whatever order the candidates come in, so ranks
+    can merge in any order."""
     order = torch.argsort(index, dim=1, stable=True)
-    scores, index = scores.gather(1, order), index.gather(1, order)
-    maps = maps.gather(1, order[..., None].expand_as(maps))
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
-    return (scores.gather(1, order), index.gather(1, order),
-            maps.gather(1, order[..., None].expand(-1, -1, maps.shape[2])))
+    by_score = torch.argsort(scores.gather(1, order), dim=1, descending=True, stable=True)
+    return order.gather(1, by_score[:, :k])
+
+
+def merge_top_images(scores, index, maps, new_scores, new_index, new_maps, k):
+    """Merge the kept top images (C×m scores and indices, C×m×hw maps) with a batch's
+    (C×N scores and indices, N×C×hw maps); returns the best ``k`` of both."""
+    C, m = scores.shape
+    pos = top_order(torch.cat([scores, new_scores], 1), torch.cat([index, new_index], 1), k)
+    old = pos < m
+    units = torch.arange(C)[:, None]
+    kept_maps = maps[units, pos.clamp(max=max(m - 1, 0))] if m else None
+    batch_maps = new_maps[(pos - m).clamp(min=0), units]
+    out_maps = batch_maps if kept_maps is None else torch.where(old[..., None], kept_maps,
+                                                                batch_maps)
+    all_scores = torch.cat([scores, new_scores], 1).gather(1, pos)
+    all_index = torch.cat([index, new_index], 1).gather(1, pos)
+    return all_scores, all_index, out_maps
 
 
 class _Thresholds:
@@ -275,10 +289,8 @@ class _Thresholds:
         # top images by the unit's maximum over the image
         scores = flat.amax(dim=2).T  # C×N
         idx = index[None].expand(C, -1)
-        maps = flat.permute(1, 0, 2)  # C×N×hw
         self.top_scores, self.top_index, self.top_maps = merge_top_images(
-            torch.cat([self.top_scores, scores], 1), torch.cat([self.top_index, idx], 1),
-            torch.cat([self.top_maps, maps], 1), self.top_n)
+            self.top_scores, self.top_index, self.top_maps, scores, idx, flat, self.top_n)
 
     def _merge(self):
         if self.pending:
@@ -290,19 +302,30 @@ class _Thresholds:
         self._merge()
         buffer = merge_top(_all_gather_cat(self.buffer, 1, -math.inf), self.rank)
         self.minimum = _all_reduce(self.minimum, "min")
-        s, i, m = (_all_gather_cat(self.top_scores, 1, -math.inf),
-                   _all_gather_cat(self.top_index, 1, -1),
-                   _all_gather_cat(self.top_maps, 1, 0.0))
-        self.top_scores, self.top_index, self.top_maps = merge_top_images(s, i, m, self.top_n)
+        if _dist()[1] > 1:
+            s, i, m = (_all_gather_cat(self.top_scores, 1, -math.inf),
+                       _all_gather_cat(self.top_index, 1, -1),
+                       _all_gather_cat(self.top_maps, 1, 0.0))
+            empty = torch.empty(self.C, 0)
+            self.top_scores, self.top_index, self.top_maps = merge_top_images(
+                empty, empty.long(), torch.empty(self.C, 0, self.hw), s, i,
+                m.permute(1, 0, 2), self.top_n)
         return buffer[:, -1].clone() if buffer.shape[1] else self.minimum.clone(), self.minimum
+
+
+def effective_threshold(threshold: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """Per unit, the value ``t`` with ``M_k = map ≥ t``: ``T_k`` less a rounding tolerance
+    (ties are in; bilinear weights may round a plateau at ``T_k`` a hair below it), or the next
+    float above ``T_k`` when ``T_k`` is the unit's minimum (then ``M_k = map > T_k``)."""
+    threshold = threshold.float()
+    tol = 1e-6 * threshold.abs().clamp_min(1.0)
+    above = torch.nextafter(threshold, torch.full_like(threshold, math.inf))
+    return torch.where(threshold > minimum.float(), threshold - tol, above)
 
 
 def binarize(upsampled: torch.Tensor, threshold: torch.Tensor, minimum: torch.Tensor):
     """``M_k`` of step 2: units on dim −2 (… × C × P)."""
-    t = threshold[:, None]
-    tol = 1e-6 * threshold.abs().clamp_min(1.0)[:, None]
-    ties = (threshold > minimum)[:, None]
-    return (upsampled > t) | ((upsampled >= t - tol) & ties)
+    return upsampled >= effective_threshold(threshold, minimum)[:, None]
 
 
 def upsample(act: torch.Tensor, hw) -> torch.Tensor:
@@ -314,44 +337,56 @@ def upsample(act: torch.Tensor, hw) -> torch.Tensor:
 
 
 class _Tally:
-    """Pass 2: intersections, unit areas per annotated category and label areas (int64)."""
+    """Pass 2: intersections, unit areas per annotated category and label areas (int64).
 
-    def __init__(self, C, n_concepts, n_categories, chunk_elements=2**23):
+    Bilinear upsampling is a convex combination of the native values, so a unit whose native
+    map on an image stays below its threshold is empty there after upsampling too: only the
+    (image, unit) pairs whose native maximum reaches the threshold are upsampled and tallied.
+    """
+
+    def __init__(self, C, n_concepts, n_categories):
         self.inter = torch.zeros(C, n_concepts, dtype=torch.int64)
         self.unit_area = torch.zeros(C, n_categories, dtype=torch.int64)
-        self.chunk = chunk_elements
 
     def update(self, act, threshold, minimum, batch):
         N, C = act.shape[:2]
-        n = 0
-        while n < N:
-            hw = batch["hw"][n]
-            P = hw[0] * hw[1]
-            step = max(1, self.chunk // max(1, C * P))
-            stop = n + 1
-            while stop < N and stop - n < step and batch["hw"][stop] == hw:
-                stop += 1
-            binary = binarize(upsample(act[n:stop].float(), hw), threshold, minimum)
-            binary = binary.to(torch.float32)  # exact for counts < 2**24
-            area = binary.sum(2).round().to(torch.int64)  # n×C
-            kmax = max(len(batch["ids"][j]) for j in range(n, stop))
-            if kmax:
-                masks = torch.zeros(stop - n, P, kmax)
-                for j in range(n, stop):
-                    m = batch["masks"][j]
-                    masks[j - n, :, : m.shape[0]] = m.T.to(torch.float32)
-                inter = torch.bmm(binary, masks).round().to(torch.int64)  # n×C×kmax
-            for j in range(n, stop):
-                ids = batch["ids"][j]
-                if len(ids):
-                    self.inter.index_add_(1, ids, inter[j - n, :, : len(ids)])
-                labels = batch["labels"][j]
-                if len(labels):
-                    self.inter.index_add_(1, labels, area[j - n][:, None].expand(-1, len(labels)))
-                cats = torch.nonzero(batch["annotated"][j]).flatten()
-                if len(cats):
-                    self.unit_area.index_add_(1, cats, area[j - n][:, None].expand(-1, len(cats)))
-            n = stop
+        t = effective_threshold(threshold, minimum)
+        active = act.reshape(N, C, -1).amax(2) >= t[None]  # N×C
+        columns = mask_columns(batch)
+        for n in range(N):
+            units = torch.nonzero(active[n]).flatten()
+            if not len(units):
+                continue
+            binary = upsample(act[n:n + 1, units], batch["hw"][n])[0] >= t[units, None]  # u×P
+            # one product gives the intersections and (last column of ones) the unit's area;
+            # float32 is exact for counts below 2**24
+            counts = (binary.to(torch.float32) @ columns[n]).round_().to(torch.int64)
+            ids = batch["ids"][n]
+            area = counts[:, -1]
+            if len(ids):
+                self.inter.index_put_((units[:, None], ids[None, :]), counts[:, :-1],
+                                      accumulate=True)
+            labels = batch["labels"][n]
+            if len(labels):
+                self.inter.index_put_((units[:, None], labels[None, :]),
+                                      area[:, None].expand(-1, len(labels)), accumulate=True)
+            cats = torch.nonzero(batch["annotated"][n]).flatten()
+            if len(cats):
+                self.unit_area.index_put_((units[:, None], cats[None, :]),
+                                          area[:, None].expand(-1, len(cats)), accumulate=True)
+
+
+def mask_columns(batch):
+    """Per image, its masks as float columns P×(k+1), the last column all ones (made once per
+    batch and shared by the layers)."""
+    if "_columns" not in batch:
+        cols = []
+        for m in batch["masks"]:
+            c = torch.ones(m.shape[1], m.shape[0] + 1)
+            c[:, :-1] = m.T
+            cols.append(c)
+        batch["_columns"] = cols
+    return batch["_columns"]
 
 
 def label_areas(batch, n_concepts):
