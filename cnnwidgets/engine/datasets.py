@@ -223,6 +223,9 @@ class Broden:
 
     def __init__(self, root, split: str | None = None, categories=None, limit: int | None = None):
         self.root = Path(root)
+        self._spec = {"class": "Broden", "root": str(self.root), "split": split,
+                      "categories": None if categories is None else list(categories),
+                      "limit": limit}
         index = self.root / "index.csv"
         if not index.is_file():
             raise FileNotFoundError(
@@ -284,7 +287,7 @@ class Broden:
         return f"Broden({str(self.root)!r}, {len(self)} images, {len(self.concepts)} concepts)"
 
     def spec(self) -> dict:
-        return {"class": "Broden", "root": str(self.root)}
+        return dict(self._spec)
 
     def _concept_indices(self, numbers: np.ndarray) -> np.ndarray:
         numbers = np.asarray(numbers, np.int64)
@@ -324,3 +327,48 @@ class Broden:
         if not masks:
             masks.append(np.full((sh, sw), -1, np.int32))
         return {"image": image, "masks": masks, "labels": labels, "annotated": annotated}
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def item_image(item) -> np.ndarray:
+    """An item's image as uint8 H×W×3."""
+    image = item["image"]
+    if not isinstance(image, np.ndarray):
+        image = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    return image
+
+
+def concept_mask(item, concept: int, concepts=None) -> np.ndarray:
+    """The boolean mask (mask size) of concept index ``concept`` in a protocol item; all true
+    when the concept is an image-level label of the item."""
+    raw = item.get("masks", [])
+    if isinstance(raw, dict):
+        shape = next(iter(raw.values())).shape if raw else item_image(item).shape[:2]
+        out = np.zeros(shape, bool)
+        for key, m in raw.items():
+            idx = concepts.index(key) if isinstance(key, str) else int(key)
+            if idx == concept:
+                out |= np.asarray(m, bool)
+    else:
+        maps = [np.asarray(m) for m in raw]
+        shape = maps[0].shape if maps else item_image(item).shape[:2]
+        out = np.zeros(shape, bool)
+        for m in maps:
+            out |= m == concept
+    if concept in set(int(v) for v in (item.get("labels") or [])):
+        out[:] = True
+    return out
+
+
+def dataset_from_spec(spec: dict):
+    """Rebuild a data set from ``dataset.spec()`` (as stored in a dissection result), or
+    ``None`` when it cannot be rebuilt here."""
+    spec = dict(spec or {})
+    kind = spec.pop("class", None)
+    if kind == "SyntheticConcepts":
+        return SyntheticConcepts(**spec)
+    if kind == "Broden" and Path(spec.get("root", "")).joinpath("index.csv").is_file():
+        return Broden(**spec)
+    return None

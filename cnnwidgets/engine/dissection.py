@@ -654,6 +654,7 @@ def dissect(
     cache_file = None
     if cache_dir is not None:
         key = _fingerprint(model, dataset, layers, quantile, iou_threshold, [top_n, max_values])
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
         cache_file = Path(cache_dir) / f"dissection-{key}.npz"
         if cache_file.exists():
             return DissectionResult.load(cache_file)
