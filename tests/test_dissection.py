@@ -133,6 +133,42 @@ def test_bilinear_upsampling_by_hand():
     assert torch.allclose(up, torch.tensor(expected))
 
 
+@pytest.mark.parametrize("native,hw", [((7, 7), (24, 24)), ((5, 3), (12, 11)), ((8, 8), (4, 4)),
+                                       ((6, 6), (6, 6))])
+def test_sparse_tally_equals_dense_reference(native, hw):
+    """The tally only upsamples cells that reach the threshold; it must count exactly what the
+    dense recipe (upsample everything, binarise, multiply by the masks) counts."""
+    g = torch.Generator().manual_seed(sum(native) + sum(hw))
+    N, C, K = 3, 5, 4
+    act = torch.rand(N, C, *native, generator=g) ** 3
+    threshold = torch.quantile(act.transpose(0, 1).reshape(C, -1), 0.7, dim=1)
+    minimum = act.amin(dim=(0, 2, 3))
+    P = hw[0] * hw[1]
+    batch = {"hw": [hw] * N, "ids": [], "masks": [], "labels": [], "annotated": []}
+    for n in range(N):
+        labels = torch.randint(-1, K, (P,), generator=g)
+        ids = torch.unique(labels[labels >= 0])
+        batch["ids"].append(ids)
+        batch["masks"].append(labels[None, :] == ids[:, None])
+        batch["labels"].append(torch.tensor([n % K]))
+        batch["annotated"].append(torch.tensor([True, n != 1]))
+    tally = D._Tally(C, K, 2)
+    tally.update(act, threshold, minimum, batch)
+    # dense reference
+    inter = torch.zeros(C, K, dtype=torch.int64)
+    unit_area = torch.zeros(C, 2, dtype=torch.int64)
+    up = D.binarize(D.upsample(act, hw), threshold, minimum)  # N×C×P
+    for n in range(N):
+        m = up[n].to(torch.int64)
+        inter[:, batch["ids"][n]] += m @ batch["masks"][n].T.to(torch.int64)
+        inter[:, batch["labels"][n]] += m.sum(1, keepdim=True)
+        unit_area[:, batch["annotated"][n]] += m.sum(1, keepdim=True)
+    assert up.any() and torch.equal(tally.inter, inter) and torch.equal(tally.unit_area, unit_area)
+    # and the upsampling is torch's bilinear one
+    ref = torch.nn.functional.interpolate(act, size=hw, mode="bilinear", align_corners=False)
+    assert torch.allclose(D.upsample(act, hw), ref.reshape(N, C, -1), atol=1e-6)
+
+
 def test_binarize_ties_rule():
     x = torch.tensor([[0.0, 1.0, 1.0, 2.0], [0.0, 0.0, 0.0, 3.0]])
     # unit 0: threshold 1 above its minimum 0 → ties at 1 are in
