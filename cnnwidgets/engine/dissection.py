@@ -364,6 +364,7 @@ class _Sampler:
 
     def __init__(self, native, hw):
         h, w = native
+        hw = tuple(int(v) for v in hw)
         self.H, self.W = (int(v) for v in hw)
         self.h, self.w = h, w
         self.y0, self.y1, self.wy0, self.wy1 = _axis(self.H, h)
@@ -381,86 +382,97 @@ class _Sampler:
         return table
 
     def active_pixels(self, a: torch.Tensor, t: torch.Tensor):
-        """For one image's maps ``a`` (C×h×w) and thresholds ``t`` (C): the (unit, pixel) pairs
-        of the upsampled maps at or above the threshold, as two int64 vectors."""
+        """For maps ``a`` (M×C×h×w) and thresholds ``t`` (C): the (image, unit, pixel) triples
+        of the upsampled maps at or above the threshold, as three int64 vectors."""
         h, w = self.h, self.w
         rows_next = torch.arange(h).add(1).clamp_max(h - 1)
         cols_next = torch.arange(w).add(1).clamp_max(w - 1)
-        cell = torch.maximum(torch.maximum(a, a[:, rows_next]),
-                             torch.maximum(a[:, :, cols_next], a[:, rows_next][:, :, cols_next]))
-        c, i, j = torch.nonzero(cell >= t[:, None, None], as_tuple=True)
+        down = a[:, :, rows_next]
+        cell = torch.maximum(torch.maximum(a, down),
+                             torch.maximum(a[..., cols_next], down[..., cols_next]))
+        n, c, i, j = torch.nonzero(cell >= t[None, :, None, None], as_tuple=True)
         if not len(c):
             empty = torch.empty(0, dtype=torch.int64)
-            return empty, empty
+            return empty, empty, empty
         Y = self.rows[i][:, :, None]  # m×Ly×1
         X = self.cols[j][:, None, :]  # m×1×Lx
         valid = (Y >= 0) & (X >= 0)
         Y, X = Y.clamp_min(0), X.clamp_min(0)
-        cc = c[:, None, None]
+        nn_, cc = n[:, None, None], c[:, None, None]
         y0, y1, x0, x1 = self.y0[Y], self.y1[Y], self.x0[X], self.x1[X]
         wx0, wx1 = self.wx0[X], self.wx1[X]
-        top = wx0 * a[cc, y0, x0] + wx1 * a[cc, y0, x1]
-        bottom = wx0 * a[cc, y1, x0] + wx1 * a[cc, y1, x1]
+        top = wx0 * a[nn_, cc, y0, x0] + wx1 * a[nn_, cc, y0, x1]
+        bottom = wx0 * a[nn_, cc, y1, x0] + wx1 * a[nn_, cc, y1, x1]
         value = self.wy0[Y] * top + self.wy1[Y] * bottom
         on = valid & (value >= t[cc])
-        units = cc.expand_as(on)[on]
-        pixels = (Y * self.W + X)[on]
-        return units, pixels
+        return nn_.expand_as(on)[on], cc.expand_as(on)[on], (Y * self.W + X)[on]
 
 
 class _Tally:
-    """Pass 2: intersections, unit areas per annotated category and label areas (int64)."""
+    """Pass 2: intersections and unit areas per annotated category (int64), a batch at a time
+    with a fixed number of tensor operations (no loop over images or concepts)."""
 
     def __init__(self, C, n_concepts, n_categories):
-        self.inter = torch.zeros(C, n_concepts, dtype=torch.int64)
+        self.K = n_concepts
+        self._inter = torch.zeros(C, n_concepts + 1, dtype=torch.int64)  # last: padding
         self.unit_area = torch.zeros(C, n_categories, dtype=torch.int64)
         self.samplers = {}
+
+    @property
+    def inter(self) -> torch.Tensor:
+        return self._inter[:, : self.K]
 
     def update(self, act, threshold, minimum, batch):
         N, C = act.shape[:2]
         t = effective_threshold(threshold, minimum)
-        columns = mask_columns(batch)
         native = tuple(act.shape[2:])
-        for n in range(N):
-            hw = tuple(batch["hw"][n])
+        groups: dict = {}
+        for n, hw in enumerate(batch["hw"]):
+            groups.setdefault(tuple(hw), []).append(n)
+        for hw, members in groups.items():
             key = (native, hw)
             if key not in self.samplers:
                 self.samplers[key] = _Sampler(native, hw)
-            units, pixels = self.samplers[key].active_pixels(act[n].float(), t)
-            if not len(units):
-                continue
-            # per unit, the sum of the mask columns over its "on" pixels: intersections with
-            # every concept of the image, and (last column of ones) the unit's area
-            counts = torch.zeros(C, columns[n].shape[1]).index_add_(0, units, columns[n][pixels])
-            counts = counts.round_().to(torch.int64)  # exact: float32 counts below 2**24
-            hit = torch.nonzero(counts[:, -1]).flatten()
-            counts = counts[hit]
-            area = counts[:, -1]
-            ids = batch["ids"][n]
-            if len(ids):
-                self.inter.index_put_((hit[:, None], ids[None, :]), counts[:, :-1],
-                                      accumulate=True)
-            labels = batch["labels"][n]
-            if len(labels):
-                self.inter.index_put_((hit[:, None], labels[None, :]),
-                                      area[:, None].expand(-1, len(labels)), accumulate=True)
-            cats = torch.nonzero(batch["annotated"][n]).flatten()
-            if len(cats):
-                self.unit_area.index_put_((hit[:, None], cats[None, :]),
-                                          area[:, None].expand(-1, len(cats)), accumulate=True)
+            M, P = len(members), hw[0] * hw[1]
+            a = act if M == N else act[torch.as_tensor(members)]
+            n, units, pixels = self.samplers[key].active_pixels(a.float(), t)
+            table, ids, labels, annotated = batch_tables(batch, members, self.K)
+            # per (image, unit), the sum of the mask columns over its "on" pixels: the
+            # intersections with the image's concepts, and (last column of ones) its area
+            counts = torch.zeros(M * C, table.shape[1])
+            counts.index_add_(0, n * C + units, table[n * P + pixels])
+            counts = counts.round_().to(torch.int64).view(M, C, -1)  # exact below 2**24
+            area = counts[:, :, -1]  # M×C
+            k = ids.shape[1]
+            if k:
+                rows = torch.arange(C)[None, :, None].expand(M, C, k)
+                self._inter.index_put_((rows.reshape(-1), ids[:, None, :].expand(M, C, k).reshape(-1)),
+                                       counts[:, :, :-1].reshape(-1), accumulate=True)
+            self._inter[:, : self.K] += area.T @ labels  # image-level labels: whole image
+            self.unit_area += area.T @ annotated
 
 
-def mask_columns(batch):
-    """Per image, its masks as float columns P×(k+1), the last column all ones (made once per
-    batch and shared by the layers)."""
-    if "_columns" not in batch:
-        cols = []
-        for m in batch["masks"]:
-            c = torch.ones(m.shape[1], m.shape[0] + 1)
-            c[:, :-1] = m.T
-            cols.append(c)
-        batch["_columns"] = cols
-    return batch["_columns"]
+def batch_tables(batch, members, K):
+    """For the images ``members`` of a batch: their masks as one float table (M·P)×(k+1)
+    (mask columns, padded, then a column of ones), the concept index of each column M×k
+    (padding → K), image-level labels M×K and annotated categories M×n_categories (int64)."""
+    cache = batch.setdefault("_tables", {})
+    key = tuple(members)
+    if key not in cache:
+        k = max([len(batch["ids"][n]) for n in members] + [0])
+        P = batch["masks"][members[0]].shape[1]
+        table = torch.zeros(len(members), P, k + 1)
+        table[..., -1] = 1.0
+        ids = torch.full((len(members), k), K, dtype=torch.int64)
+        labels = torch.zeros(len(members), K, dtype=torch.int64)
+        for row, n in enumerate(members):
+            m = batch["masks"][n]
+            table[row, :, : m.shape[0]] = m.T
+            ids[row, : m.shape[0]] = batch["ids"][n]
+            labels[row, batch["labels"][n]] = 1
+        annotated = torch.stack([batch["annotated"][n] for n in members]).to(torch.int64)
+        cache[key] = (table.view(len(members) * P, k + 1), ids, labels, annotated)
+    return cache[key]
 
 
 def label_areas(batch, n_concepts):
