@@ -355,57 +355,61 @@ def upsample(act: torch.Tensor, hw) -> torch.Tensor:
 class _Sampler:
     """Sparse bilinear upsampling for one (h, w) → (H, W).
 
-    An upsampled pixel is a convex combination of the four native values at its cell
-    (y0, x0)…(y1, x1), so it can reach a unit's threshold only where the cell's maximum does.
-    Only the output pixels of those cells are computed — with the same expression as
-    :func:`upsample`, so the values are bit for bit the same. By the definition of the
-    quantile, few cells reach the threshold: the tally costs a small fraction of a dense one.
+    Output rows sharing the same source rows (y0, y1) form a row group, likewise columns; a
+    row group × a column group is a *cell*, whose pixels are convex combinations of its four
+    corner values. A pixel can reach a unit's threshold only where the cell's largest corner
+    does, so only those cells are computed — with the same expression as :func:`upsample`, so
+    the values are bit for bit the same. By the definition of the quantile few cells reach the
+    threshold, and the tally costs a small fraction of a dense one.
     """
 
     def __init__(self, native, hw):
         h, w = native
-        hw = tuple(int(v) for v in hw)
         self.H, self.W = (int(v) for v in hw)
-        self.h, self.w = h, w
-        self.y0, self.y1, self.wy0, self.wy1 = _axis(self.H, h)
-        self.x0, self.x1, self.wx0, self.wx1 = _axis(self.W, w)
-        self.rows = self._members(self.y0, h)  # h × Ly output rows per native row (−1 pad)
-        self.cols = self._members(self.x0, w)
+        self.rows = self._groups(*_axis(self.H, h))
+        self.cols = self._groups(*_axis(self.W, w))
 
     @staticmethod
-    def _members(i0, n):
-        counts = torch.bincount(i0, minlength=n)
-        table = torch.full((n, max(1, int(counts.max()))), -1, dtype=torch.int64)
-        for i in range(n):
-            members = torch.nonzero(i0 == i).flatten()
-            table[i, : len(members)] = members
-        return table
+    def _groups(i0, i1, w0, w1):
+        """(source pairs G×2, members G×L with −1 padding, their weights G×L ×2)."""
+        pairs, inverse = torch.unique(torch.stack([i0, i1], 1), dim=0, return_inverse=True)
+        G = len(pairs)
+        size = int(torch.bincount(inverse, minlength=G).max())
+        members = torch.full((G, size), -1, dtype=torch.int64)
+        weights0 = torch.zeros(G, size)
+        weights1 = torch.zeros(G, size)
+        for g in range(G):
+            m = torch.nonzero(inverse == g).flatten()
+            members[g, : len(m)] = m
+            weights0[g, : len(m)] = w0[m]
+            weights1[g, : len(m)] = w1[m]
+        return pairs, members, weights0, weights1
 
     def active_pixels(self, a: torch.Tensor, t: torch.Tensor):
         """For maps ``a`` (M×C×h×w) and thresholds ``t`` (C): the (image, unit, pixel) triples
         of the upsampled maps at or above the threshold, as three int64 vectors."""
-        h, w = self.h, self.w
-        rows_next = torch.arange(h).add(1).clamp_max(h - 1)
-        cols_next = torch.arange(w).add(1).clamp_max(w - 1)
-        down = a[:, :, rows_next]
-        cell = torch.maximum(torch.maximum(a, down),
-                             torch.maximum(a[..., cols_next], down[..., cols_next]))
-        n, c, i, j = torch.nonzero(cell >= t[None, :, None, None], as_tuple=True)
+        rpairs, rmembers, wy0, wy1 = self.rows
+        cpairs, cmembers, wx0, wx1 = self.cols
+        top = a[:, :, rpairs[:, 0]]  # M×C×Gy×w
+        bottom = a[:, :, rpairs[:, 1]]
+        corners = (top[..., cpairs[:, 0]], top[..., cpairs[:, 1]],
+                   bottom[..., cpairs[:, 0]], bottom[..., cpairs[:, 1]])  # M×C×Gy×Gx each
+        cell = torch.maximum(torch.maximum(corners[0], corners[1]),
+                             torch.maximum(corners[2], corners[3]))
+        n, c, gi, gj = torch.nonzero(cell >= t[None, :, None, None], as_tuple=True)
         if not len(c):
             empty = torch.empty(0, dtype=torch.int64)
             return empty, empty, empty
-        Y = self.rows[i][:, :, None]  # m×Ly×1
-        X = self.cols[j][:, None, :]  # m×1×Lx
-        valid = (Y >= 0) & (X >= 0)
-        Y, X = Y.clamp_min(0), X.clamp_min(0)
-        nn_, cc = n[:, None, None], c[:, None, None]
-        y0, y1, x0, x1 = self.y0[Y], self.y1[Y], self.x0[X], self.x1[X]
-        wx0, wx1 = self.wx0[X], self.wx1[X]
-        top = wx0 * a[nn_, cc, y0, x0] + wx1 * a[nn_, cc, y0, x1]
-        bottom = wx0 * a[nn_, cc, y1, x0] + wx1 * a[nn_, cc, y1, x1]
-        value = self.wy0[Y] * top + self.wy1[Y] * bottom
-        on = valid & (value >= t[cc])
-        return nn_.expand_as(on)[on], cc.expand_as(on)[on], (Y * self.W + X)[on]
+        v00, v01, v10, v11 = (k[n, c, gi, gj][:, None, None] for k in corners)  # m×1×1
+        x0w, x1w = wx0[gj][:, None, :], wx1[gj][:, None, :]  # m×1×Lx
+        y0w, y1w = wy0[gi][:, :, None], wy1[gi][:, :, None]  # m×Ly×1
+        value = y0w * (x0w * v00 + x1w * v01) + y1w * (x0w * v10 + x1w * v11)
+        Y = rmembers[gi][:, :, None]
+        X = cmembers[gj][:, None, :]
+        on = (value >= t[c][:, None, None]) & (Y >= 0) & (X >= 0)
+        cell_idx, r, q = torch.nonzero(on, as_tuple=True)
+        pixels = rmembers[gi[cell_idx], r] * self.W + cmembers[gj[cell_idx], q]
+        return n[cell_idx], c[cell_idx], pixels
 
 
 class _Tally:
