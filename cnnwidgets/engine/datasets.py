@@ -313,7 +313,8 @@ class Broden:
                 if not entry:
                     continue
                 if cat in BRODEN_IMAGE:
-                    labels.extend(int(v) for v in self._concept_indices([int(entry)]) if v >= 0)
+                    labels.extend(int(v) for v in self._concept_indices([int(entry)])
+                                  if v >= 0 and self.categories[self.concepts[v]] == cat)
                 else:
                     rgb = np.asarray(Image.open(self.root / "images" / entry).convert("RGB"))
                     if rgb.shape[:2] != (sh, sw):

@@ -13,8 +13,11 @@ For each unit k of a layer:
    over the data set — a unit that is flat on more than the top quantile detects nothing; then
    ``M_k = map > T_k``).
 3. **IoU.** ``IoU(k, c) = Σ|M_k ∩ L_c| / Σ|M_k ∪ L_c|``, sums over the images where c's category
-   is annotated; image-level labels (scene, texture) cover the whole image. Intersections are
-   one matrix product per image chunk (units × pixels @ pixels × concepts), tallied in int64.
+   is annotated; image-level labels (scene, texture) cover the whole image. Counts are int64.
+   Bilinear values are convex combinations of four native values, so only the upsampled cells
+   whose largest corner reaches ``T_k`` can be "on": those few cells are upsampled (bit for bit
+   as a dense upsampling would) and their "on" pixels summed against the masks; everything is
+   done a batch at a time with a fixed number of tensor operations, no loop over concepts.
 4. The unit's label is its best-IoU concept; it is a *detector* when ``IoU ≥ iou_threshold``.
 
 The model runs once: pass 1 streams the activations to a scratch file (never an
