@@ -427,7 +427,7 @@ def test_command_line(tmp_path, capsys):
     from cnnwidgets.cli import main
 
     out = tmp_path / "cli.npz"
-    assert main(["dissect", "--model", "tests.test_dissection:small_net", "--layers", "1", "3",
+    assert main(["dissect", "--model", "test_dissection:small_net", "--layers", "1", "3",
                  "--synthetic", "6", "--size", "16", "--out", str(out), "--quiet"]) == 0
     assert "saved" in capsys.readouterr().out
     loaded = cw.DissectionResult.load(out)

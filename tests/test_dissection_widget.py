@@ -96,3 +96,22 @@ def test_explorer_without_dataset_shows_unit_maps(result, tmp_path):
     assert np.allclose(shown[..., 0], (m - m.min()) / (m.max() - m.min()))
     # and a path works as well as a result
     assert cw.DissectionExplorer(str(path)).result.equals(loaded)
+
+
+def test_explorer_on_broden_masks_at_half_size(tmp_path):
+    from test_dissection import color_net, make_broden
+
+    make_broden(tmp_path)
+    ds = cw.datasets.Broden(tmp_path)
+    result = cw.dissect(color_net(), ds, "1", quantile=0.1, progress=False)
+    w = cw.DissectionExplorer(result)  # the data set is reopened from its root
+    assert isinstance(w.dataset, cw.datasets.Broden)
+    w.unit = 0
+    cell = w._cells[0]
+    # the 8×8 image and the 4×4 masks cover the same extent, so they line up
+    assert cell["image"].get_array().shape[:2] == (8, 8)
+    assert cell["concept"].get_array().shape[:2] == (4, 4)
+    assert cell["image"].get_extent() == cell["concept"].get_extent() == cell["unit"].get_extent()
+    # red unit on a red image: the concept fill (cyan) covers the red-c 2×2 block
+    assert (cell["concept"].get_array()[:2, :2, 3] > 0).all()
+    assert (cell["concept"].get_array()[2:, :, 3] == 0).all()
