@@ -7,7 +7,8 @@ For each unit k of a layer:
    ``r = max(1, ceil(quantile · n))``. It is exact and streamed: each rank keeps only the
    ``r`` largest values seen so far per unit (merged with ``torch.topk``); when ``r`` per unit
    would pass ``max_values`` in all, every image contributes a fixed, index-seeded subsample of
-   its positions instead, so memory is bounded whatever the data set's size.
+   its positions instead (``T_k`` is then the exact quantile of that subsample, an estimate),
+   so memory is bounded whatever the data set's size.
 2. **Binarise.** Per image, the unit's map is upsampled bilinearly to the mask size and
    ``M_k = map ≥ T_k`` (ties at the threshold are in, unless ``T_k`` equals the unit's minimum
    over the data set — a unit that is flat on more than the top quantile detects nothing; then
