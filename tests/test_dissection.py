@@ -234,6 +234,8 @@ def test_disk_and_recompute_and_batch_sizes_agree():
     a = cw.dissect(model, ds, ["1", "3"], progress=False, batch_size=8)
     b = cw.dissect(model, ds, ["1", "3"], progress=False, batch_size=5, features="recompute")
     assert a.equals(b)
+    c = cw.dissect(model, ds, ["1", "3"], progress=False, batch_size=8, num_workers=1)
+    assert a.equals(c)  # DataLoader workers generate the items: same result
     assert a.iou("3").shape == (12, 21) and (a.iou("3") >= 0).all() and (a.iou("3") <= 1).all()
 
 
