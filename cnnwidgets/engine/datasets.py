@@ -358,7 +358,9 @@ def concept_mask(item, concept: int, concepts=None) -> np.ndarray:
         out = np.zeros(shape, bool)
         for m in maps:
             out |= m == concept
-    if concept in set(int(v) for v in (item.get("labels") or [])):
+    if concept < 0:  # "no concept": an empty mask (−1 marks unlabelled pixels in label maps)
+        out[:] = False
+    elif concept in set(int(v) for v in (item.get("labels") or [])):
         out[:] = True
     return out
 

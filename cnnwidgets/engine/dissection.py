@@ -570,7 +570,8 @@ class DissectionResult:
         best = iou.argmax(1) if iou.shape[1] else np.zeros(len(iou), int)
         records = []
         for k in range(iou.shape[0]):
-            c = self.concepts[best[k]] if iou.shape[1] else ""
+            # a unit that overlaps no concept at all has no label
+            c = self.concepts[best[k]] if iou.shape[1] and iou[k, best[k]] > 0 else ""
             records.append(UnitRecord(k, c, self.categories.get(c, ""),
                                       float(iou[k, best[k]]) if iou.shape[1] else 0.0,
                                       float(d["threshold"][k])))

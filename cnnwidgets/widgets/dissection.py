@@ -153,7 +153,7 @@ class DissectionExplorer(WidgetBase):
         if not self.layer:
             return
         records = self.records()
-        options = [(f"{r.unit:4d} · {r.concept} ({r.category}) IoU {r.iou:.3f}"
+        options = [(f"{r.unit:4d} · {r.concept or '—'} ({r.category or '—'}) IoU {r.iou:.3f}"
                     + (" ✓" if r.iou >= self.result.iou_threshold else ""), r.unit)
                    for r in records]
         self._unit_box.options = options
@@ -180,7 +180,7 @@ class DissectionExplorer(WidgetBase):
                                       if record.category in self.categories else 0)
         self.info.value = (
             f"<b>{html.escape(layer)}</b> unit <b>{unit}</b>: "
-            f"<span style='color:{color}'><b>{html.escape(record.concept)}</b></span> "
+            f"<span style='color:{color}'><b>{html.escape(record.concept or '(no concept)')}</b></span> "
             f"({html.escape(record.category)}), IoU <b>{record.iou:.3f}</b> "
             f"{'≥' if detector else '<'} {self.result.iou_threshold:g} "
             f"({'a detector' if detector else 'not a detector'}), threshold "
@@ -205,7 +205,7 @@ class DissectionExplorer(WidgetBase):
             score = float(self.result.data[layer]["top_scores"][unit, rank])
             titles.append(f"image {index} · max {score:.3g}")
         render.update_top_images(self._cells, images, concepts, units, titles)
-        self._title.set_text(f"{layer} unit {unit}: {record.concept} ({record.category}), "
+        self._title.set_text(f"{layer} unit {unit}: {record.concept or '—'} ({record.category or '—'}), "
                              f"IoU {record.iou:.3f} — top images; yellow: unit ≥ T, "
                              f"cyan: {record.concept}")
         self.canvas.draw_idle()
