@@ -112,6 +112,6 @@ def test_explorer_on_broden_masks_at_half_size(tmp_path):
     assert cell["image"].get_array().shape[:2] == (8, 8)
     assert cell["concept"].get_array().shape[:2] == (4, 4)
     assert cell["image"].get_extent() == cell["concept"].get_extent() == cell["unit"].get_extent()
-    # red unit on a red image: the concept fill (cyan) covers the red-c 2×2 block
-    assert (cell["concept"].get_array()[:2, :2, 3] > 0).all()
-    assert (cell["concept"].get_array()[2:, :, 3] == 0).all()
+    # red unit on a red image: everything but the red-c 2×2 block is dimmed
+    assert (cell["concept"].get_array()[:2, :2, 3] == 0).all()
+    assert (cell["concept"].get_array()[2:, :, 3] > 0).all()

@@ -15,7 +15,7 @@ CATEGORY_COLORS = {
 }
 _CYCLE = ["#e377c2", "#7f7f7f", "#bcbd22", "#aec7e8", "#ffbb78"]
 
-CONCEPT_RGB = (0.0, 0.85, 1.0)  # cyan fill: the concept's mask
+OUTSIDE_RGB = (0.0, 0.0, 0.0)  # dims what lies outside the concept's mask
 UNIT_RGB = (1.0, 0.9, 0.0)  # yellow outline: the unit's binarised map
 
 
@@ -44,7 +44,7 @@ def overlay(mask: np.ndarray, rgb, alpha: float) -> np.ndarray:
 
 
 def draw_top_images(axes, shape, mask_shape):
-    """On each axes: the image, the concept's mask (translucent fill) and the unit's binarised
+    """On each axes: the image, the concept's mask (the outside dimmed) and the unit's binarised
     map (outline). Returns one dict of artists per axes."""
     H, W = shape
     cells = []
@@ -64,8 +64,9 @@ def draw_top_images(axes, shape, mask_shape):
 
 
 def update_top_images(cells, images, concept_masks, unit_masks, titles):
-    """Show ``images[i]`` (H×W×3 float or uint8, or an h×w map shown in grey), the concept's
-    mask and the outline of the unit's mask on cell ``i``; cells beyond the lists go blank."""
+    """Show ``images[i]`` (H×W×3 float or uint8, or an h×w map shown in grey), its pixels
+    outside the concept's mask dimmed and the outline of the unit's mask on cell ``i``; cells
+    beyond the lists go blank."""
     for i, cell in enumerate(cells):
         ax = cell["ax"]
         if i >= len(images):
@@ -81,7 +82,8 @@ def update_top_images(cells, images, concept_masks, unit_masks, titles):
             image = np.repeat(((image - lo) / (hi - lo if hi > lo else 1.0))[..., None], 3, 2)
         cell["image"].set_data(np.clip(image, 0, 1))
         cm = concept_masks[i]
-        cell["concept"].set_data(overlay(cm, CONCEPT_RGB, 0.4) if cm is not None
+        # the concept's pixels keep their colours; everything outside the concept is dimmed
+        cell["concept"].set_data(overlay(~np.asarray(cm, bool), OUTSIDE_RGB, 0.6) if cm is not None
                                  else np.zeros(unit_masks[i].shape + (4,), np.float32))
         um = np.asarray(unit_masks[i], bool)
         width = max(1, round(min(um.shape) / 56))

@@ -15,8 +15,8 @@ from .base import WidgetBase, make_figure
 
 class DissectionExplorer(WidgetBase):
     """Pick a layer and a unit; see its concept, category, IoU and threshold, the images where
-    it fires most with the unit's binarised map outlined (yellow) over the concept's mask
-    (cyan), detectors per category for the layer and detectors per layer.
+    it fires most with the unit's binarised map outlined (yellow) and everything outside the
+    concept's mask dimmed, detectors per category for the layer and detectors per layer.
 
     ``result``: a :class:`cw.DissectionResult` (or the path of a saved one).
     ``dataset``: the concept data set it was computed on; by default it is rebuilt from the
@@ -186,7 +186,7 @@ class DissectionExplorer(WidgetBase):
             f"({'a detector' if detector else 'not a detector'}), threshold "
             f"T = {record.threshold:.4g} (top {self.result.quantile:g} of its activations). "
             "<span style='color:#b8a000'>yellow outline</span>: where the unit is above T; "
-            "<span style='color:#00a8cc'>cyan</span>: the concept's mask."
+            "dimmed: outside the concept's mask."
         )
         indices = self.result.top_images(layer, unit)[: self.n_images]
         images, concepts, units, titles = [], [], [], []
@@ -207,5 +207,5 @@ class DissectionExplorer(WidgetBase):
         render.update_top_images(self._cells, images, concepts, units, titles)
         self._title.set_text(f"{layer} unit {unit}: {record.concept or '—'} ({record.category or '—'}), "
                              f"IoU {record.iou:.3f} — top images; yellow: unit ≥ T, "
-                             f"cyan: {record.concept}")
+                             f"dimmed: not {record.concept or 'a concept'}")
         self.canvas.draw_idle()
