@@ -6,11 +6,14 @@
 """
 from importlib import import_module
 
+from . import datasets
 from .engine import (
+    DissectionResult,
     Fixations,
     LayerNotFoundError,
     Model,
     available_models,
+    dissect,
     fixations,
     load_image,
     load_model,
@@ -25,6 +28,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "FeatureMapExplorer": "cnnwidgets.widgets.feature_maps",
     "FixationExplorer": "cnnwidgets.widgets.fixations",
+    "DissectionExplorer": "cnnwidgets.widgets.dissection",
     "FeatureVisualizer": "cnnwidgets.widgets.optvis",
     "InversionExplorer": "cnnwidgets.widgets.optvis",
     "Explorer": "cnnwidgets.widgets.explorer",
@@ -42,7 +46,7 @@ def __dir__():
 
 
 __all__ = [
-    "Fixations", "LayerNotFoundError", "Model", "available_models", "fixations", "load_image",
-    "load_model", "sample_image", "sample_images", *_LAZY,
-    "Visualization", "deconv", "invert", "objectives", "visualize",
+    "DissectionResult", "Fixations", "LayerNotFoundError", "Model", "Visualization",
+    "available_models", "datasets", "deconv", "dissect", "fixations", "invert", "load_image",
+    "load_model", "objectives", "sample_image", "sample_images", "visualize", *_LAZY,
 ]
