@@ -5,6 +5,7 @@ Widgets are thin: they observe traitlets, call the public engine API, hand array
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import html
 import threading
@@ -81,6 +82,14 @@ def make_figure(width: float = 6.0, height: float = 4.0, dpi: int = 100, layout=
 _CANVAS = functools.lru_cache(maxsize=1)(_canvas_class)
 
 
+def _running_loop():
+    """The kernel's event loop when called from a notebook cell or widget callback, else None."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class ErrorBox(widgets.HTML):
     """A red box inside the widget that shows the last callback error (hidden when none)."""
 
@@ -121,6 +130,50 @@ class WidgetBase(widgets.VBox):
         self.figure: Figure | None = None
         self._generation = 0
         self._lock = threading.Lock()
+        self._loop = _running_loop()
+
+    # ----------------------------------------------------------------- threads
+    def on_main(self, fn: Callable, *args) -> None:
+        """Call ``fn(*args)`` on the kernel's main thread.
+
+        matplotlib and ipywidgets are not thread-safe: a figure drawn or a widget changed from a
+        worker thread while the notebook builds another figure can leave that figure blank. So
+        background work hands its results to the kernel's event loop (captured when the widget
+        was built). With no running loop (scripts, tests) ``fn`` runs at once.
+        """
+        loop = self._loop
+        if (loop is None or loop.is_closed() or not loop.is_running()
+                or threading.current_thread() is threading.main_thread()):
+            fn(*args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
+
+    def latest_on_main(self, fn: Callable) -> Callable:
+        """A function ``push(value)`` that calls ``fn(value)`` on the main thread, dropping
+        values that arrive while an earlier one is still waiting (live previews: only the
+        newest frame is worth drawing)."""
+        state = {"pending": False, "value": None}
+        lock = threading.Lock()
+
+        def run():
+            with lock:
+                value, state["pending"] = state["value"], False
+            fn(value)
+
+        def push(value):
+            loop = self._loop
+            if (loop is None or loop.is_closed() or not loop.is_running()
+                    or threading.current_thread() is threading.main_thread()):
+                fn(value)
+                return
+            with lock:
+                state["value"] = value
+                if state["pending"]:
+                    return
+                state["pending"] = True
+            loop.call_soon_threadsafe(run)
+
+        return push
 
     # ----------------------------------------------------------------- errors
     def guarded(self, fn: Callable) -> Callable:
@@ -143,27 +196,37 @@ class WidgetBase(widgets.VBox):
         """Run ``compute()`` (in a thread when ``background``), then ``done(result)``.
 
         Each submission gets a generation number; a result that arrives after a newer
-        submission is dropped, so an old selection never overwrites a newer one.
+        submission is dropped, so an old selection never overwrites a newer one. ``done`` and
+        error reporting run on the kernel's main thread (see :meth:`on_main`).
         Returns the generation number.
         """
         with self._lock:
             self._generation += 1
             generation = self._generation
+        if self._loop is None:
+            self._loop = _running_loop()
+
+        def failed(exc):
+            if generation == self._generation:
+                self.errors.show(exc)
+                self.status.value = ""
+
+        def finish(result):
+            if generation != self._generation:
+                return
+            try:
+                done(result)
+                self.errors.clear()
+            except Exception as exc:  # noqa: BLE001
+                self.errors.show(exc)
 
         def run():
             try:
                 result = compute()
             except Exception as exc:  # noqa: BLE001
-                if generation == self._generation:
-                    self.errors.show(exc)
-                    self.status.value = ""
+                self.on_main(failed, exc)
                 return
-            if generation == self._generation:
-                try:
-                    done(result)
-                    self.errors.clear()
-                except Exception as exc:  # noqa: BLE001
-                    self.errors.show(exc)
+            self.on_main(finish, result)
 
         if background:
             thread = threading.Thread(target=run, daemon=True)

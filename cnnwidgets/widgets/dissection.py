@@ -59,7 +59,7 @@ class DissectionExplorer(WidgetBase):
         shape, mask_shape = self._shapes()
         cols = 4 if self.n_images > 4 else self.n_images
         rows = int(np.ceil(self.n_images / cols))
-        self.figure, self.canvas = make_figure(9.5, 2.25 * rows + 2.6)
+        self.figure, self.canvas = make_figure(9.5, 2.25 * rows + 2.6, dpi=85)
         grid = self.figure.add_gridspec(rows + 1, cols * 2, height_ratios=[1] * rows + [1.05])
         axes = [self.figure.add_subplot(grid[i // cols, 2 * (i % cols): 2 * (i % cols) + 2])
                 for i in range(self.n_images)]

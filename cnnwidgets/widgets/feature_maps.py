@@ -42,7 +42,7 @@ class FeatureMapExplorer(WidgetBase):
     page = traitlets.Int(0, help="page of the grid, for layers with many channels")
 
     def __init__(self, model: Model, image, layer: str | None = None, *, layers=None,
-                 prefetch: bool = True, width: float = 11.0, height: float = 4.6):
+                 prefetch: bool = True, width: float = 10.5, height: float = 4.6):
         super().__init__()
         if not isinstance(model, Model):
             model = Model(model)
@@ -76,7 +76,7 @@ class FeatureMapExplorer(WidgetBase):
         self._sort_box = widgets.Dropdown(
             options=[("strongest mean first", "mean"), ("strongest peak first", "max"),
                      ("channel order", "index")],
-            value="mean", description="sort", layout=widgets.Layout(width="260px"))
+            value="mean", description="sort", layout=widgets.Layout(width="300px"))
         self._page_box = widgets.Dropdown(options=[("1", 0)], description="channels",
                                           layout=widgets.Layout(width="240px", display="none"))
         for box, name in ((self._layer_box, "layer"), (self._sort_box, "sort"),

@@ -68,7 +68,7 @@ class FixationExplorer(WidgetBase):
         self.box_box = widgets.Checkbox(value=True, description="box", indent=False)
 
         h, w = self.display.shape[:2]
-        self.figure, self.canvas = make_figure(11.5, 4.2)
+        self.figure, self.canvas = make_figure(10.5, 3.85, dpi=80)
         axes = self.figure.subplots(1, 3)
         self._fix_art = draw_fixations(axes[0], self.display, [], title="CNN Fixations")
         self._layer_art = draw_layer(axes[1], self.display, [], (1, 1, 1), title="backtrack")

@@ -49,11 +49,18 @@ class _LiveRun:
         self.stop_event = threading.Event()
         stop_event = self.stop_event
 
+        owner = self.owner
+        # figures and widgets are only touched on the kernel's main thread (WidgetBase.on_main);
+        # while a preview waits there, newer steps replace it instead of queueing up
+        show = owner.latest_on_main(on_step)
+        progress = owner.latest_on_main(lambda value: setattr(owner._progress, "value", value))
+
         def loop():
             gen = None
             last = shown = None
             gap = 0.0  # seconds to wait after a preview, so previews cost ≤ PREVIEW_BUDGET
             next_at = 0.0
+            failure = None
             try:
                 gen = make()
                 for step in gen:
@@ -63,22 +70,29 @@ class _LiveRun:
                     now = time.perf_counter()
                     due = step.step % every == 0 and now >= next_at
                     if due or step.step == step.steps:
-                        on_step(step)
+                        show(step)
                         shown = step
                         end = time.perf_counter()
                         gap = (end - now) * (1.0 / self.PREVIEW_BUDGET - 1.0)
                         next_at = end + gap
                     else:
-                        self.owner._progress.value = step.step
+                        progress(step.step)
                 if last is not None and shown is not last:
-                    on_step(last)  # stopped between previews: show where it got to
-                self.owner.errors.clear()
+                    show(last)  # stopped between previews: show where it got to
             except Exception as exc:  # noqa: BLE001 - shown in the widget
-                self.owner.errors.show(exc)
+                failure = exc
             finally:
                 if gen is not None:
                     gen.close()
-                on_end(last, stop_event.is_set())
+
+                def finished(last=last, stopped=stop_event.is_set(), failure=failure):
+                    if failure is not None:
+                        owner.errors.show(failure)
+                    else:
+                        owner.errors.clear()
+                    on_end(last, stopped)
+
+                owner.on_main(finished)
 
         if wait:
             self.thread = None
@@ -419,7 +433,7 @@ class InversionExplorer(_OptBase):
         return c
 
     def _build(self) -> None:
-        fig, canvas = make_figure(10.0, 3.2)
+        fig, canvas = make_figure(10.0, 3.2, dpi=85)
         axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1, 1, 1, 0.9]})
         self.figure = fig
         self._ax = axes

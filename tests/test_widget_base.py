@@ -1,0 +1,54 @@
+"""WidgetBase: background results reach the figure on the kernel's main thread, in order."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from cnnwidgets.widgets.base import WidgetBase
+
+
+def test_background_results_are_applied_on_the_main_thread():
+    seen = []
+
+    async def cell():  # like a notebook cell: the kernel's loop is running
+        w = WidgetBase()
+        w.submit(lambda: (time.sleep(0.2), "old")[1], lambda r: seen.append(("old", r)))
+        w.submit(lambda: "new", lambda r: seen.append((threading.current_thread().name, r)))
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if seen and w._thread is not None and not w._thread.is_alive():
+                break
+        await asyncio.sleep(0.3)  # let the slow, stale result arrive too
+        return w
+
+    w = asyncio.run(cell())
+    assert seen == [(threading.main_thread().name, "new")]  # the stale "old" was dropped
+    assert w.errors.last_error is None
+
+
+def test_background_errors_show_in_the_widget():
+    async def cell():
+        w = WidgetBase()
+        w.submit(lambda: 1 / 0, lambda r: None)
+        w._thread.join(5)
+        await asyncio.sleep(0.05)
+        return w
+
+    w = asyncio.run(cell())
+    assert isinstance(w.errors.last_error, ZeroDivisionError)
+
+
+def test_latest_on_main_keeps_only_the_newest_value():
+    drawn = []
+
+    async def cell():
+        w = WidgetBase()
+        push = w.latest_on_main(drawn.append)
+        t = threading.Thread(target=lambda: [push(i) for i in range(50)])
+        t.start()
+        t.join()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(cell())
+    assert drawn and drawn[-1] == 49 and len(drawn) < 50
