@@ -110,10 +110,20 @@ def kill_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
 @dataclass
 class Server:
     kind: str            # "lab" | "notebook" | "voila"
-    url: str             # the page that shows the notebook
+    base: str            # http://127.0.0.1:PORT
+    token: str
     proc: subprocess.Popen
     log: Path
     root: Path
+
+    def url(self, notebook: str) -> str:
+        """The page a user opens to see ``notebook`` (a path relative to the root)."""
+        if self.kind == "lab":  # a workspace per notebook: a second page restores no other tab
+            stem = re.sub(r"[^A-Za-z0-9]+", "-", notebook)
+            page = f"lab/workspaces/cw-{stem}/tree"
+        else:
+            page = {"notebook": "notebooks", "voila": "voila/render"}[self.kind]
+        return f"{self.base}/{page}/{notebook}?token={self.token}"
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -148,7 +158,7 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data))
 
 
-def start_server(kind: str, root: Path, notebook: str, tmp: Path, timeout: float = 90.0) -> Server:
+def start_server(kind: str, root: Path, tmp: Path, timeout: float = 90.0) -> Server:
     """Start ``jupyter lab`` / ``jupyter notebook`` / ``voila`` on 127.0.0.1 and wait until
     it answers. The caller must ``stop_server`` in ``finally``."""
     port = free_port()
@@ -162,13 +172,10 @@ def start_server(kind: str, root: Path, notebook: str, tmp: Path, timeout: float
             cmd.append("--LabApp.extension_manager=readonly")  # no PyPI look-ups from the UI
         if hasattr(os, "geteuid") and os.geteuid() == 0:  # CI containers run as root
             cmd.append("--allow-root")
-        page = "lab/tree" if kind == "lab" else "notebooks"
-        url = f"http://127.0.0.1:{port}/{page}/{notebook}?token={token}"
         ready = f"http://127.0.0.1:{port}/api/status?token={token}"
-    elif kind == "voila":
-        cmd = [sys.executable, "-m", "voila", notebook, *common, "--Voila.ip=127.0.0.1",
+    elif kind == "voila":  # serving the folder: every notebook in it is an app
+        cmd = [sys.executable, "-m", "voila", str(root), *common, "--Voila.ip=127.0.0.1",
                f"--token={token}", "--show_tracebacks=True", "--Voila.port_retries=0"]
-        url = f"http://127.0.0.1:{port}/?token={token}"
         ready = None
     else:
         raise ValueError(kind)
@@ -176,7 +183,7 @@ def start_server(kind: str, root: Path, notebook: str, tmp: Path, timeout: float
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, cwd=root, env=server_env(tmp), stdout=fh,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    server = Server(kind, url, proc, log, root)
+    server = Server(kind, f"http://127.0.0.1:{port}", token, proc, log, root)
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -223,6 +230,15 @@ def chromium(tmp: Path):
             browser.close()
 
 
+def new_page(browser, width: int = 1280, height: int = 900, scale: float = 1.0):
+    """A page in its own context that can reach 127.0.0.1 only (Voila's page asks CDNs for
+    fonts; offline CI must not wait on them)."""
+    context = browser.new_context(viewport={"width": width, "height": height},
+                                  device_scale_factor=scale)
+    context.route(re.compile(r"^https?://(?!127\.0\.0\.1[:/])"), lambda route: route.abort())
+    return context.new_page()
+
+
 class PageWatch:
     """Collects console errors and uncaught page errors of one page."""
 
@@ -241,7 +257,11 @@ _PROBLEMS_JS = r"""
 (args) => {
   const [scope, failures] = args;
   const rx = new RegExp(failures);
-  const roots = scope ? Array.from(document.querySelectorAll(scope)) : [document.body];
+  let roots = [document.body];
+  for (const sel of (scope || [])) {  // the first selector that matches anything
+    const found = Array.from(document.querySelectorAll(sel));
+    if (found.length) { roots = found; break; }
+  }
   const out = [];
   const seen = new Set();
   const add = (kind, text) => {
@@ -287,8 +307,9 @@ _PROBLEMS_JS = r"""
 """
 
 
-def find_problems(page, watch: PageWatch | None = None, scope: str | None = None) -> list[str]:
-    """Everything on the page (or under ``scope``) that says a cell or a widget failed:
+def find_problems(page, watch: PageWatch | None = None, scope: list | None = None) -> list[str]:
+    """Everything on the page (or under the first ``scope`` selector that matches) that says
+    a cell or a widget failed:
     tracebacks, "Error displaying widget", "Failed to load model class", ipywidgets error
     widgets, a widget's own error box, and (with ``watch``) such messages in the console."""
     problems = list(page.evaluate(_PROBLEMS_JS, [scope, WIDGET_FAILURES.pattern]))
@@ -337,8 +358,8 @@ def publish(path: Path) -> None:
 class Case:
     """One widget in the browser tests: a notebook cell that builds ``w`` and a control to move.
 
-    ``control`` is one of ``("select", nth, option)`` (choose ``option`` -- a label or an
-    index -- in the ``nth`` ``<select>`` of the widget), ``("slider", nth, presses)`` (press
+    ``control`` is one of ``("select", nth, option)`` (choose ``option`` -- a label, an
+    index or ``"next"`` -- in the ``nth`` ``<select>`` of the widget), ``("slider", nth, presses)`` (press
     ArrowRight on the ``nth`` slider handle), ``("button", label)`` (click the button with that
     text), ``("canvas", nth, fx, fy)`` (click the ``nth`` figure at a fractional position).
     """
@@ -368,13 +389,13 @@ def write_notebook(path: Path, cells: list[str]) -> None:
     nbformat.write(nb, path)
 
 
-def open_notebook(page, server: Server, timeout: float = 120.0) -> None:
+def open_notebook(page, server: Server, notebook: str, timeout: float = 120.0) -> None:
     """Load the notebook and run every cell (Voila runs it on load)."""
-    page.goto(server.url, wait_until="domcontentloaded", timeout=timeout * 1000)
+    page.goto(server.url(notebook), wait_until="domcontentloaded", timeout=timeout * 1000)
     if server.kind == "voila":
         return
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=timeout * 1000)
-    wait_kernel_idle(server, timeout)
+    wait_kernel_idle(server, notebook, timeout)
     page.wait_for_function(
         "() => { const el = document.querySelector('.jp-Notebook-ExecutionIndicator');"
         " return !el || el.getAttribute('data-status') === 'idle'; }", timeout=timeout * 1000)
@@ -391,17 +412,17 @@ def open_notebook(page, server: Server, timeout: float = 120.0) -> None:
     raise AssertionError(f"{server.kind}: Run All Cells did not start any cell")
 
 
-def wait_kernel_idle(server: Server, timeout: float) -> None:
-    """Wait until the server reports a kernel session for the page, idle (it is started
-    by the page; before that, the front end may show 'idle' without a kernel)."""
-    api = server.url.split("/", 3)
-    base, token = "/".join(api[:3]), server.url.rsplit("token=", 1)[1]
+def wait_kernel_idle(server: Server, notebook: str, timeout: float) -> None:
+    """Wait until the server reports the notebook's kernel session, idle (the page starts
+    it; before that, the front end may show 'idle' without a kernel)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{base}/api/sessions?token={token}", timeout=5) as resp:
+            with urllib.request.urlopen(f"{server.base}/api/sessions?token={server.token}",
+                                        timeout=5) as resp:
                 sessions = json.load(resp)
-            if any(s.get("kernel", {}).get("execution_state") == "idle" for s in sessions):
+            if any(s.get("path", "").endswith(notebook)
+                   and s.get("kernel", {}).get("execution_state") == "idle" for s in sessions):
                 return
         except OSError:
             pass
@@ -414,6 +435,11 @@ def run_all(page) -> None:
     page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).first.click()
 
 
+def case_scope(case: Case) -> list[str]:
+    """Selectors for a case's output: its output area (stderr, error box), else the widget."""
+    return [f".jp-OutputArea:has(.{case.css})", f".{case.css}"]
+
+
 def widget_root(page, case: Case):
     return page.locator(f".{case.css}").first
 
@@ -422,13 +448,21 @@ def figures(page, case: Case):
     return widget_root(page, case).locator(".jupyter-matplotlib-canvas-div")
 
 
-def wait_rendered(page, case: Case, timeout: float) -> None:
-    """Wait until the widget is on the page and every one of its figures shows a picture."""
+def wait_rendered(page, case: Case, timeout: float, watch: PageWatch | None = None) -> None:
+    """Wait until the widget is on the page and every one of its figures shows a picture.
+    Fails at once (not at the timeout) when the page reports an error."""
     deadline = time.monotonic() + timeout
     root = widget_root(page, case)
-    root.wait_for(state="attached", timeout=timeout * 1000)
-    figs = figures(page, case)
-    figs.first.wait_for(state="attached", timeout=max(1.0, deadline - time.monotonic()) * 1000)
+    while True:
+        if root.count() and figures(page, case).count():
+            break
+        problems = find_problems(page, watch)
+        if problems:
+            raise AssertionError(f"{case.id}: the page reports errors before the widget "
+                                 f"rendered:\n" + "\n".join(problems))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{case.id}: no widget with figures after {timeout}s")
+        time.sleep(0.5)
     while True:
         shots = figure_shots(page, case)
         if shots and all(looks_drawn(s) for s in shots):
@@ -473,9 +507,12 @@ def move_control(page, case: Case) -> str:
         nth, option = args
         select = root.locator("select").nth(nth)
         select.scroll_into_view_if_needed()
-        if isinstance(option, int):
+        if isinstance(option, int) or option == "next":
             values = select.locator("option").evaluate_all("os => os.map(o => o.value)")
-            option = values[option % len(values)]
+            if option == "next":  # the option after the current one
+                option = values[(values.index(select.input_value()) + 1) % len(values)]
+            else:
+                option = values[option % len(values)]
             select.select_option(value=option)
         else:
             select.select_option(label=option)

@@ -1,0 +1,243 @@
+"""Every widget, in a real browser, in JupyterLab 4, Notebook 7 and Voila.
+
+For each front end a server is started on 127.0.0.1 with a notebook that builds every widget
+present in this checkout (plus a bare ipympl ``probe``), headless Chromium runs it through the
+front end's own UI (Run > Run All Cells; Voila runs it on load), and for each widget we check:
+
+* its figures render (every ipympl canvas shows a picture),
+* moving its control in the DOM (select an option, press a slider, click a figure) changes the
+  pixels of its figure,
+* no error appears: no traceback, no "Error displaying widget", no "Failed to load model
+  class", no ipywidgets error widget, no error box inside the widget, none in the console.
+
+Adding a widget = one ``Case`` in ``CASES``. Widgets not in this checkout are skipped.
+The detector is tested too: ``test_detector_*`` open a notebook whose canvas front-end model
+cannot load, and a control wired to nothing, and assert the checks above report both.
+
+Screenshots go to test-artifacts/browser/; ``CNNWIDGETS_UPDATE_SCREENSHOTS=1`` also copies
+the README's ones into tests/browser/screenshots/. ``CNNWIDGETS_BROWSER_BREAK=1`` breaks the
+canvas front-end model in the widgets notebook itself (the suite must then fail).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import browserkit as bk
+from browserkit import Case
+
+pytestmark = pytest.mark.browser
+
+SETUP = """\
+import cnnwidgets as cw
+model = cw.load_model("efficientnet_lite0")
+image = cw.sample_image("cat")"""
+
+# A bare ipympl canvas from cnnwidgets' make_figure with a dropdown wired to redraw it: proves
+# the plumbing (ipywidgets + ipympl front ends) in every front end, whatever widgets exist.
+PROBE_CODE = """\
+import numpy as np, ipywidgets as W
+from cnnwidgets.widgets.base import make_figure
+_fig, _canvas = make_figure(3, 2)
+_im = _fig.add_subplot().imshow(np.random.default_rng(0).random((8, 8)))
+_dd = W.Dropdown(options=["a", "b", "c"])
+def _redraw(change):
+    _im.set_data(np.random.default_rng(ord(change.new)).random((8, 8)))
+    _canvas.draw_idle()
+_dd.observe(_redraw, "value")
+w = W.VBox([_dd, _canvas])"""
+
+PROBE = Case("probe", widget="", code=PROBE_CODE, control=("select", 0, "next"), timeout=60)
+
+# One entry per widget: the cell that builds ``w`` and the control a user would move.
+# Controls of widgets still on other branches are the obvious first control; adjust on merge.
+CASES = [
+    PROBE,
+    Case("feature_maps", "FeatureMapExplorer", "w = cw.FeatureMapExplorer(model, image)",
+         control=("select", 0, "next")),
+    Case("feature_maps_click", "FeatureMapExplorer",
+         "w = cw.FeatureMapExplorer(model, image)", control=("canvas", 0, 0.2, 0.2)),
+    Case("attribution", "AttributionExplorer", "w = cw.AttributionExplorer(model, image)",
+         control=("select", 0, "next"), timeout=120),
+    Case("fixations", "FixationExplorer", "w = cw.FixationExplorer(model, image)",
+         control=("slider", 0, 1), timeout=120),
+    Case("feature_vis", "FeatureVisualizer", "w = cw.FeatureVisualizer(model)",
+         control=("select", 0, "next"), timeout=120),
+]
+
+# The break used by the detector test (and by CNNWIDGETS_BROWSER_BREAK=1): every ipympl canvas
+# created afterwards names a front-end module that does not exist.
+BREAK = """\
+from ipympl.backend_nbagg import Canvas as _Canvas
+_Canvas.class_traits()["_model_module"].default_value = "cnnwidgets-no-such-module"
+"""
+
+UNWIRED = Case("unwired", widget="", control=("select", 0, "next"), code="""\
+import numpy as np, ipywidgets as W
+from cnnwidgets.widgets.base import make_figure
+_fig2, _canvas2 = make_figure(3, 2)
+_fig2.add_subplot().imshow(np.random.default_rng(1).random((8, 8)))
+w = W.VBox([W.Dropdown(options=["a", "b", "c"]), _canvas2])  # the dropdown drives nothing""")
+
+BROKEN = Case("broken", widget="", control=("select", 0, "next"), code=BREAK + """\
+_fig3, _canvas3 = make_figure(3, 2)
+_fig3.add_subplot().imshow(np.random.default_rng(2).random((8, 8)))
+w = W.VBox([W.Dropdown(options=["a", "b"]), _canvas3])""")
+
+
+def available(case: Case) -> bool:
+    if not case.widget:
+        return True
+    import cnnwidgets
+
+    try:
+        getattr(cnnwidgets, case.widget)
+    except (AttributeError, ImportError):
+        return False
+    return True
+
+
+def present_cases() -> list[Case]:
+    return [c for c in CASES if available(c)]
+
+
+def notebook_cells() -> list[str]:
+    cells = []
+    if os.environ.get("CNNWIDGETS_BROWSER_BREAK") == "1":
+        cells.append(BREAK)
+    if any(c.widget for c in present_cases()):
+        cells.append(SETUP)
+    return cells + [bk.case_cell(c) for c in present_cases()]
+
+
+def broken_notebook_cells() -> list[str]:
+    return [bk.case_cell(UNWIRED), bk.case_cell(BROKEN)]
+
+
+def _shot_widget(page, case: Case, name: str, publish: bool = False) -> None:
+    root = bk.widget_root(page, case)
+    root.scroll_into_view_if_needed()
+    path = bk.save_png(root.screenshot(animations="disabled"), name)
+    if publish and case.widget:
+        bk.publish(path)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_widget_renders_and_control_changes_figure(frontend, case):
+    if not available(case):
+        pytest.skip(f"cw.{case.widget} is not in this checkout")
+    page, kind = frontend.page, frontend.kind
+    bk.wait_rendered(page, case, timeout=case.timeout + 120, watch=frontend.watch)
+    before = bk.settled_shots(page, case)
+    for i, png in enumerate(before):
+        bk.save_png(png, f"{kind}-{case.id}-fig{i}-before.png")
+    _shot_widget(page, case, f"{kind}-{case.id}-before.png")
+    problems = bk.find_problems(page, scope=bk.case_scope(case))
+    assert not problems, f"{kind}/{case.id} shows errors after rendering:\n" + "\n".join(problems)
+
+    what = bk.move_control(page, case)
+    after = bk.wait_changed(page, case, before, timeout=case.timeout)
+    after = bk.settled_shots(page, case)
+    for i, png in enumerate(after):
+        bk.save_png(png, f"{kind}-{case.id}-fig{i}-after.png")
+    _shot_widget(page, case, f"{kind}-{case.id}.png", publish=True)
+    changed = max(bk.pixel_change(a, b) for a, b in zip(before, after))
+    assert changed > 0.002, f"{kind}/{case.id}: {what} changed only {changed:.4%} of pixels"
+    problems = bk.find_problems(page, scope=bk.case_scope(case))
+    assert not problems, f"{kind}/{case.id} shows errors after {what}:\n" + "\n".join(problems)
+
+
+def test_page_has_no_errors(frontend):
+    """The whole page and the browser console, after every case ran."""
+    problems = bk.find_problems(frontend.page, frontend.watch)
+    assert not problems, f"{frontend.kind}: " + "\n".join(problems)
+
+
+def test_classroom_projector_with_large_font(frontend):
+    """1280x720 (a projector) with a 20 px font: every control visible, inside the screen,
+    not overlapping another, and still working."""
+    if frontend.kind != "lab":
+        pytest.skip("checked in JupyterLab, where classes run")
+    page = frontend.page
+    page.set_viewport_size({"width": 1280, "height": 720})
+    page.add_style_tag(content="body { --jp-ui-font-size1: 20px; --jp-content-font-size1: 20px;"
+                               " --jp-code-font-size: 20px; --jp-widgets-font-size: 20px; }")
+    cases = [c for c in present_cases() if c.control[0] != "canvas"]
+    for case in cases:
+        root = bk.widget_root(page, case)
+        root.scroll_into_view_if_needed()
+        page.wait_for_timeout(300)
+        layout = root.evaluate(_LAYOUT_JS)
+        bad = []
+        for ctl in layout["controls"]:
+            if ctl["w"] < 4 or ctl["h"] < 4:
+                bad.append(f"{ctl['what']} is not visible ({ctl['w']:.0f}x{ctl['h']:.0f})")
+            if ctl["x"] < 0 or ctl["x"] + ctl["w"] > 1280 + 0.5:
+                bad.append(f"{ctl['what']} leaves the screen (x={ctl['x']:.0f}, w={ctl['w']:.0f})")
+            if ctl["font"] < 19:
+                bad.append(f"{ctl['what']} ignores the large font ({ctl['font']}px)")
+        for fig in layout["figures"]:
+            if fig["x"] + fig["w"] > 1280 + 0.5:
+                bad.append(f"a figure leaves the screen (x={fig['x']:.0f}, w={fig['w']:.0f})")
+        bad += [f"{a} overlaps {b}" for a, b in layout["overlaps"]]
+        assert layout["controls"], f"{case.id}: no controls found"
+        assert not bad, f"{case.id} at 1280x720, 20px font:\n" + "\n".join(bad)
+        _shot_widget(page, case, f"lab-{case.id}-classroom.png", publish=True)
+        # still usable: the control still changes the figure at this size
+        before = bk.settled_shots(page, case, timeout=15)
+        bk.move_control(page, case)
+        bk.wait_changed(page, case, before, timeout=case.timeout)
+
+
+_LAYOUT_JS = r"""
+(root) => {
+  const sel = 'select, input:not([type=hidden]), textarea, .noUi-target, ' +
+              'button:not(.jupyter-matplotlib-button)';
+  const controls = [];
+  for (const el of root.querySelectorAll(sel)) {
+    if (el.closest('.jupyter-matplotlib-toolbar')) continue;
+    const cs = getComputedStyle(el);
+    if (cs.display === 'none' || cs.visibility === 'hidden' || el.closest('[style*="display: none"]')) continue;
+    const r = el.getBoundingClientRect();
+    const label = (el.getAttribute('title') || el.innerText || el.value || '').trim().slice(0, 30);
+    controls.push({what: `${el.tagName.toLowerCase()} "${label}"`, x: r.x, y: r.y, w: r.width,
+                   h: r.height, font: parseFloat(cs.fontSize)});
+  }
+  const figures = Array.from(root.querySelectorAll('.jupyter-matplotlib-canvas-div')).map(el => {
+    const r = el.getBoundingClientRect(); return {x: r.x, y: r.y, w: r.width, h: r.height};
+  });
+  const overlaps = [];
+  for (let i = 0; i < controls.length; i++) for (let j = i + 1; j < controls.length; j++) {
+    const a = controls[i], b = controls[j];
+    const ix = Math.min(a.x + a.w, b.x + b.w) - Math.max(a.x, b.x);
+    const iy = Math.min(a.y + a.h, b.y + b.h) - Math.max(a.y, b.y);
+    if (ix > 2 && iy > 2) overlaps.push([a.what, b.what]);
+  }
+  return {controls, figures, overlaps};
+}
+"""
+
+
+def test_detector_catches_broken_front_end_model_and_dead_control(frontend):
+    """The checks above must fail on a widget whose front-end model cannot load, and on a
+    control that changes nothing -- otherwise a green run proves nothing."""
+    page = bk.new_page(frontend.browser)
+    watch = bk.PageWatch(page)
+    try:
+        bk.open_notebook(page, frontend.server, "broken.ipynb")
+        # a dropdown wired to nothing: the pixel check must report it
+        bk.wait_rendered(page, UNWIRED, timeout=120)
+        before = bk.settled_shots(page, UNWIRED, timeout=10, quiet=0.8)
+        bk.move_control(page, UNWIRED)
+        with pytest.raises(AssertionError, match="did not change the figure"):
+            bk.wait_changed(page, UNWIRED, before, timeout=4)
+        # the canvas whose model class cannot load: the detector must report it
+        deadline = 90
+        with pytest.raises(AssertionError, match=bk.WIDGET_FAILURES.pattern):
+            bk.wait_rendered(page, BROKEN, timeout=deadline, watch=watch)
+        problems = bk.find_problems(page, watch)
+        bk.save_png(page.screenshot(full_page=True), f"{frontend.kind}-broken-page.png")
+        assert any(bk.WIDGET_FAILURES.search(p) for p in problems), problems
+    finally:
+        page.context.close()
