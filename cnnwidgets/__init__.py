@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 # Widgets import ipywidgets and matplotlib: load them on first use only.
 _LAZY = {
     "FeatureMapExplorer": "cnnwidgets.widgets.feature_maps",
+    "Explorer": "cnnwidgets.widgets.explorer",
 }
 
 

@@ -15,16 +15,56 @@ import ipywidgets as widgets
 from matplotlib.figure import Figure
 
 
-def make_figure(width: float = 6.0, height: float = 4.0, dpi: int = 100):
+def _canvas_class():
+    """ipympl's canvas, sending frames as fast-compressed PNGs.
+
+    matplotlib encodes each frame at zlib level 6; level 1 encodes about 2.5× faster for
+    ~10% more bytes, which on a local kernel is the better trade for interactive redraws.
+    """
+    from io import BytesIO
+
+    import numpy as np
+    from ipympl.backend_nbagg import Canvas
+    from PIL import Image
+
+    class FastCanvas(Canvas):
+        png_compress_level = 1
+
+        def get_diff_image(self):
+            needed = ("_png_is_old", "_force_full", "_last_buff", "set_image_mode")
+            if not all(hasattr(self, a) for a in needed):  # a matplotlib we do not know
+                return super().get_diff_image()
+            if not self._png_is_old:
+                return None
+            pixels = np.asarray(self.get_renderer().buffer_rgba())
+            frame = pixels.view(np.uint32).squeeze(2)
+            full = (self._force_full or frame.shape != self._last_buff.shape
+                    or bool((pixels[:, :, 3] != 255).any()))
+            self.set_image_mode("full" if full else "diff")
+            out = frame if full else np.where(frame != self._last_buff, frame, 0)
+            self._last_buff = frame.copy()
+            self._force_full = False
+            self._png_is_old = False
+            with BytesIO() as buffer:
+                rgba = out.view(np.uint8).reshape(*out.shape, 4)
+                Image.fromarray(rgba).save(buffer, format="png",
+                                           compress_level=self.png_compress_level)
+                return buffer.getvalue()
+
+    return FastCanvas
+
+
+def make_figure(width: float = 6.0, height: float = 4.0, dpi: int = 100, layout=None):
     """A matplotlib ``Figure`` with an ipympl canvas widget, outside pyplot's global state.
 
     Nothing is registered with ``pyplot`` (no figure leaks, no double display), and it works
-    whatever ``%matplotlib`` backend the notebook uses.
+    whatever ``%matplotlib`` backend the notebook uses. ``layout`` is matplotlib's layout
+    engine ("constrained", "tight" or None); None (fixed axes positions) redraws fastest.
     """
-    from ipympl.backend_nbagg import Canvas, FigureManager
+    from ipympl.backend_nbagg import FigureManager
 
-    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
-    canvas = Canvas(fig)
+    fig = Figure(figsize=(width, height), dpi=dpi, layout=layout)
+    canvas = _CANVAS()(fig)
     FigureManager(canvas, 0)
     canvas.header_visible = False
     canvas.footer_visible = False
@@ -33,6 +73,9 @@ def make_figure(width: float = 6.0, height: float = 4.0, dpi: int = 100):
     canvas.resizable = False
     canvas.capture_scroll = False
     return fig, canvas
+
+
+_CANVAS = functools.lru_cache(maxsize=1)(_canvas_class)
 
 
 class ErrorBox(widgets.HTML):

@@ -1,0 +1,235 @@
+"""The engine core: activations by hand, hooks, model state, the offline model, layer names."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cnnwidgets as cw
+from cnnwidgets.engine.cache import TensorCache
+from cnnwidgets.engine.featuremaps import feature_maps
+from cnnwidgets.engine.hooks import capture, hook_count, restored
+
+from conftest import TinyNet, assert_same_state, one_pixel_image, snapshot, tiny_model
+
+
+# ----------------------------------------------------------------------------- by hand
+def test_prepare_passes_small_image_unchanged(tiny):
+    x, display = tiny.prepare(one_pixel_image())
+    assert x.shape == (1, 3, 8, 8) and display.shape == (8, 8, 3)
+    expected = np.zeros((8, 8), np.float32)
+    expected[2, 3] = 1.0
+    for c in range(3):  # grey → RGB copies the channel; mean 0 / std 1 keeps values
+        np.testing.assert_array_equal(x[0, c].numpy(), expected)
+    np.testing.assert_array_equal(display[..., 0], expected)
+
+
+def test_conv_activations_by_hand(tiny):
+    # One white pixel at (2, 3) of an 8×8 image, 2×2 kernel, no padding → 7×7 output.
+    # ch0 sums the 2×2×3 window: 3 wherever the window holds the pixel, i.e. rows 1–2, cols 2–3.
+    # ch1 = input channel 0's top-left tap − 0.5: 0.5 at (2, 3), −0.5 elsewhere.
+    act = tiny.activations(one_pixel_image(), "conv")
+    expected0 = np.zeros((7, 7), np.float32)
+    expected0[1:3, 2:4] = 3.0
+    expected1 = np.full((7, 7), -0.5, np.float32)
+    expected1[2, 3] = 0.5
+    assert act.shape == (2, 7, 7)
+    np.testing.assert_allclose(act[0].numpy(), expected0)
+    np.testing.assert_allclose(act[1].numpy(), expected1)
+    # after the ReLU, ch1 keeps only its 0.5
+    relu = tiny.activations(one_pixel_image(), "relu")
+    expected1_relu = np.zeros((7, 7), np.float32)
+    expected1_relu[2, 3] = 0.5
+    np.testing.assert_allclose(relu[1].numpy(), expected1_relu)
+
+
+def test_predict_by_hand(tiny):
+    # pooled: ch0 = 4·3/49 = 12/49, ch1 = 0.5/49 → logits (12/49, 0.5/49, 11.5/49)
+    logits = torch.tensor([12 / 49, 0.5 / 49, 11.5 / 49])
+    probs = logits.softmax(0)
+    top = tiny.predict(one_pixel_image(), k=3)
+    assert [t[0] for t in top] == [0, 2, 1]
+    assert [t[1] for t in top] == ["a", "c", "b"]
+    np.testing.assert_allclose([t[2] for t in top], probs[[0, 2, 1]].numpy(), rtol=1e-5)
+
+
+def test_feature_maps_statistics(tiny):
+    fm = feature_maps(tiny, one_pixel_image(), "conv")
+    np.testing.assert_allclose(fm.mean, [12 / 49, (0.5 - 48 * 0.5) / 49], rtol=1e-5)
+    np.testing.assert_allclose(fm.max, [3.0, 0.5])
+    assert list(fm.order("mean")) == [0, 1]
+    assert list(fm.order("index")) == [0, 1]
+    assert fm.peak(1) == (2, 3)
+    channels, values = fm.top_channels(2, 3, k=2)
+    assert list(channels) == [0, 1] and list(values) == [3.0, 0.5]
+    with pytest.raises(ValueError, match="outside"):
+        fm.top_channels(7, 0)
+
+
+def test_target_index(tiny):
+    img = one_pixel_image()
+    assert tiny.target_index(None, img) == 0
+    assert tiny.target_index(2) == 2
+    assert tiny.target_index("C") == 2
+    with pytest.raises(ValueError, match="out of range"):
+        tiny.target_index(3)
+    with pytest.raises(ValueError, match="no class label"):
+        tiny.target_index("zebra")
+
+
+# ----------------------------------------------------------------------------- hooks and state
+class Boom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x):
+        if self.armed:
+            raise RuntimeError("boom")
+        return x
+
+
+def test_capture_removes_hooks_after_success_and_exception():
+    net = TinyNet()
+    net.boom = Boom()
+    net.forward = lambda x: net.fc(net.flat(net.pool(net.boom(net.relu(net.conv(x))))))
+    before = hook_count(net)
+    x = torch.rand(1, 3, 8, 8)
+    with capture(net, ["conv", "relu"], inputs=True, grads=True, keep_graph=True) as rec:
+        assert hook_count(net) == before + 2
+        net(x).sum().backward()
+    assert hook_count(net) == before
+    assert set(rec.outputs) == {"conv", "relu"} and set(rec.grads) == {"conv", "relu"}
+    # the gradient w.r.t. the ReLU output of sum(fc(avgpool(.))) is (fc column sum)/49
+    col = net.fc.weight.sum(0) / 49
+    np.testing.assert_allclose(rec.grads["relu"][0, :, 0, 0].numpy(), col.detach().numpy(), rtol=1e-6)
+    net.boom.armed = True
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(net, ["conv", "relu"], grads=True):
+            net(x)
+    assert hook_count(net) == before
+    with pytest.raises(ValueError, match="no layer"):
+        with capture(net, ["conv", "nope"]):
+            pass
+    assert hook_count(net) == before
+
+
+def test_model_state_restored_after_success_and_error():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), Boom(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    net.train()
+    net[0].weight.requires_grad_(False)
+    model = cw.Model(net, input_size=(16, 16))
+    before = snapshot(net)
+    img = np.random.default_rng(0).random((20, 20, 3))
+    model.predict(img)
+    model.activations(img, "1")
+    model.layers()
+    assert_same_state(net, before)  # BN running stats untouched: it ran in eval mode
+    assert hook_count(net) == 0
+    net[3].armed = True
+    model.cache.clear()
+    with pytest.raises(RuntimeError, match="boom"):
+        model.activations(img, "1")
+    assert_same_state(net, before)
+    assert hook_count(net) == 0
+
+
+def test_restored_puts_flags_back():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout())
+    net.train()
+    with pytest.raises(KeyError):
+        with restored(net):
+            assert not net.training
+            net[0].weight.requires_grad_(False)
+            raise KeyError
+    assert net.training and net[1].training and net[0].weight.requires_grad
+
+
+def test_activation_cache_is_bounded_and_hit(tiny):
+    img = one_pixel_image()
+    tiny.activations(img, "conv")
+    misses = tiny.cache.misses
+    tiny.activations(img, "conv")
+    assert tiny.cache.misses == misses and tiny.cache.hits >= 1
+    cache = TensorCache(max_bytes=1000)
+    for i in range(10):
+        cache.put(i, torch.zeros(100))  # 400 bytes each: at most two fit
+    assert len(cache) == 2 and cache.bytes <= 1000 and 9 in cache and 0 not in cache
+    cache.put("huge", torch.zeros(1000))
+    assert "huge" not in cache
+
+
+def test_activations_for_several_layers_in_one_pass(tiny):
+    out = tiny.activations(one_pixel_image(1, 1), ["conv", "relu"])
+    assert set(out) == {"conv", "relu"}
+    assert torch.equal(out["relu"], out["conv"].clamp(min=0))
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unknown_layer_suggests_close_names(tiny, lite0, cat):
+    with pytest.raises(ValueError, match="did you mean 'conv'"):
+        tiny.activations(one_pixel_image(), "cnv")
+    with pytest.raises(cw.LayerNotFoundError, match="_blocks.3"):
+        lite0.activations(cat, "_blocks.3.conv")
+    with pytest.raises(ValueError, match="runs 2 times"):
+        lite0.activations(cat, "_swish")
+
+
+def test_model_returning_tuple_or_dict():
+    class TupleNet(TinyNet):
+        def forward(self, x):
+            return super().forward(x), x
+
+    class DictNet(TinyNet):
+        def forward(self, x):
+            return {"logits": super().forward(x)}
+
+    img = one_pixel_image()
+    for net, pick in ((TupleNet(), lambda o: o[0]), (DictNet(), lambda o: o["logits"])):
+        model = tiny_model().__class__(net, mean=(0,) * 3, std=(1,) * 3, crop=1.0, input_size=8)
+        with pytest.raises(ValueError, match="output="):
+            model.predict(img)
+        assert hook_count(net) == 0
+        fixed = cw.Model(net, mean=(0,) * 3, std=(1,) * 3, crop=1.0, input_size=8, output=pick)
+        assert fixed.predict(img, k=1)[0][0] == 0
+
+
+def test_model_without_convolution():
+    with pytest.raises(ValueError, match="no convolution"):
+        cw.Model(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)))
+    with pytest.raises(TypeError, match="nn.Module"):
+        cw.Model("resnet18")
+
+
+def test_unknown_model_name_suggests():
+    with pytest.raises(ValueError, match="resnet18"):
+        cw.load_model("resnet-18x")
+
+
+# ----------------------------------------------------------------------------- the offline model
+def test_lite0_classifies_sample_photos(lite0, cat):
+    assert lite0.predict(cat, k=1)[0][1] == "Egyptian cat"
+    assert lite0.predict(cw.sample_image("coffee"), k=1)[0][1] == "espresso"
+    assert len(lite0.labels) == 1000
+
+
+def test_lite0_layers(lite0):
+    maps = lite0.layers()
+    assert maps[0] == "_conv_stem" and "_blocks.0" in maps and "_conv_head" in maps
+    assert "_swish" not in maps and not any(n.endswith("static_padding") for n in maps)
+    for name in maps:
+        shape = lite0.layer_info(name).shape
+        assert len(shape) == 3 and shape[1] * shape[2] > 1, name
+    assert set(lite0.layers("conv")) <= set(lite0.layers("all"))
+    assert lite0.last_conv_layer() == "_bn1"
+    assert lite0.layer_info("_conv_head").shape == (1280, 7, 7)
+
+
+def test_torchvision_random_weights_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model = cw.load_model("resnet18", pretrained=False, device="cpu")
+    assert model.input_size == (224, 224) and len(model.labels) == 1000
+    assert "layer4.1.conv2" in model.layers()
+    assert not any(tmp_path.iterdir())  # nothing was downloaded
