@@ -40,9 +40,10 @@ CHROMIUM_ARGS = [
 
 # Front-end failure messages (ipywidgets 8, the JupyterLab/Notebook/Voila widget managers).
 WIDGET_FAILURES = re.compile(
-    r"Failed to load model class|Failed to load view class|Error displaying widget"
+    r"error widget|Click to show javascript error|Failed to load model class|Failed to load view class|Error displaying widget"
     r"|model not found|Could not create a (?:model|view)|Could not instantiate widget"
     r"|Error rendering|Class \S+ not found in module|is not registered"
+    r"|No version of module \S+ is registered"
 )
 CONSOLE_FAILURES = WIDGET_FAILURES
 
@@ -255,7 +256,7 @@ class PageWatch:
 
 _PROBLEMS_JS = r"""
 (args) => {
-  const [scope, failures] = args;
+  const [scope, failures, exclude] = args;
   const rx = new RegExp(failures);
   let roots = [document.body];
   for (const sel of (scope || [])) {  // the first selector that matches anything
@@ -268,13 +269,14 @@ _PROBLEMS_JS = r"""
     const key = kind + ':' + text.slice(0, 300);
     if (!seen.has(key)) { seen.add(key); out.push(kind + ': ' + text.slice(0, 1500)); }
   };
+  const excluded = (el) => (exclude || []).some(x => el.closest(x));
   const all = (sel) => {
     const found = [];
     for (const r of roots) {
       if (r.matches && r.matches(sel)) found.push(r);
       found.push(...r.querySelectorAll(sel));
     }
-    return found;
+    return found.filter(el => !excluded(el));
   };
   // error outputs and tracebacks on stderr (tqdm also writes to stderr: only tracebacks count)
   for (const el of all('[data-mime-type="application/vnd.jupyter.stderr"], ' +
@@ -289,7 +291,11 @@ _PROBLEMS_JS = r"""
     const m = t.match(rx);
     if (m) add('widget failure', t);
   }
-  for (const el of all('.jupyter-widgets-error-widget')) add('error widget', el.innerText || 'error widget');
+  // ipywidgets 8 replaces a widget it cannot create by an error widget ("Click to show
+  // javascript error."); its hidden text holds the reason
+  for (const el of all('.jupyter-widgets-error-widget')) {
+    add('error widget', (el.textContent || '').replace(/\s+/g, ' ').trim() || 'error widget');
+  }
   // a cnnwidgets ErrorBox: the widget caught an exception in a callback and shows it
   for (const el of all('summary')) {
     if ((el.textContent || '').trim() === 'traceback') {
@@ -307,12 +313,13 @@ _PROBLEMS_JS = r"""
 """
 
 
-def find_problems(page, watch: PageWatch | None = None, scope: list | None = None) -> list[str]:
+def find_problems(page, watch: PageWatch | None = None, scope: list | None = None,
+                  exclude: list | None = None) -> list[str]:
     """Everything on the page (or under the first ``scope`` selector that matches) that says
     a cell or a widget failed:
     tracebacks, "Error displaying widget", "Failed to load model class", ipywidgets error
     widgets, a widget's own error box, and (with ``watch``) such messages in the console."""
-    problems = list(page.evaluate(_PROBLEMS_JS, [scope, WIDGET_FAILURES.pattern]))
+    problems = list(page.evaluate(_PROBLEMS_JS, [scope, WIDGET_FAILURES.pattern, exclude]))
     if watch is not None:
         problems += [f"console {m}" for m in watch.console if CONSOLE_FAILURES.search(m)]
     return problems
@@ -448,15 +455,18 @@ def figures(page, case: Case):
     return widget_root(page, case).locator(".jupyter-matplotlib-canvas-div")
 
 
-def wait_rendered(page, case: Case, timeout: float, watch: PageWatch | None = None) -> None:
+def wait_rendered(page, case: Case, timeout: float, watch: PageWatch | None = None,
+                  exclude: list | None = None, ignore: str | None = None) -> None:
     """Wait until the widget is on the page and every one of its figures shows a picture.
-    Fails at once (not at the timeout) when the page reports an error."""
+    Fails at once (not at the timeout) when the page reports an error (other than under
+    ``exclude`` or mentioning ``ignore``)."""
     deadline = time.monotonic() + timeout
     root = widget_root(page, case)
     while True:
         if root.count() and figures(page, case).count():
             break
-        problems = find_problems(page, watch)
+        problems = [p for p in find_problems(page, watch, exclude=exclude)
+                    if not (ignore and ignore in p)]
         if problems:
             raise AssertionError(f"{case.id}: the page reports errors before the widget "
                                  f"rendered:\n" + "\n".join(problems))

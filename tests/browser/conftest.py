@@ -53,11 +53,6 @@ class Frontend:
     seconds_to_open: float
 
 
-def build_notebooks(root: Path, cells: list[str], broken_cells: list[str]) -> None:
-    bk.write_notebook(root / "widgets.ipynb", cells)
-    bk.write_notebook(root / "broken.ipynb", broken_cells)
-
-
 @pytest.fixture(scope="module", params=FRONTENDS)
 def frontend(request, browser, tmp_path_factory):
     """A server of one kind (JupyterLab 4, Notebook 7, Voila) with ``widgets.ipynb`` opened
@@ -69,7 +64,7 @@ def frontend(request, browser, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"cw-{kind}")
     root = tmp / "root"
     root.mkdir()
-    build_notebooks(root, module.notebook_cells(), module.broken_notebook_cells())
+    bk.write_notebook(root / "widgets.ipynb", module.notebook_cells())
     server = bk.start_server(kind, root, tmp)
     try:
         page = bk.new_page(browser)
