@@ -419,6 +419,23 @@ def open_notebook(page, server: Server, notebook: str, timeout: float = 120.0) -
     raise AssertionError(f"{server.kind}: Run All Cells did not start any cell")
 
 
+def collapse_left_sidebar(page) -> None:
+    """JupyterLab: close the file browser (a click on its open tab), giving the notebook the
+    width a presenter gives it."""
+    tab = page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current")
+    if tab.count():
+        tab.first.click()
+        page.wait_for_timeout(300)
+
+
+def wait_all_cells_ran(page, timeout: float) -> None:
+    """Lab/Notebook: every code cell has an execution number (none waiting or running)."""
+    page.wait_for_function(
+        "() => { const ps = Array.from(document.querySelectorAll('.jp-CodeCell .jp-InputPrompt'));"
+        " return ps.length > 0 && ps.every(p => /\\[\\d+\\]/.test(p.textContent)); }",
+        timeout=timeout * 1000)
+
+
 def wait_kernel_idle(server: Server, notebook: str, timeout: float) -> None:
     """Wait until the server reports the notebook's kernel session, idle (the page starts
     it; before that, the front end may show 'idle' without a kernel)."""

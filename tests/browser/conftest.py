@@ -65,6 +65,9 @@ def frontend(request, browser, tmp_path_factory):
     root = tmp / "root"
     root.mkdir()
     bk.write_notebook(root / "widgets.ipynb", module.notebook_cells())
+    if (bk.ROOT / "notebooks").is_dir():  # the tutorials, as a user has them
+        shutil.copytree(bk.ROOT / "notebooks", root / "notebooks",
+                        ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     server = bk.start_server(kind, root, tmp)
     try:
         page = bk.new_page(browser)
