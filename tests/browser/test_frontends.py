@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import pytest
 
@@ -196,6 +197,9 @@ def test_classroom_projector_with_large_font(frontend):
                 bad.append(f"{ctl['what']} leaves the screen (x={ctl['x']:.0f}, w={ctl['w']:.0f})")
             if ctl["font"] < 19:
                 bad.append(f"{ctl['what']} ignores the large font ({ctl['font']}px)")
+        clipped = [c["what"] for c in layout["controls"] if c.get("clipped")]
+        if clipped:  # readable but cut: worth knowing, not a failure
+            warnings.warn(f"{case.id} at 20px font: option text cut in {', '.join(clipped)}")
         right = min(1280, layout["area_right"])
         for fig in layout["figures"]:
             if fig["x"] + fig["w"] > right + 0.5:
@@ -224,8 +228,16 @@ _LAYOUT_JS = r"""
     if (cs.display === 'none' || cs.visibility === 'hidden' || el.closest('[style*="display: none"]')) continue;
     const r = el.getBoundingClientRect();
     const label = (el.getAttribute('title') || el.innerText || el.value || '').trim().slice(0, 30);
+    // does the chosen option's text fit in the select (minus its arrow)?
+    let clipped = false;
+    if (el.tagName === 'SELECT' && el.selectedIndex >= 0) {
+      const ctx = document.createElement('canvas').getContext('2d');
+      ctx.font = cs.font;
+      const text = el.options[el.selectedIndex].text;
+      clipped = ctx.measureText(text).width > el.clientWidth - 24;
+    }
     controls.push({what: `${el.tagName.toLowerCase()} "${label}"`, x: r.x, y: r.y, w: r.width,
-                   h: r.height, font: parseFloat(cs.fontSize)});
+                   h: r.height, font: parseFloat(cs.fontSize), clipped});
   }
   const figures = Array.from(root.querySelectorAll('.jupyter-matplotlib-canvas-div')).map(el => {
     const r = el.getBoundingClientRect(); return {x: r.x, y: r.y, w: r.width, h: r.height};
