@@ -10,6 +10,7 @@ The detector (:func:`find_problems`) is itself tested against a deliberately bro
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -356,8 +357,12 @@ def save_png(png: bytes, name: str) -> Path:
 def publish(path: Path) -> None:
     """Copy an artefact to the committed screenshots folder (CNNWIDGETS_UPDATE_SCREENSHOTS=1)."""
     if os.environ.get("CNNWIDGETS_UPDATE_SCREENSHOTS") == "1":
+        from PIL import Image
+
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, SCREENSHOTS / path.name)
+        with Image.open(path) as im:  # a 256-colour palette: a third of the bytes, same look
+            im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(
+                SCREENSHOTS / path.name, optimize=True)
 
 
 # --------------------------------------------------------------------------- notebook pages
@@ -493,13 +498,48 @@ def wait_rendered(page, case: Case, timeout: float, watch: PageWatch | None = No
     while True:
         shots = figure_shots(page, case)
         if shots and all(looks_drawn(s) for s in shots):
-            return
+            visible = figures(page, case).evaluate_all(
+                "divs => divs.every(d => { const r = d.getBoundingClientRect();"
+                " const s = getComputedStyle(d);"
+                " return r.width > 10 && r.height > 10 && s.visibility !== 'hidden'; })")
+            if visible:
+                return
         if time.monotonic() > deadline:
             raise AssertionError(f"{case.id}: figures never drew within {timeout}s")
         time.sleep(0.5)
 
 
 def figure_shots(page, case: Case) -> list[bytes]:
+    """The pixels ipympl drew in each of the widget's figures, as PNGs.
+
+    Read from the figure's own canvas bitmap rather than a screenshot of the page, so that
+    a hover toolbar, a focus ring or the mouse over the figure can never pass for a change
+    of the figure. ``wait_rendered`` also checks that the figures are visible on the page.
+    """
+    return canvas_pngs(figures(page, case))
+
+
+def canvas_pngs(figure_divs) -> list[bytes]:
+    """PNGs of the main canvas in each ``.jupyter-matplotlib-canvas-div`` of a locator."""
+    urls = figure_divs.evaluate_all(
+        "divs => divs.map(d => { const c = d.querySelector('canvas');"
+        " return c && c.width && c.height ? c.toDataURL('image/png') : ''; })")
+    return [base64.b64decode(u.split(",", 1)[1]) if u else _EMPTY_PNG for u in urls]
+
+
+def _empty_png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1), "white").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+_EMPTY_PNG = _empty_png()
+
+
+def figure_screenshots(page, case: Case) -> list[bytes]:
+    """Screenshots of the widget's figures as the page shows them (for the artefacts)."""
     figs = figures(page, case)
     shots = []
     for i in range(figs.count()):

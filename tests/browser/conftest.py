@@ -75,6 +75,8 @@ def frontend(request, browser, tmp_path_factory):
         try:
             start = time.monotonic()
             bk.open_notebook(page, server, "widgets.ipynb")
+            if kind == "lab":  # the notebook at full width, as one presents it
+                bk.collapse_left_sidebar(page)
             yield Frontend(kind, server, page, watch, browser, time.monotonic() - start)
         finally:
             try:

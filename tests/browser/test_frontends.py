@@ -137,7 +137,9 @@ def _shot_widget(page, case: Case, name: str, publish: bool = False) -> None:
     page.mouse.move(0, 0)  # no hover toolbar in the picture
     page.wait_for_timeout(400)
     path = bk.save_png(root.screenshot(animations="disabled"), name)
-    if publish and case.widget:
+    # the README shows one picture per widget and front end: the widget's first case
+    first = next(c for c in CASES if c.widget == case.widget)
+    if publish and case.widget and first is case:
         bk.publish(path)
 
 
@@ -149,7 +151,7 @@ def test_widget_renders_and_control_changes_figure(frontend, case):
     bk.wait_rendered(page, case, timeout=case.timeout + 120, watch=frontend.watch,
                      exclude=BROKEN_SCOPE, ignore=BROKEN_MODULE)
     before = bk.settled_shots(page, case)
-    for i, png in enumerate(before):
+    for i, png in enumerate(bk.figure_screenshots(page, case)):
         bk.save_png(png, f"{kind}-{case.id}-fig{i}-before.png")
     _shot_widget(page, case, f"{kind}-{case.id}-before.png")
     problems = bk.find_problems(page, scope=bk.case_scope(case))
@@ -158,7 +160,7 @@ def test_widget_renders_and_control_changes_figure(frontend, case):
     what = bk.move_control(page, case)
     after = bk.wait_changed(page, case, before, timeout=case.timeout)
     after = bk.settled_shots(page, case)
-    for i, png in enumerate(after):
+    for i, png in enumerate(bk.figure_screenshots(page, case)):
         bk.save_png(png, f"{kind}-{case.id}-fig{i}-after.png")
     _shot_widget(page, case, f"{kind}-{case.id}.png", publish=True)
     changed = max(bk.pixel_change(a, b) for a, b in zip(before, after))
@@ -227,7 +229,9 @@ _LAYOUT_JS = r"""
     const cs = getComputedStyle(el);
     if (cs.display === 'none' || cs.visibility === 'hidden' || el.closest('[style*="display: none"]')) continue;
     const r = el.getBoundingClientRect();
-    const label = (el.getAttribute('title') || el.innerText || el.value || '').trim().slice(0, 30);
+    const label = (el.tagName === 'SELECT' && el.selectedIndex >= 0
+                   ? el.options[el.selectedIndex].text
+                   : (el.getAttribute('title') || el.innerText || el.value || '')).trim().slice(0, 30);
     // does the chosen option's text fit in the select (minus its arrow)?
     let clipped = false;
     if (el.tagName === 'SELECT' && el.selectedIndex >= 0) {
@@ -270,7 +274,7 @@ def test_quickstart_notebook_runs(frontend):
         assert figs.count() >= 1, "the quickstart shows no widget figure"
         deadline = time.monotonic() + 60
         while True:
-            shots = [figs.nth(i).screenshot() for i in range(figs.count())]
+            shots = bk.canvas_pngs(figs)
             if all(bk.looks_drawn(s) for s in shots):
                 break
             assert time.monotonic() < deadline, "a quickstart figure never drew"
