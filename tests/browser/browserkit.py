@@ -117,6 +117,7 @@ class Server:
     proc: subprocess.Popen
     log: Path
     root: Path
+    ready_url: str | None = None
 
     def url(self, notebook: str) -> str:
         """The page a user opens to see ``notebook`` (a path relative to the root)."""
@@ -163,6 +164,11 @@ def _write_json(path: Path, data) -> None:
 def start_server(kind: str, root: Path, tmp: Path, timeout: float = 90.0) -> Server:
     """Start ``jupyter lab`` / ``jupyter notebook`` / ``voila`` on 127.0.0.1 and wait until
     it answers. The caller must ``stop_server`` in ``finally``."""
+    return wait_ready(launch_server(kind, root, tmp), timeout)
+
+
+def launch_server(kind: str, root: Path, tmp: Path) -> Server:
+    """Start a server without waiting for it (several can then start side by side)."""
     port = free_port()
     token = os.urandom(12).hex()
     common = [f"--port={port}", "--no-browser"]
@@ -186,6 +192,14 @@ def start_server(kind: str, root: Path, tmp: Path, timeout: float = 90.0) -> Ser
         proc = subprocess.Popen(cmd, cwd=root, env=server_env(tmp), stdout=fh,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     server = Server(kind, f"http://127.0.0.1:{port}", token, proc, log, root)
+    server.ready_url = ready
+    return server
+
+
+def wait_ready(server: Server, timeout: float = 90.0) -> Server:
+    """Wait until a launched server answers; kill it if it does not."""
+    proc, kind, ready = server.proc, server.kind, server.ready_url
+    port = int(server.base.rsplit(":", 1)[1])
     deadline = time.monotonic() + timeout
     try:
         while True:

@@ -53,23 +53,41 @@ class Frontend:
     seconds_to_open: float
 
 
+@pytest.fixture(scope="module")
+def servers(request, browser, tmp_path_factory):
+    """Every installed front end's server, launched side by side on 127.0.0.1 (each serves a
+    copy of the generated ``widgets.ipynb`` and of ``notebooks/``); all killed at the end."""
+    launched = {}
+    try:
+        for kind in FRONTENDS:
+            if importlib.util.find_spec(PACKAGES[kind]) is None:
+                continue
+            tmp = tmp_path_factory.mktemp(f"cw-{kind}")
+            root = tmp / "root"
+            root.mkdir()
+            bk.write_notebook(root / "widgets.ipynb", request.module.notebook_cells())
+            if (bk.ROOT / "notebooks").is_dir():  # the tutorials, as a user has them
+                shutil.copytree(bk.ROOT / "notebooks", root / "notebooks",
+                                ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+            launched[kind] = bk.launch_server(kind, root, tmp)
+        yield launched
+    finally:
+        for server in launched.values():
+            bk.stop_server(server)
+            bk.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(server.log, bk.ARTIFACTS / server.log.name)
+
+
 @pytest.fixture(scope="module", params=FRONTENDS)
-def frontend(request, browser, tmp_path_factory):
+def frontend(request, browser, servers):
     """A server of one kind (JupyterLab 4, Notebook 7, Voila) with ``widgets.ipynb`` opened
     and run in a page; the server and every kernel it started are killed afterwards."""
     kind = request.param
-    if importlib.util.find_spec(PACKAGES[kind]) is None:
+    if kind not in servers:
         unavailable(f"{PACKAGES[kind]} is not installed: pip install -e '.[browser]'")
-    module = request.module
-    tmp = tmp_path_factory.mktemp(f"cw-{kind}")
-    root = tmp / "root"
-    root.mkdir()
-    bk.write_notebook(root / "widgets.ipynb", module.notebook_cells())
-    if (bk.ROOT / "notebooks").is_dir():  # the tutorials, as a user has them
-        shutil.copytree(bk.ROOT / "notebooks", root / "notebooks",
-                        ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
-    server = bk.start_server(kind, root, tmp)
+    server = servers[kind]
     try:
+        bk.wait_ready(server)
         page = bk.new_page(browser)
         watch = bk.PageWatch(page)
         try:
@@ -85,6 +103,4 @@ def frontend(request, browser, tmp_path_factory):
                 pass
             page.context.close()
     finally:
-        bk.stop_server(server)
-        bk.ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(server.log, bk.ARTIFACTS / server.log.name)
+        bk.stop_server(server)  # early: its kernels free the CPU for the next front end
