@@ -7,9 +7,11 @@
 from importlib import import_module
 
 from .engine import (
+    Fixations,
     LayerNotFoundError,
     Model,
     available_models,
+    fixations,
     load_image,
     load_model,
     sample_image,
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 # Widgets import ipywidgets and matplotlib: load them on first use only.
 _LAZY = {
     "FeatureMapExplorer": "cnnwidgets.widgets.feature_maps",
+    "FixationExplorer": "cnnwidgets.widgets.fixations",
     "Explorer": "cnnwidgets.widgets.explorer",
 }
 
@@ -36,6 +39,6 @@ def __dir__():
 
 
 __all__ = [
-    "LayerNotFoundError", "Model", "available_models", "load_image", "load_model",
-    "sample_image", "sample_images", *_LAZY,
+    "Fixations", "LayerNotFoundError", "Model", "available_models", "fixations", "load_image",
+    "load_model", "sample_image", "sample_images", *_LAZY,
 ]

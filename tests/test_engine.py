@@ -233,3 +233,22 @@ def test_torchvision_random_weights_offline(tmp_path, monkeypatch):
     assert model.input_size == (224, 224) and len(model.labels) == 1000
     assert "layer4.1.conv2" in model.layers()
     assert not any(tmp_path.iterdir())  # nothing was downloaded
+
+
+def test_prefetch_fills_the_cache_in_one_pass_within_budget(tiny):
+    img = one_pixel_image(4, 4)
+    calls = []
+    handle = tiny.module.conv.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        # conv and relu each take 2×7×7×4 = 392 bytes: a 400-byte budget holds only one
+        assert tiny.layer_bytes("conv") == 392
+        assert tiny.prefetch(img, ["relu", "conv"], max_bytes=400) == ["relu"]
+        tiny.cache.clear()
+        calls.clear()
+        assert tiny.prefetch(img, ["conv", "relu"]) == ["conv", "relu"]
+        assert len(calls) == 1
+        tiny.activations(img, "conv")
+        tiny.activations(img, "relu")
+        assert len(calls) == 1  # both were cache hits
+    finally:
+        handle.remove()

@@ -318,6 +318,32 @@ class Model:
         data = x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
         return hashlib.blake2b(data, digest_size=16).hexdigest()
 
+    def layer_bytes(self, layer: str) -> int:
+        """Bytes one image's output of ``layer`` takes in the activation cache."""
+        n = 1
+        for d in self.layer_info(layer).shape:
+            n *= int(d)
+        return 4 * n
+
+    def prefetch(self, image, layers, max_bytes: int | None = None) -> list[str]:
+        """Capture many layers for ``image`` in one forward pass, so later calls to
+        :meth:`activations` for them are cache hits.
+
+        Layers are taken in the order given while their total size stays within ``max_bytes``
+        (default: half the activation cache). Returns the names now cached.
+        """
+        budget = self.cache.max_bytes // 2 if max_bytes is None else int(max_bytes)
+        chosen, total = [], 0
+        for name in layers:
+            size = self.layer_bytes(name)
+            if total + size > budget:
+                continue
+            chosen.append(name)
+            total += size
+        if chosen:
+            self.activations(image, chosen)
+        return chosen
+
     def activations(self, image, layer):
         """The layer's output for ``image`` as a C×h×w tensor on the CPU (cached).
 

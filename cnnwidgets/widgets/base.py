@@ -54,12 +54,15 @@ def _canvas_class():
     return FastCanvas
 
 
-def make_figure(width: float = 6.0, height: float = 4.0, dpi: int = 100, layout=None):
+def make_figure(width: float = 6.0, height: float = 4.0, dpi: int = 100, layout=None,
+                toolbar: bool = False):
     """A matplotlib ``Figure`` with an ipympl canvas widget, outside pyplot's global state.
 
     Nothing is registered with ``pyplot`` (no figure leaks, no double display), and it works
     whatever ``%matplotlib`` backend the notebook uses. ``layout`` is matplotlib's layout
     engine ("constrained", "tight" or None); None (fixed axes positions) redraws fastest.
+    ``toolbar``: ipympl's pan/zoom toolbar. Off by default: it fades in over the left edge of
+    the figure on hover, covering what users click, and pan/zoom modes swallow those clicks.
     """
     from ipympl.backend_nbagg import FigureManager
 
@@ -68,7 +71,7 @@ def make_figure(width: float = 6.0, height: float = 4.0, dpi: int = 100, layout=
     FigureManager(canvas, 0)
     canvas.header_visible = False
     canvas.footer_visible = False
-    canvas.toolbar_visible = "fade-in-fade-out"
+    canvas.toolbar_visible = "fade-in-fade-out" if toolbar else False
     canvas.toolbar_position = "left"
     canvas.resizable = False
     canvas.capture_scroll = False

@@ -42,7 +42,7 @@ class FeatureMapExplorer(WidgetBase):
     page = traitlets.Int(0, help="page of the grid, for layers with many channels")
 
     def __init__(self, model: Model, image, layer: str | None = None, *, layers=None,
-                 width: float = 11.0, height: float = 4.6):
+                 prefetch: bool = True, width: float = 11.0, height: float = 4.6):
         super().__init__()
         if not isinstance(model, Model):
             model = Model(model)
@@ -62,7 +62,7 @@ class FeatureMapExplorer(WidgetBase):
         # fixed axes positions (figure fractions): no layout engine work on each redraw
         self.ax_grid = self.figure.add_axes((0.005, 0.02, 0.39, 0.88))
         self.ax_map = self.figure.add_axes((0.405, 0.02, 0.33, 0.88))
-        self.ax_bars = self.figure.add_axes((0.75, 0.1, 0.24, 0.80))
+        self.ax_bars = self.figure.add_axes((0.75, 0.1, 0.225, 0.80))
         self._grid_artist, self._grid_box = draw.draw_grid(self.ax_grid, [[0.0]], 0.0, 1.0)
         H, W = self.display_image.shape[:2]
         self._overlay, self._marker = draw.draw_overlay(self.ax_map, self.display_image, [[0.0]])
@@ -90,6 +90,12 @@ class FeatureMapExplorer(WidgetBase):
         # the first layer shown: the one asked for, else a middle one (more telling than the stem)
         start = layer if layer is not None else self._layers[min(len(self._layers) - 1,
                                                                  len(self._layers) // 3)]
+        if prefetch and start in self._layers:
+            # one forward pass fills the cache for every layer that fits: switching is then
+            # drawing only (the first layer's own forward pass is this one)
+            i = self._layers.index(start)
+            order = sorted(range(len(self._layers)), key=lambda j: abs(j - i))
+            model.prefetch(image, [self._layers[j] for j in order])
         self.layer = start
 
     def _from_control(self, box, name):
