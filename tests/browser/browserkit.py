@@ -45,6 +45,7 @@ WIDGET_FAILURES = re.compile(
     r"|model not found|Could not create a (?:model|view)|Could not instantiate widget"
     r"|Error rendering|Class \S+ not found in module|is not registered"
     r"|No version of module \S+ is registered"
+    r"|Error setting state"  # e.g. ipympl given a PNG the browser cannot decode
 )
 CONSOLE_FAILURES = WIDGET_FAILURES
 
@@ -387,7 +388,7 @@ class Case:
     ``control`` is one of ``("select", nth, option)`` (choose ``option`` -- a label, an
     index or ``"next"`` -- in the ``nth`` ``<select>`` of the widget), ``("slider", nth, presses)`` (press
     ArrowRight on the ``nth`` slider handle), ``("button", label)`` (click the button with that
-    text), ``("canvas", nth, fx, fy)`` (click the ``nth`` figure at a fractional position).
+    text), ``("tab", index)`` (click a tab of an ipywidgets Tab), ``("canvas", nth, fx, fy)`` (click the ``nth`` figure at a fractional position).
     """
     id: str
     widget: str                       # public cnnwidgets name; the case is skipped without it
@@ -510,6 +511,7 @@ def wait_rendered(page, case: Case, timeout: float, watch: PageWatch | None = No
             raise AssertionError(f"{case.id}: no widget with figures after {timeout}s")
         time.sleep(0.5)
     while True:
+        show_figures(page, case)
         shots = figure_shots(page, case)
         if shots and all(looks_drawn(s) for s in shots):
             visible = figures(page, case).evaluate_all(
@@ -521,6 +523,15 @@ def wait_rendered(page, case: Case, timeout: float, watch: PageWatch | None = No
         if time.monotonic() > deadline:
             raise AssertionError(f"{case.id}: figures never drew within {timeout}s")
         time.sleep(0.5)
+
+
+def show_figures(page, case: Case) -> None:
+    """Scroll the widget's figures into view (a front end may lay out, and ipympl size and
+    draw, only what is near the viewport)."""
+    figs = figures(page, case)
+    for i in range(figs.count()):
+        with contextlib.suppress(Exception):  # a figure in a hidden tab cannot be shown
+            figs.nth(i).scroll_into_view_if_needed(timeout=2_000)
 
 
 def figure_shots(page, case: Case) -> list[bytes]:
@@ -610,6 +621,12 @@ def move_control(page, case: Case) -> str:
         (label,) = args
         root.get_by_role("button", name=label).first.click()
         return f"button {label!r}"
+    if kind == "tab":
+        (index,) = args
+        tab = root.locator(".lm-TabBar-tab").nth(index)
+        tab.scroll_into_view_if_needed()
+        tab.click()
+        return f"tab #{index}"
     if kind == "canvas":
         nth, fx, fy = args
         canvas = figures(page, case).nth(nth)
@@ -623,6 +640,7 @@ def move_control(page, case: Case) -> str:
 def wait_changed(page, case: Case, before: list[bytes], timeout: float) -> list[bytes]:
     """Poll the figures until one (or ``case.figure``) differs from ``before``."""
     deadline = time.monotonic() + timeout
+    show_figures(page, case)
     while True:
         now = figure_shots(page, case)
         idx = range(len(before)) if case.figure is None else [case.figure]
