@@ -530,8 +530,10 @@ def show_figures(page, case: Case) -> None:
     draw, only what is near the viewport)."""
     figs = figures(page, case)
     for i in range(figs.count()):
-        with contextlib.suppress(Exception):  # a figure in a hidden tab cannot be shown
-            figs.nth(i).scroll_into_view_if_needed(timeout=2_000)
+        fig = figs.nth(i)
+        if fig.is_visible():  # a figure in a hidden tab cannot be shown
+            with contextlib.suppress(Exception):
+                fig.scroll_into_view_if_needed(timeout=2_000)
 
 
 def figure_shots(page, case: Case) -> list[bytes]:
@@ -569,6 +571,8 @@ def figure_screenshots(page, case: Case) -> list[bytes]:
     shots = []
     for i in range(figs.count()):
         fig = figs.nth(i)
+        if not fig.is_visible():  # e.g. in a tab that is not selected
+            continue
         fig.scroll_into_view_if_needed(timeout=10_000)
         shots.append(fig.screenshot(timeout=15_000, animations="disabled"))
     return shots

@@ -232,6 +232,7 @@ _LAYOUT_JS = r"""
   const controls = [];
   for (const el of root.querySelectorAll(sel)) {
     if (el.closest('.jupyter-matplotlib-toolbar')) continue;
+    if (el.getClientRects().length === 0) continue;  // in a hidden tab: not on screen at all
     const cs = getComputedStyle(el);
     if (cs.display === 'none' || cs.visibility === 'hidden' || el.closest('[style*="display: none"]')) continue;
     const r = el.getBoundingClientRect();
@@ -249,7 +250,8 @@ _LAYOUT_JS = r"""
     controls.push({what: `${el.tagName.toLowerCase()} "${label}"`, x: r.x, y: r.y, w: r.width,
                    h: r.height, font: parseFloat(cs.fontSize), clipped, type: el.type || ''});
   }
-  const figures = Array.from(root.querySelectorAll('.jupyter-matplotlib-canvas-div')).map(el => {
+  const figures = Array.from(root.querySelectorAll('.jupyter-matplotlib-canvas-div'))
+                       .filter(el => el.getClientRects().length > 0).map(el => {
     const r = el.getBoundingClientRect(); return {x: r.x, y: r.y, w: r.width, h: r.height};
   });
   const overlaps = [];
