@@ -145,7 +145,7 @@ def _shot_widget(page, case: Case, name: str, publish: bool = False) -> None:
         bk.publish(path)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
 def test_widget_renders_and_control_changes_figure(frontend, case):
     if not available(case):
         pytest.skip(f"cw.{case.widget} is not in this checkout")
