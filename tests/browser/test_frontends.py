@@ -1,0 +1,320 @@
+"""Every widget, in a real browser, in JupyterLab 4, Notebook 7 and Voila.
+
+For each front end a server is started on 127.0.0.1 with a notebook that builds every widget
+present in this checkout (plus a bare ipympl ``probe``), headless Chromium runs it through the
+front end's own UI (Run > Run All Cells; Voila runs it on load), and for each widget we check:
+
+* its figures render (every ipympl canvas shows a picture),
+* moving its control in the DOM (select an option, press a slider, click a figure) changes the
+  pixels of its figure,
+* no error appears: no traceback, no "Error displaying widget", no "Failed to load model
+  class", no ipywidgets error widget, no error box inside the widget, none in the console.
+
+Adding a widget = one ``Case`` in ``CASES``. Widgets not in this checkout are skipped.
+The detector is tested too: ``test_detector_*`` open a notebook whose canvas front-end model
+cannot load, and a control wired to nothing, and assert the checks above report both.
+
+Screenshots go to test-artifacts/browser/; ``CNNWIDGETS_UPDATE_SCREENSHOTS=1`` also copies
+the README's ones into tests/browser/screenshots/. ``CNNWIDGETS_BROWSER_BREAK=1`` breaks the
+canvas front-end model in the widgets notebook itself (the suite must then fail).
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+
+import pytest
+
+import browserkit as bk
+from browserkit import Case
+
+pytestmark = pytest.mark.browser
+
+SETUP = """\
+import cnnwidgets as cw
+model = cw.load_model("efficientnet_lite0")
+image = cw.sample_image("cat")"""
+
+# A bare ipympl canvas from cnnwidgets' make_figure with a dropdown wired to redraw it: proves
+# the plumbing (ipywidgets + ipympl front ends) in every front end, whatever widgets exist.
+PROBE_CODE = """\
+import numpy as np, ipywidgets as W
+from cnnwidgets.widgets.base import make_figure
+_fig, _canvas = make_figure(3, 2)
+_im = _fig.add_subplot().imshow(np.random.default_rng(0).random((8, 8)))
+_dd = W.Dropdown(options=["a", "b", "c"])
+def _redraw(change):
+    _im.set_data(np.random.default_rng(ord(change.new)).random((8, 8)))
+    _canvas.draw_idle()
+_dd.observe(_redraw, "value")
+w = W.VBox([_dd, _canvas])"""
+
+QUICKSTART = "01_quickstart.ipynb"
+
+PROBE = Case("probe", widget="", code=PROBE_CODE, control=("select", 0, "next"), timeout=60)
+
+# One entry per widget: the cell that builds ``w`` and the control a user would move.
+# Controls of widgets still on other branches are the obvious first control; adjust on merge.
+CASES = [
+    PROBE,
+    Case("feature_maps", "FeatureMapExplorer", "w = cw.FeatureMapExplorer(model, image)",
+         control=("select", 0, "next")),
+    Case("feature_maps_click", "FeatureMapExplorer",
+         "w = cw.FeatureMapExplorer(model, image)", control=("canvas", 0, 0.2, 0.2)),
+    Case("attribution", "AttributionExplorer", "w = cw.AttributionExplorer(model, image)",
+         control=("select", 0, "next"), timeout=120),
+    Case("fixations", "FixationExplorer", "w = cw.FixationExplorer(model, image)",
+         control=("slider", 1, 1), timeout=120),  # slider 1: the backtrack step
+    Case("feature_vis", "FeatureVisualizer", "w = cw.FeatureVisualizer(model)",
+         control=("select", 0, "next"), timeout=120),
+    Case("explorer", "Explorer", "w = cw.Explorer(model, image)", control=("tab", 1),
+         timeout=120),  # the second tab is built when first shown
+]
+
+# The break used by the detector test (and by CNNWIDGETS_BROWSER_BREAK=1): every ipympl canvas
+# created afterwards names a front-end module that does not exist.
+BREAK = """\
+import traitlets, ipympl.backend_nbagg as _nbagg
+class _BrokenCanvas(_nbagg.Canvas):
+    _model_module = traitlets.Unicode("cnnwidgets-no-such-module").tag(sync=True)
+_nbagg.Canvas = _BrokenCanvas  # make_figure() now builds canvases the browser cannot load
+"""
+
+UNWIRED = Case("unwired", widget="", control=("select", 0, "next"), code="""\
+import numpy as np, ipywidgets as W
+from cnnwidgets.widgets.base import make_figure
+_fig2, _canvas2 = make_figure(3, 2)
+_fig2.add_subplot().imshow(np.random.default_rng(1).random((8, 8)))
+w = W.VBox([W.Dropdown(options=["a", "b", "c"]), _canvas2])  # the dropdown drives nothing""")
+
+# A canvas whose front-end model cannot load (its JS module does not exist), in a VBox.
+BROKEN = Case("broken", widget="", control=("select", 0, "next"), code="""\
+import traitlets, ipywidgets as W
+from matplotlib.figure import Figure
+from ipympl.backend_nbagg import Canvas as _Canvas, FigureManager as _Manager
+class _BrokenCanvas(_Canvas):
+    _model_module = traitlets.Unicode("cnnwidgets-no-such-module").tag(sync=True)
+_fig3 = Figure(figsize=(3, 2))
+_fig3.add_subplot().plot([0, 1], [1, 0])
+_canvas3 = _BrokenCanvas(_fig3)
+_Manager(_canvas3, 0)
+w = W.VBox([W.Dropdown(options=["a", "b"]), _canvas3])""")
+
+
+def available(case: Case) -> bool:
+    if not case.widget:
+        return True
+    import cnnwidgets
+
+    try:
+        getattr(cnnwidgets, case.widget)
+    except (AttributeError, ImportError):
+        return False
+    return True
+
+
+def present_cases() -> list[Case]:
+    return [c for c in CASES if available(c)]
+
+
+def notebook_cells() -> list[str]:
+    cells = []
+    if os.environ.get("CNNWIDGETS_BROWSER_BREAK") == "1":
+        cells.append(BREAK)
+    if any(c.widget for c in present_cases()):
+        cells.append(SETUP)
+    # the detector's own cases come last: BROKEN breaks every canvas made after it
+    return cells + [bk.case_cell(c) for c in present_cases() + [UNWIRED, BROKEN]]
+
+
+# what test_page_has_no_errors leaves to the detector test: the deliberately broken case
+BROKEN_SCOPE = bk.case_scope(BROKEN)
+BROKEN_MODULE = "cnnwidgets-no-such-module"
+
+
+def _shot_widget(page, case: Case, name: str, publish: bool = False) -> None:
+    root = bk.widget_root(page, case)
+    root.scroll_into_view_if_needed()
+    page.mouse.move(0, 0)  # no hover toolbar in the picture
+    page.wait_for_timeout(400)
+    path = bk.save_png(root.screenshot(animations="disabled"), name)
+    # the README shows one picture per widget and front end: the widget's first case
+    first = next(c for c in CASES if c.widget == case.widget)
+    if publish and case.widget and first is case:
+        bk.publish(path)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_widget_renders_and_control_changes_figure(frontend, case):
+    if not available(case):
+        pytest.skip(f"cw.{case.widget} is not in this checkout")
+    page, kind = frontend.page, frontend.kind
+    bk.wait_rendered(page, case, timeout=case.timeout + 120, watch=frontend.watch,
+                     exclude=BROKEN_SCOPE, ignore=BROKEN_MODULE)
+    before = bk.settled_shots(page, case)
+    for i, png in enumerate(bk.figure_screenshots(page, case)):
+        bk.save_png(png, f"{kind}-{case.id}-fig{i}-before.png")
+    _shot_widget(page, case, f"{kind}-{case.id}-before.png")
+    problems = bk.find_problems(page, scope=bk.case_scope(case))
+    assert not problems, f"{kind}/{case.id} shows errors after rendering:\n" + "\n".join(problems)
+
+    what = bk.move_control(page, case)
+    after = bk.wait_changed(page, case, before, timeout=case.timeout)
+    after = bk.settled_shots(page, case)
+    for i, png in enumerate(bk.figure_screenshots(page, case)):
+        bk.save_png(png, f"{kind}-{case.id}-fig{i}-after.png")
+    _shot_widget(page, case, f"{kind}-{case.id}.png", publish=True)
+    changed = (1.0 if len(before) != len(after)  # a figure came or went (e.g. a new tab)
+               else max(bk.pixel_change(a, b) for a, b in zip(before, after)))
+    assert changed > 0.002, f"{kind}/{case.id}: {what} changed only {changed:.4%} of pixels"
+    problems = bk.find_problems(page, scope=bk.case_scope(case))
+    assert not problems, f"{kind}/{case.id} shows errors after {what}:\n" + "\n".join(problems)
+
+
+def test_page_has_no_errors(frontend):
+    """The whole page and the browser console, after every case ran."""
+    problems = bk.find_problems(frontend.page, frontend.watch, exclude=BROKEN_SCOPE)
+    problems = [p for p in problems if BROKEN_MODULE not in p]
+    assert not problems, f"{frontend.kind}: " + "\n".join(problems)
+
+
+@pytest.mark.parametrize("frontend", ["lab"], indirect=True)
+def test_classroom_projector_with_large_font(frontend):
+    """1280x720 (a projector) with a 20 px font: every control visible, inside the screen,
+    not overlapping another, and still working."""
+    page = frontend.page
+    page.set_viewport_size({"width": 1280, "height": 720})
+    bk.collapse_left_sidebar(page)
+    page.add_style_tag(content="body { --jp-ui-font-size1: 20px; --jp-content-font-size1: 20px;"
+                               " --jp-code-font-size: 20px; --jp-widgets-font-size: 20px; }")
+    cases = [c for c in present_cases() if c.control[0] != "canvas"]
+    for case in cases:
+        root = bk.widget_root(page, case)
+        root.scroll_into_view_if_needed()
+        page.wait_for_timeout(300)
+        layout = root.evaluate(_LAYOUT_JS)
+        bad = []
+        for ctl in layout["controls"]:
+            if ctl["w"] < 4 or ctl["h"] < 4:
+                bad.append(f"{ctl['what']} is not visible ({ctl['w']:.0f}x{ctl['h']:.0f})")
+            if ctl["x"] < 0 or ctl["x"] + ctl["w"] > 1280 + 0.5:
+                bad.append(f"{ctl['what']} leaves the screen (x={ctl['x']:.0f}, w={ctl['w']:.0f})")
+            if ctl["font"] < 19 and ctl["type"] not in ("checkbox", "radio"):  # no text
+                bad.append(f"{ctl['what']} ignores the large font ({ctl['font']}px)")
+        clipped = [c["what"] for c in layout["controls"] if c.get("clipped")]
+        if clipped:  # readable but cut: worth knowing, not a failure
+            warnings.warn(f"{case.id} at 20px font: option text cut in {', '.join(clipped)}")
+        right = min(1280, layout["area_right"])
+        for fig in layout["figures"]:
+            if fig["x"] + fig["w"] > 1280 + 0.5:
+                bad.append(f"a figure leaves the screen (right edge {fig['x'] + fig['w']:.0f}px)")
+            elif fig["x"] + fig["w"] > right + 0.5:  # scrolls sideways in its output: a warning
+                warnings.warn(f"{case.id} at 1280x720: a figure's right edge "
+                              f"{fig['x'] + fig['w']:.0f}px is past the output area's "
+                              f"{right:.0f}px (it scrolls sideways)")
+        bad += [f"{a} overlaps {b}" for a, b in layout["overlaps"]]
+        assert layout["controls"], f"{case.id}: no controls found"
+        assert not bad, f"{case.id} at 1280x720, 20px font:\n" + "\n".join(bad)
+        _shot_widget(page, case, f"lab-{case.id}-classroom.png", publish=True)
+        # still usable: the control still changes the figure at this size
+        before = bk.settled_shots(page, case, timeout=15)
+        bk.move_control(page, case)
+        bk.wait_changed(page, case, before, timeout=case.timeout)
+        problems = bk.find_problems(page, scope=bk.case_scope(case))
+        assert not problems, f"{case.id} at 1280x720:\n" + "\n".join(problems)
+
+
+_LAYOUT_JS = r"""
+(root) => {
+  const sel = 'select, input:not([type=hidden]), textarea, .noUi-target, ' +
+              'button:not(.jupyter-matplotlib-button)';
+  const controls = [];
+  for (const el of root.querySelectorAll(sel)) {
+    if (el.closest('.jupyter-matplotlib-toolbar')) continue;
+    if (el.getClientRects().length === 0) continue;  // in a hidden tab: not on screen at all
+    const cs = getComputedStyle(el);
+    if (cs.display === 'none' || cs.visibility === 'hidden' || el.closest('[style*="display: none"]')) continue;
+    const r = el.getBoundingClientRect();
+    const label = (el.tagName === 'SELECT' && el.selectedIndex >= 0
+                   ? el.options[el.selectedIndex].text
+                   : (el.getAttribute('title') || el.innerText || el.value || '')).trim().slice(0, 30);
+    // does the chosen option's text fit in the select (minus its arrow)?
+    let clipped = false;
+    if (el.tagName === 'SELECT' && el.selectedIndex >= 0) {
+      const ctx = document.createElement('canvas').getContext('2d');
+      ctx.font = cs.font;
+      const text = el.options[el.selectedIndex].text;
+      clipped = ctx.measureText(text).width > el.clientWidth - 24;
+    }
+    controls.push({what: `${el.tagName.toLowerCase()} "${label}"`, x: r.x, y: r.y, w: r.width,
+                   h: r.height, font: parseFloat(cs.fontSize), clipped, type: el.type || ''});
+  }
+  const figures = Array.from(root.querySelectorAll('.jupyter-matplotlib-canvas-div'))
+                       .filter(el => el.getClientRects().length > 0).map(el => {
+    const r = el.getBoundingClientRect(); return {x: r.x, y: r.y, w: r.width, h: r.height};
+  });
+  const overlaps = [];
+  for (let i = 0; i < controls.length; i++) for (let j = i + 1; j < controls.length; j++) {
+    const a = controls[i], b = controls[j];
+    const ix = Math.min(a.x + a.w, b.x + b.w) - Math.max(a.x, b.x);
+    const iy = Math.min(a.y + a.h, b.y + b.h) - Math.max(a.y, b.y);
+    if (ix > 2 && iy > 2) overlaps.push([a.what, b.what]);
+  }
+  const area = root.closest('.jp-OutputArea-output') || root.parentElement || root;
+  const ar = area.getBoundingClientRect();
+  return {controls, figures, overlaps, area_right: ar.x + ar.width};
+}
+"""
+
+
+@pytest.mark.parametrize("frontend", ["lab"], indirect=True)
+def test_quickstart_notebook_runs(frontend):
+    """The README's first command: the quickstart, opened and run in JupyterLab by the UI."""
+    if not (frontend.server.root / "notebooks" / QUICKSTART).is_file():
+        pytest.skip(f"notebooks/{QUICKSTART} is not in this checkout")
+    page = bk.new_page(frontend.browser)
+    watch = bk.PageWatch(page)
+    try:
+        bk.open_notebook(page, frontend.server, f"notebooks/{QUICKSTART}")
+        bk.wait_all_cells_ran(page, timeout=300)
+        figs = page.locator(".jupyter-matplotlib-canvas-div")
+        assert figs.count() >= 1, "the quickstart shows no widget figure"
+        deadline = time.monotonic() + 60
+        while True:
+            shots = bk.canvas_pngs(figs)
+            if all(bk.looks_drawn(s) for s in shots):
+                break
+            assert time.monotonic() < deadline, "a quickstart figure never drew"
+            page.wait_for_timeout(500)
+        problems = bk.find_problems(page, watch)
+        assert not problems, "\n".join(problems)
+        bk.save_png(shots[0], "lab-quickstart-fig0.png")
+    finally:
+        page.context.close()
+
+
+def test_detector_catches_broken_front_end_model_and_dead_control(frontend):
+    """The checks above must fail on a widget whose front-end model cannot load, and on a
+    control that changes nothing -- otherwise a green run proves nothing."""
+    page, kind = frontend.page, frontend.kind
+    page.set_viewport_size({"width": 1280, "height": 900})
+    # a dropdown wired to nothing: the pixel check must report it
+    bk.wait_rendered(page, UNWIRED, timeout=120)
+    before = bk.settled_shots(page, UNWIRED, timeout=10, quiet=0.8)
+    bk.move_control(page, UNWIRED)
+    with pytest.raises(AssertionError, match="did not change the figure"):
+        bk.wait_changed(page, UNWIRED, before, timeout=4)
+    # the canvas whose model class cannot load: the detector must report it, in the
+    # widget's output and in the console
+    with pytest.raises(AssertionError, match=bk.WIDGET_FAILURES.pattern) as failed:
+        bk.wait_rendered(page, BROKEN, timeout=90, watch=frontend.watch)
+    scoped = bk.find_problems(page, scope=BROKEN_SCOPE)
+    console = [p for p in bk.find_problems(page, frontend.watch) if p.startswith("console")]
+    (bk.ARTIFACTS / f"{kind}-detector.txt").write_text(
+        "\n\n".join([str(failed.value), *scoped, *console, *frontend.watch.console]))
+    root = bk.widget_root(page, BROKEN)
+    root.scroll_into_view_if_needed()
+    bk.save_png(root.screenshot(), f"{kind}-broken.png")
+    assert any(bk.WIDGET_FAILURES.search(p) for p in scoped), (scoped, console)
+    assert any(BROKEN_MODULE in p for p in console), console
