@@ -15,12 +15,14 @@ from .engine import (
     sample_image,
     sample_images,
 )
+from .engine.attribution import Attribution, Cancelled, attribute, methods
 
 __version__ = "0.1.0"
 
 # Widgets import ipywidgets and matplotlib: load them on first use only.
 _LAZY = {
     "FeatureMapExplorer": "cnnwidgets.widgets.feature_maps",
+    "AttributionExplorer": "cnnwidgets.widgets.attribution",
 }
 
 
@@ -36,5 +38,5 @@ def __dir__():
 
 __all__ = [
     "LayerNotFoundError", "Model", "available_models", "load_image", "load_model",
-    "sample_image", "sample_images", *_LAZY,
+    "sample_image", "sample_images", "Attribution", "Cancelled", "attribute", "methods", *_LAZY,
 ]
