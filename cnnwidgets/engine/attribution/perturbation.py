@@ -56,17 +56,31 @@ def occlusion(ctx, window, stride, baseline, batch_size):
     return heat.expand(x.shape[1], H, W), heat
 
 
-def rise_masks(n: int, size, cells: int, p: float, generator: torch.Generator) -> torch.Tensor:
-    """``n`` RISE masks N×H×W: random binary ``cells``×``cells`` grids (1 with probability
-    ``p``), upsampled bilinearly to (cells+1)×cell size and cropped at a random shift."""
+def rise_draws(n: int, size, cells: int, p: float, generator: torch.Generator):
+    """The random part of ``n`` RISE masks: binary grids and shifts, drawn up front so that the
+    result does not depend on the batch size."""
     H, W = size
     ch, cw = math.ceil(H / cells), math.ceil(W / cells)
     grid = (torch.rand(n, 1, cells, cells, generator=generator) < p).float()
-    up = F.interpolate(grid, size=((cells + 1) * ch, (cells + 1) * cw), mode="bilinear",
-                       align_corners=False)[:, 0]
     dy = torch.randint(0, ch, (n,), generator=generator)
     dx = torch.randint(0, cw, (n,), generator=generator)
-    return torch.stack([up[i, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(n)])
+    return grid, dy, dx
+
+
+def masks_from(grid, dy, dx, size) -> torch.Tensor:
+    """Upsample the grids bilinearly to (cells+1)×cell size and crop H×W at the shifts."""
+    H, W = size
+    cells = grid.shape[-1]
+    ch, cw = math.ceil(H / cells), math.ceil(W / cells)
+    up = F.interpolate(grid, size=((cells + 1) * ch, (cells + 1) * cw), mode="bilinear",
+                       align_corners=False)[:, 0]
+    return torch.stack([up[i, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(grid.shape[0])])
+
+
+def rise_masks(n: int, size, cells: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """``n`` RISE masks N×H×W: random binary ``cells``×``cells`` grids (1 with probability
+    ``p``), upsampled bilinearly and cropped at a random shift (Petsiuk et al. 2018)."""
+    return masks_from(*rise_draws(n, size, cells, p, generator), size)
 
 
 @register(
@@ -87,11 +101,12 @@ def rise(ctx, n_masks, cells, p, baseline, batch_size, seed):
     size = tuple(x.shape[-2:])
     base = baseline_for(ctx, baseline)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    grid, dy, dx = rise_draws(n_masks, size, cells, p, generator)
     total = torch.zeros(size, dtype=x.dtype, device=x.device)
     with torch.no_grad():
         ctx.base_score = float(ctx.score(x)[0])
         for lo, hi in ctx.batches(n_masks, batch_size, "rise"):
-            masks = rise_masks(hi - lo, size, cells, p, generator).to(x.device)[:, None]
+            masks = masks_from(grid[lo:hi], dy[lo:hi], dx[lo:hi], size).to(x.device)[:, None]
             probs = ctx.logits(base + masks * (x - base)).softmax(-1)[:, ctx.target]
             total += torch.einsum("n,nhw->hw", probs, masks[:, 0])
     return total / (n_masks * p)
