@@ -39,6 +39,7 @@ class Attribution:
     #: float32 H×W at the model's input resolution, aligned with ``model.prepare(image)[1]``;
     #: in [0, 1], or in [-1, 1] (scaled by the largest magnitude) when ``signed``
     map: np.ndarray
+    #: (pixel-level maps are scaled by the 99.5th percentile of their magnitude and clipped)
     #: the method's own output before any reduction, upsampling or normalisation
     #: (3×H×W for gradient and occlusion methods, the h×w layer map for CAM methods, H×W for RISE)
     raw: np.ndarray
@@ -49,6 +50,7 @@ class Attribution:
     label: str = ""  #: the target's class label
     image: np.ndarray | None = None  #: the display image H×W×3 in [0, 1] the map aligns with
     signed: bool = False  #: whether ``map`` has a sign
+    fine: bool = False  #: whether ``map`` is pixel-level (reduced from an input-shaped raw)
     score: float | None = None  #: the target's logit for the unperturbed input
     seconds: float = 0.0  #: wall-clock time of the computation
 
@@ -57,7 +59,8 @@ class Attribution:
         from ...render.attribution import plot_attribution  # matplotlib only when plotting
 
         return plot_attribution(self.map, self.image, ax=ax, alpha=alpha, cmap=cmap,
-                                signed=self.signed, title=self.title() if title else None)
+                                signed=self.signed, fade=self.signed or self.fine,
+                                title=self.title() if title else None)
 
     def title(self) -> str:
         where = f" @ {self.layer}" if self.layer else ""
@@ -275,7 +278,7 @@ def _as_tensor(value) -> torch.Tensor:
     return torch.as_tensor(np.asarray(value), dtype=torch.float32)
 
 
-def _to_map(heat: torch.Tensor, size, signed: bool) -> np.ndarray:
+def _to_map(heat: torch.Tensor, size, signed: bool, fine: bool = False) -> np.ndarray:
     heat = heat.detach().to("cpu", torch.float32)
     while heat.ndim > 2:
         heat = heat[0]
@@ -283,6 +286,12 @@ def _to_map(heat: torch.Tensor, size, signed: bool) -> np.ndarray:
         heat = F.interpolate(heat[None, None], size=tuple(size), mode="bilinear",
                              align_corners=False)[0, 0]
     heat = torch.nan_to_num(heat)
+    if fine:  # pixel-level maps: a few extreme pixels would hide the rest, so scale by the
+        # 99.5th percentile of the magnitude and clip (as visualisation tools usually do)
+        scale = torch.quantile(heat.abs().flatten(), 0.995)
+        if scale > 0:
+            low = -1.0 if signed else 0.0
+            return (heat / scale).clamp(low, 1.0).numpy().astype(np.float32)
     if signed:
         scale = heat.abs().max()
         heat = heat / scale if scale > 0 else heat
@@ -353,10 +362,11 @@ def attribute(
     raw = _as_tensor(raw)
     if raw.ndim == 4 and raw.shape[0] == 1:
         raw = raw[0]
+    fine = heat is None and raw.ndim == 3  # a map reduced from an input-shaped raw output
     heat = default_heat(raw, spec.signed) if heat is None else _as_tensor(heat)
     size = tuple(x.shape[-2:])
     return Attribution(
-        map=_to_map(heat, size, spec.signed),
+        map=_to_map(heat, size, spec.signed, fine),
         raw=raw.numpy().astype(np.float32),
         method=spec.name,
         target=index,
@@ -365,6 +375,7 @@ def attribute(
         label=model.label(index),
         image=display,
         signed=spec.signed,
+        fine=fine,
         score=ctx.base_score,
         seconds=time.perf_counter() - start,
     )
