@@ -140,15 +140,15 @@ class AttributionExplorer(WidgetBase):
         self.children = [widgets.HBox([controls, self.canvas_box]), self.status, self.errors]
 
         # ---------------------------------------------------------- wiring
-        self.method_select.observe(self.guarded(lambda c: setattr(self, "method", c.new)), "value")
-        self.top_select.observe(self.guarded(lambda c: setattr(self, "target", c.new)), "value")
-        self.label_search.observe(self.guarded(self._on_search), "value")
-        self.layer_select.observe(self.guarded(lambda c: setattr(self, "layer", c.new)), "value")
-        self.alpha_slider.observe(self.guarded(lambda c: setattr(self, "alpha", c.new)), "value")
-        self.cmap_select.observe(self.guarded(lambda c: setattr(self, "cmap", c.new)), "value")
+        self.method_select.observe(self._guard(lambda c: setattr(self, "method", c.new)), "value")
+        self.top_select.observe(self._guard(lambda c: setattr(self, "target", c.new)), "value")
+        self.label_search.observe(self._guard(self._on_search), "value")
+        self.layer_select.observe(self._guard(lambda c: setattr(self, "layer", c.new)), "value")
+        self.alpha_slider.observe(self._guard(lambda c: setattr(self, "alpha", c.new)), "value")
+        self.cmap_select.observe(self._guard(lambda c: setattr(self, "cmap", c.new)), "value")
         self.compare_select.observe(
-            self.guarded(lambda c: setattr(self, "compare", list(c.new)[:MAX_PANELS - 1])), "value")
-        self.cancel_button.on_click(self.guarded(lambda b: self.cancel()))
+            self._guard(lambda c: setattr(self, "compare", list(c.new)[:MAX_PANELS - 1])), "value")
+        self.cancel_button.on_click(self._guard(lambda b: self.cancel()))
 
         with self.hold_trait_notifications():
             self.method = method
@@ -158,6 +158,19 @@ class AttributionExplorer(WidgetBase):
         self._sync_controls()
         self._observe()
         self.refresh()
+
+    def _guard(self, fn):
+        """Like ``guarded``, but leaves clearing the error box to the computation's result:
+        these callbacks start computations whose errors (in the foreground) must stay shown."""
+
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - shown to the user
+                self.errors.show(exc)
+                return None
+
+        return wrapper
 
     # ------------------------------------------------------------------ validation
     @traitlets.validate("method")
@@ -203,9 +216,9 @@ class AttributionExplorer(WidgetBase):
 
     # ------------------------------------------------------------------ reactions
     def _observe(self):
-        self.observe(self.guarded(self._on_method), "method")
-        self.observe(self.guarded(self._on_state), ["target", "layer", "params", "compare"])
-        self.observe(self.guarded(lambda c: (self._sync_controls(), self._restyle())),
+        self.observe(self._guard(self._on_method), "method")
+        self.observe(self._guard(self._on_state), ["target", "layer", "params", "compare"])
+        self.observe(self._guard(lambda c: (self._sync_controls(), self._restyle())),
                      ["alpha", "cmap"])
 
     def _on_state(self, change):
@@ -232,7 +245,7 @@ class AttributionExplorer(WidgetBase):
         self._param_controls = {}
         for p in spec.params:
             ctrl = _control(p, values[p.name])
-            ctrl.observe(self.guarded(lambda c, name=p.name: self._set_param(name, c.new)), "value")
+            ctrl.observe(self._guard(lambda c, name=p.name: self._set_param(name, c.new)), "value")
             self._param_controls[p.name] = ctrl
         self.param_box.children = list(self._param_controls.values()) or [
             widgets.HTML("<i>no parameters</i>")]
@@ -252,7 +265,7 @@ class AttributionExplorer(WidgetBase):
             self.top_select.value = self.target
         spec = get_method(self.method)
         self.layer_select.disabled = not spec.layer
-        if self.layer in self.layer_select.options or self.layer == "":
+        if self.layer in [value for _, value in self.layer_select.options]:
             self.layer_select.value = self.layer
         for name, ctrl in self._param_controls.items():
             if name in self.params and ctrl.value != self.params[name]:
