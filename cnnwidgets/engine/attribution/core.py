@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -388,7 +387,3 @@ def attribute(
         score=ctx.base_score,
         seconds=time.perf_counter() - start,
     )
-
-
-def is_cancel_event(value) -> bool:
-    return isinstance(value, threading.Event) or callable(value)
