@@ -296,7 +296,8 @@ def _to_map(heat: torch.Tensor, size, signed: bool, fine: bool = False) -> np.nd
     heat = torch.nan_to_num(heat)
     if fine:  # pixel-level maps: a few extreme pixels would hide the rest, so scale by the
         # 99.5th percentile of the magnitude and clip (as visualisation tools usually do)
-        scale = torch.quantile(heat.abs().flatten(), 0.995)
+        flat = heat.abs().flatten()
+        scale = flat.kthvalue(max(1, min(flat.numel(), math.ceil(0.995 * flat.numel()))))[0]
         if scale > 0:
             low = -1.0 if signed else 0.0
             return (heat / scale).clamp(low, 1.0).numpy().astype(np.float32)

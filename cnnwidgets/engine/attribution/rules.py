@@ -36,7 +36,7 @@ class _ReluLike(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, high, rule):
-        y = x.clamp(min=0) if high is None else x.clamp(min=0, max=high)
+        y = torch.relu(x) if high is None else F.hardtanh(x, 0.0, high)
         ctx.save_for_backward(y)
         ctx.high = high
         ctx.rule = rule
@@ -46,13 +46,14 @@ class _ReluLike(torch.autograd.Function):
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         if ctx.rule == "deconvnet":
-            return grad.clamp(min=0), None, None
-        mask = y > 0
-        if ctx.high is not None:
-            mask = mask & (y < ctx.high)
+            return torch.relu(grad), None, None
         if ctx.rule == "guided":
-            return grad.clamp(min=0) * mask, None, None
-        return grad * mask, None, None
+            grad = torch.relu(grad)
+        # the fused masks autograd itself uses: 1[f > 0], or 1[0 < f < t] for the clipped form
+        # (the output f is inside (0, t) exactly when the input is)
+        if ctx.high is None:
+            return torch.ops.aten.threshold_backward(grad, y, 0), None, None
+        return torch.ops.aten.hardtanh_backward(grad, y, 0.0, ctx.high), None, None
 
 
 _RELU = {torch.relu, torch.relu_, F.relu, F.relu_, torch.Tensor.relu, torch.Tensor.relu_}
