@@ -20,6 +20,7 @@ from .engine import (
     sample_image,
     sample_images,
 )
+from .engine.attribution import Attribution, Cancelled, attribute, methods
 from .engine.optvis import Visualization, deconv, invert, objectives, visualize
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 # Widgets import ipywidgets and matplotlib: load them on first use only.
 _LAZY = {
     "FeatureMapExplorer": "cnnwidgets.widgets.feature_maps",
+    "AttributionExplorer": "cnnwidgets.widgets.attribution",
     "FixationExplorer": "cnnwidgets.widgets.fixations",
     "DissectionExplorer": "cnnwidgets.widgets.dissection",
     "FeatureVisualizer": "cnnwidgets.widgets.optvis",
@@ -46,7 +48,8 @@ def __dir__():
 
 
 __all__ = [
-    "DissectionResult", "Fixations", "LayerNotFoundError", "Model", "Visualization",
-    "available_models", "datasets", "deconv", "dissect", "fixations", "invert", "load_image",
-    "load_model", "objectives", "sample_image", "sample_images", "visualize", *_LAZY,
+    "Attribution", "Cancelled", "DissectionResult", "Fixations", "LayerNotFoundError", "Model",
+    "Visualization", "attribute", "available_models", "datasets", "deconv", "dissect",
+    "fixations", "invert", "load_image", "load_model", "methods", "objectives", "sample_image",
+    "sample_images", "visualize", *_LAZY,
 ]

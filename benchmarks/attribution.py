@@ -1,0 +1,171 @@
+"""Attribution speed: every method against the floor and against Captum / pytorch-grad-cam.
+
+    python benchmarks/attribution.py            # ResNet-18 (random weights) and efficientnet_lite0
+    python benchmarks/attribution.py --quick    # fast methods only (no Score-/Ablation-CAM,
+                                                # occlusion or RISE), one repeat
+
+Everything is measured in ONE run, at 224 px, batch 1, same target, same layer, same steps /
+samples / windows for both sides:
+
+* floor: one forward plus one backward to the input (plain PyTorch, median of 5);
+* ours: ``cw.attribute(...)``; peer: the same method in Captum or pytorch-grad-cam;
+* ratios: ours / floor and ours / peer (< 1 means we are faster).
+
+Medians of ``--repeats`` runs (default 3) for the fast methods; the slow ones (Score-CAM,
+Ablation-CAM, occlusion, RISE, and Integrated Gradients / SmoothGrad on EfficientNet) run
+``--slow-repeats`` times (default 1) to keep the whole run near ten minutes on two CPU cores.
+On a shared, contended machine the absolute seconds move a lot between runs; the ratios, taken
+in the same run under the same load, move much less.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import cnnwidgets as cw  # noqa: E402
+
+TARGET = 281  # tabby cat (any fixed class: random-weight models have no meaningful top-1)
+SLOW = {"score_cam", "ablation_cam", "occlusion", "rise"}
+SAMPLING = {"integrated_gradients", "smoothgrad"}
+LAYERS = {"resnet18": "layer4", "efficientnet_lite0": "_bn1"}  # a module both sides can hook
+PARAMS = {
+    "smoothgrad": {"n_samples": 25, "noise": 0.15},
+    "integrated_gradients": {"steps": 50, "baseline": "zeros"},
+    "occlusion": {"window": 32, "stride": 16, "baseline": "zeros", "batch_size": 32},
+    "rise": {"n_masks": 1000},
+}
+
+
+def timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):  # peers' own progress bars
+            fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def floor_fn(net, x):
+    def run():
+        xb = x.detach().requires_grad_(True)
+        torch.autograd.grad(net(xb)[0, TARGET], xb)
+    return run
+
+
+def peers(net, x, layer_name, sigma):
+    """method → (peer name, callable) for the same computation in Captum / pytorch-grad-cam."""
+    out = {}
+    try:
+        import captum.attr as ca
+    except ImportError:
+        ca = None
+    try:
+        import pytorch_grad_cam as pgc
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        pgc = None
+    layer = dict(net.named_modules())[layer_name]
+    if ca is not None:
+        out["saliency"] = ("Captum Saliency", lambda: ca.Saliency(net).attribute(x, target=TARGET))
+        out["gradient_x_input"] = ("Captum InputXGradient", lambda: ca.InputXGradient(net).attribute(
+            x.clone().requires_grad_(), target=TARGET))
+        out["smoothgrad"] = ("Captum NoiseTunnel(Saliency)", lambda: ca.NoiseTunnel(ca.Saliency(net)).attribute(
+            x, nt_type="smoothgrad", nt_samples=25, stdevs=sigma, target=TARGET, abs=False))
+        out["integrated_gradients"] = ("Captum IntegratedGradients", lambda: ca.IntegratedGradients(
+            net).attribute(x, baselines=0.0, target=TARGET, n_steps=50))
+        out["guided_backprop"] = ("Captum GuidedBackprop", lambda: ca.GuidedBackprop(net).attribute(
+            x, target=TARGET))
+        out["deconvnet"] = ("Captum Deconvolution", lambda: ca.Deconvolution(net).attribute(
+            x, target=TARGET))
+        out["guided_grad_cam"] = ("Captum GuidedGradCam", lambda: ca.GuidedGradCam(net, layer).attribute(
+            x, target=TARGET))
+        out["occlusion"] = ("Captum Occlusion", lambda: ca.Occlusion(net).attribute(
+            x, sliding_window_shapes=(3, 32, 32), strides=(3, 16, 16), baselines=0.0, target=TARGET,
+            perturbations_per_eval=32))
+    if pgc is not None:
+        def cam(cls):
+            def run():
+                with cls(model=net, target_layers=[layer]) as c:
+                    c(input_tensor=x, targets=[ClassifierOutputTarget(TARGET)])
+                net.zero_grad(set_to_none=True)
+            return run
+
+        for ours, theirs in [("grad_cam", "GradCAM"), ("grad_cam_pp", "GradCAMPlusPlus"),
+                             ("xgrad_cam", "XGradCAM"), ("layer_cam", "LayerCAM"),
+                             ("eigen_cam", "EigenCAM"), ("score_cam", "ScoreCAM"),
+                             ("ablation_cam", "AblationCAM")]:
+            out[ours] = (f"pytorch-grad-cam {theirs}", cam(getattr(pgc, theirs)))
+    return out
+
+
+def aim(method):
+    if method in SAMPLING:
+        return "≤ 0.60"
+    if method == "score_cam":
+        return "≤ 0.80"
+    return "≤ 1.00"
+
+
+def bench(model_name, args):
+    torch.manual_seed(0)
+    model = cw.load_model(model_name, pretrained=model_name == "efficientnet_lite0")
+    net = model.module
+    image = cw.sample_image("cat")
+    x, _ = model.prepare(image)
+    layer = LAYERS[model_name]
+    floor = timed(floor_fn(net, x), 5)
+    sigma = 0.15 * float(x.max() - x.min())
+    theirs = peers(net, x, layer, sigma)
+    print(f"\n## {model_name} at 224 px, batch 1 — floor (forward + backward to the input): "
+          f"{floor * 1000:.0f} ms")
+    print(f"{'method':22} {'ours s':>8} {'×floor':>8} {'peer s':>8} {'ours/peer':>10} {'aim':>7}  peer")
+    rows = []
+    for method in args.methods or cw.methods():
+        if args.quick and method in SLOW:
+            continue
+        slow = method in SLOW or (method in SAMPLING and model_name == "efficientnet_lite0")
+        repeats = args.slow_repeats if slow else args.repeats
+        params = dict(PARAMS.get(method, {}))
+        spec = cw.engine.attribution.get_method(method)
+        kw = {"layer": layer} if spec.layer else {}
+        ours = timed(lambda: cw.attribute(model, image, method, target=TARGET, progress=False,
+                                          **kw, **params), repeats)
+        peer_name, peer_fn = theirs.get(method, ("—", None))
+        peer = timed(peer_fn, repeats) if peer_fn is not None else None
+        ratio = f"{ours / peer:10.2f}" if peer else f"{'—':>10}"
+        peer_s = f"{peer:8.2f}" if peer else f"{'—':>8}"
+        print(f"{method:22} {ours:8.2f} {ours / floor:8.1f} {peer_s} {ratio} {aim(method) if peer else '':>7}  "
+              f"{peer_name}", flush=True)
+        rows.append((method, ours, peer))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fast methods only, one repeat")
+    parser.add_argument("--models", nargs="*", default=["resnet18", "efficientnet_lite0"])
+    parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--slow-repeats", type=int, default=1)
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
+    warnings.filterwarnings("ignore")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"load average {os.getloadavg()[0]:.1f} (the machine is shared: absolute times vary)")
+    for name in args.models:
+        bench(name, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Class activation map methods. Each weighs a layer's activations A (C×h×w) and returns the
+h×w map as ``raw``; the definitions follow the papers and, where they leave a choice open,
+pytorch-grad-cam (so that ``raw`` can be compared with its maps before their min-max scaling).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .core import classifier_weights
+from .registry import Param, register
+
+CAM_BATCH = Param("batch_size", int, 32, (1, 1024), "masked or ablated copies per forward pass")
+
+
+def weighted_sum(weights: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k A_k for weights (C,) and activations 1×C×h×w → h×w."""
+    return torch.einsum("c,chw->hw", weights.to(a.dtype), a[0])
+
+
+@register("cam", kind="cam", layer=True, signed=False,
+          help="Σ_k w_ck A_k with the final linear layer's weights (Zhou et al. 2016; GAP models)")
+def cam(ctx):
+    a, logits = ctx.layer_value()
+    ctx.base_score = float(logits[0, ctx.target])
+    w = classifier_weights(ctx.model, a.shape[1])[ctx.target]
+    raw = weighted_sum(w, a)  # no ReLU in the paper's definition
+    return raw, raw.clamp(min=0)
+
+
+def grad_cam_map(ctx, layer=None) -> torch.Tensor:
+    a, g, s = ctx.layer_and_grad(layer)
+    ctx.base_score = float(s[0])
+    return weighted_sum(g.mean(dim=(2, 3))[0], a).clamp(min=0)
+
+
+@register("grad_cam", kind="cam", layer=True,
+          help="relu(Σ_k mean(∂y/∂A_k) A_k) (Selvaraju et al. 2017)")
+def grad_cam(ctx):
+    return grad_cam_map(ctx)
+
+
+@register("grad_cam_pp", kind="cam", layer=True,
+          help="Grad-CAM with second-order weights (Chattopadhyay et al. 2018)")
+def grad_cam_pp(ctx):
+    a, g, s = ctx.layer_and_grad()
+    ctx.base_score = float(s[0])
+    # paper eq. 19 with the exponential-output trick: higher derivatives are powers of g
+    g2, g3 = g * g, g * g * g
+    sum_a = a.sum(dim=(2, 3), keepdim=True)
+    alpha = g2 / (2 * g2 + sum_a * g3 + 1e-6)
+    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+    weights = (g.clamp(min=0) * alpha).sum(dim=(2, 3))[0]
+    return weighted_sum(weights, a).clamp(min=0)
+
+
+@register("xgrad_cam", kind="cam", layer=True,
+          help="Grad-CAM with activation-normalised gradient weights (Fu et al. 2020)")
+def xgrad_cam(ctx):
+    a, g, s = ctx.layer_and_grad()
+    ctx.base_score = float(s[0])
+    weights = (g * a / (a.sum(dim=(2, 3), keepdim=True) + 1e-7)).sum(dim=(2, 3))[0]
+    return weighted_sum(weights, a).clamp(min=0)
+
+
+@register("layer_cam", kind="cam", layer=True,
+          help="relu(Σ_k relu(∂y/∂A_k) ⊙ A_k), pixel-wise weights (Jiang et al. 2021)")
+def layer_cam(ctx):
+    a, g, s = ctx.layer_and_grad()
+    ctx.base_score = float(s[0])
+    return (g.clamp(min=0) * a)[0].sum(0).clamp(min=0)
+
+
+@register("eigen_cam", kind="cam", layer=True, signed=False,
+          help="projection of the activations on their first principal component (Muhammad 2020)")
+def eigen_cam(ctx):
+    a, logits = ctx.layer_value()
+    ctx.base_score = float(logits[0, ctx.target])
+    c, h, w = a.shape[1:]
+    flat = a[0].reshape(c, h * w).T.double()  # hw × C
+    flat = flat - flat.mean(dim=0)
+    _, _, vt = torch.linalg.svd(flat, full_matrices=False)
+    proj = flat @ vt[0]
+    # the sign of a principal component is arbitrary: orient it with the mean activation
+    mean = a[0].mean(0).reshape(-1).double()
+    if torch.dot(proj - proj.mean(), mean - mean.mean()) < 0:
+        proj = -proj
+    raw = proj.reshape(h, w).float()
+    return raw, raw.clamp(min=0)
+
+
+@register("score_cam", params=[CAM_BATCH], kind="cam", layer=True,
+          help="channels as input masks, weighted by the softmax of the masked scores (Wang 2020)")
+def score_cam(ctx, batch_size):
+    a, logits = ctx.layer_value()
+    ctx.base_score = float(logits[0, ctx.target])
+    x = ctx.x
+    c = a.shape[1]
+    flat = a[0].reshape(c, -1)
+    # identical channels give identical masks, and constant channels all give the zero mask:
+    # each distinct mask is scored once
+    constant = flat.amax(1) == flat.amin(1)
+    keys = flat.clone()
+    keys[constant] = 0
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    first = torch.full((unique.shape[0],), c, dtype=torch.long, device=a.device)
+    first.scatter_reduce_(0, inverse, torch.arange(c, device=a.device), reduce="amin")
+    scores = torch.empty(unique.shape[0], dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        for lo, hi in ctx.batches(first.numel(), batch_size, "score-cam"):
+            chans = a[:, first[lo:hi]]
+            up = F.interpolate(chans, size=x.shape[-2:], mode="bilinear", align_corners=True)[0]
+            low = up.amin(dim=(1, 2), keepdim=True)
+            high = up.amax(dim=(1, 2), keepdim=True)
+            masks = (up - low) / (high - low + 1e-8)
+            scores[lo:hi] = ctx.score(x * masks[:, None])
+    weights = torch.softmax(scores[inverse], dim=0)
+    return weighted_sum(weights, a).clamp(min=0)
+
+
+@register("ablation_cam", params=[CAM_BATCH], kind="cam", layer=True,
+          help="weights = relative score drop when each channel is zeroed (Desai & Ramaswamy 2020)")
+def ablation_cam(ctx, batch_size):
+    a, logits = ctx.layer_value()
+    y = logits[0, ctx.target]
+    ctx.base_score = float(y)
+    c = a.shape[1]
+    drops = torch.empty(c, dtype=a.dtype, device=a.device)
+    # The input is the same for every copy, so the layers before the ablated one run on one
+    # image and the layer's output is expanded to the batch (broadcasting does the rest);
+    # if the network cannot broadcast that way, every copy runs in full.
+    shared = True
+    with torch.no_grad():
+        for lo, hi in ctx.batches(c, batch_size, "ablation-cam"):
+            n = hi - lo
+            ablated = a.expand(n, -1, -1, -1).clone()
+            ablated[torch.arange(n), torch.arange(lo, hi)] = 0
+            scores = None
+            if shared:
+                try:
+                    with ctx.tap(replace=lambda t: ablated):
+                        out = ctx.logits(ctx.x)
+                    if out.shape[0] == n:
+                        scores = out[:, ctx.target]
+                except RuntimeError:
+                    pass
+                if scores is None:
+                    shared = False
+            if scores is None:
+                with ctx.tap(replace=lambda t: ablated):
+                    scores = ctx.score(ctx.x.expand(n, -1, -1, -1))
+            drops[lo:hi] = scores
+    weights = (y - drops) / y
+    return weighted_sum(weights, a).clamp(min=0)
+
+
+@register("guided_grad_cam", kind="cam", layer=True,
+          help="guided backprop × upsampled Grad-CAM (Selvaraju et al. 2017); raw is 3×H×W")
+def guided_grad_cam(ctx):
+    guided, _ = ctx.input_grad(ctx.x, rule="guided")
+    heat = grad_cam_map(ctx)
+    up = F.interpolate(heat[None, None], size=ctx.x.shape[-2:], mode="bilinear",
+                       align_corners=False)[0]
+    return guided[0] * up

@@ -1,0 +1,120 @@
+"""Drawing attribution maps over images (matplotlib and numpy only; no torch).
+
+``draw_attribution`` puts an image and a map overlay on an Axes and returns the artists;
+``update_attribution`` changes them in place (for widgets: no figure is re-created).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+#: colour maps offered for overlays; signed maps default to a diverging one
+COLORMAPS = ("jet", "inferno", "viridis", "magma", "hot", "gray", "bwr", "coolwarm", "RdBu_r")
+DEFAULT_CMAP = "jet"
+DEFAULT_SIGNED_CMAP = "bwr"
+
+
+def _limits(signed: bool):
+    return (-1.0, 1.0) if signed else (0.0, 1.0)
+
+
+def _alpha(heat, alpha: float, fade: bool):
+    """Overlay opacity: uniform, or (``fade``) growing with the magnitude so that the zero of a
+    signed or pixel-level map leaves the image visible."""
+    if not fade:
+        return float(alpha)
+    return float(alpha) * np.sqrt(np.clip(np.abs(heat), 0.0, 1.0))
+
+
+def draw_attribution(ax, heat, image=None, *, alpha: float = 0.5, cmap: str | None = None,
+                     signed: bool = False, title: str | None = None, fade: bool = False) -> dict:
+    """Draw ``image`` (H×W×3 in [0, 1]) with ``heat`` (H×W, in [0, 1] or [-1, 1] when
+    ``signed``) over it; returns ``{"image", "overlay", "title"}`` artists. ``fade``: the
+    overlay's opacity follows the map's magnitude (for signed and pixel-level maps)."""
+    heat = np.asarray(heat, dtype=np.float32)
+    if image is None:
+        image = np.zeros((*heat.shape, 3), dtype=np.float32)
+    cmap = cmap or (DEFAULT_SIGNED_CMAP if signed else DEFAULT_CMAP)
+    low, high = _limits(signed)
+    ax.set_axis_off()
+    base = ax.imshow(np.clip(image, 0, 1), interpolation="bilinear")
+    over = ax.imshow(heat, cmap=cmap, vmin=low, vmax=high, alpha=_alpha(heat, alpha, fade),
+                     interpolation="bilinear")
+    text = ax.set_title(title or "", fontsize=9)
+    return {"image": base, "overlay": over, "title": text, "signed": signed, "fade": fade,
+            "alpha": float(alpha)}
+
+
+def update_attribution(artists: dict, heat=None, image=None, *, alpha: float | None = None,
+                       cmap: str | None = None, signed: bool | None = None,
+                       title: str | None = None, fade: bool | None = None) -> dict:
+    """Change the artists made by :func:`draw_attribution` in place."""
+    over = artists["overlay"]
+    if heat is not None:
+        over.set_data(np.asarray(heat, dtype=np.float32))
+    if fade is not None:
+        artists["fade"] = fade
+    if alpha is not None:
+        artists["alpha"] = float(alpha)
+    if image is not None:
+        artists["image"].set_data(np.clip(image, 0, 1))
+    if signed is not None and signed != artists.get("signed"):
+        artists["signed"] = signed
+        over.set_clim(*_limits(signed))
+    if cmap is not None:
+        over.set_cmap(cmap)
+    if alpha is not None or heat is not None or fade is not None:
+        over.set_alpha(_alpha(np.asarray(over.get_array()), artists.get("alpha", 0.5),
+                              artists.get("fade", False)))
+    if title is not None:
+        artists["title"].set_text(title)
+    return artists
+
+
+def blank_panel(ax, message: str = "") -> dict:
+    """An empty panel (no method selected) with an optional message."""
+    ax.set_axis_off()
+    return {"text": ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=9,
+                            transform=ax.transAxes)}
+
+
+def plot_attribution(heat, image=None, ax=None, *, alpha: float = 0.5, cmap: str | None = None,
+                     signed: bool = False, title: str | None = None, fade: bool = False) -> dict:
+    """:func:`draw_attribution` on ``ax``, or on a new pyplot figure when ``ax`` is ``None``."""
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(4, 4), layout="constrained")
+    return draw_attribution(ax, heat, image, alpha=alpha, cmap=cmap, signed=signed, title=title,
+                            fade=fade)
+
+
+def attribution_grid(panels, *, columns: int = 4, alpha: float = 0.5, size: float = 3.0):
+    """A figure with one panel per ``(heat, image, signed, title)``; returns ``(fig, artists)``."""
+    from matplotlib.figure import Figure
+
+    panels = list(panels)
+    columns = max(1, min(columns, len(panels)))
+    rows = (len(panels) + columns - 1) // columns
+    fig = Figure(figsize=(size * columns, size * rows + 0.3), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    artists = []
+    for ax, (heat, image, signed, title) in zip(axes, panels):
+        artists.append(draw_attribution(ax, heat, image, alpha=alpha, signed=signed, title=title,
+                                        fade=signed))
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    return fig, artists
+
+
+def draw_image(ax, image, title: str | None = None) -> dict:
+    """The plain image on ``ax``; returns ``{"image", "title"}`` artists."""
+    ax.set_axis_off()
+    art = ax.imshow(np.clip(image, 0, 1), interpolation="bilinear")
+    return {"image": art, "title": ax.set_title(title or "", fontsize=9)}
+
+
+def show_panel(artists: dict, visible: bool) -> None:
+    """Show or hide every artist of a panel (compare mode with fewer than four methods)."""
+    for key in ("image", "overlay", "title"):
+        if key in artists:
+            artists[key].set_visible(visible)

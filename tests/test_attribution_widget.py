@@ -1,0 +1,128 @@
+"""AttributionExplorer: set a traitlet or a control, check the figure's artists changed."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import traitlets
+
+import cnnwidgets as cw
+from cnnwidgets.engine.hooks import hook_count
+
+
+@pytest.fixture(scope="module")
+def model():
+    import torchvision
+
+    torch.manual_seed(0)
+    return cw.Model(torchvision.models.resnet18(weights=None).eval(), input_size=(64, 64))
+
+
+@pytest.fixture()
+def widget(model):
+    return cw.AttributionExplorer(model, cw.sample_image("cat"), background=False)
+
+
+def overlay(w, i=None):
+    panel = w._main_panel if i is None else w._panels[i]
+    return np.asarray(panel["overlay"].get_array())
+
+
+def test_first_view_shows_grad_cam_of_the_top1_class(widget, model):
+    assert widget.method == "grad_cam" and widget.target == model.predict(cw.sample_image("cat"))[0][0]
+    r = widget.result[0]
+    np.testing.assert_allclose(overlay(widget), r.map)
+    assert r.map.max() > 0 and widget.errors.last_error is None
+    assert "grad_cam" in widget._main_panel["title"].get_text()
+
+
+def test_method_change_rebuilds_parameter_controls_from_the_spec(widget):
+    before = overlay(widget).copy()
+    widget.method_select.value = "smoothgrad"
+    assert widget.method == "smoothgrad"
+    names = [c.description for c in widget.param_box.children]
+    assert names == ["n_samples", "noise", "batch_size", "seed"]
+    assert widget.params["n_samples"] == 25
+    assert not np.allclose(overlay(widget), before)
+    # a control → the traitlet → a recomputation with that parameter
+    widget._param_controls["n_samples"].value = 2
+    assert widget.params["n_samples"] == 2 and widget.result[0].params["n_samples"] == 2
+    # and from code back to the control
+    widget.params = {"n_samples": 3}
+    assert widget._param_controls["n_samples"].value == 3 and widget.result[0].params["n_samples"] == 3
+    assert widget.layer_select.disabled  # smoothgrad reads no layer
+
+
+def test_target_and_layer(widget, model):
+    widget.target = model.labels[5]
+    assert widget.target == 5 and widget.result[0].target == 5
+    widget.label_search.value = f"9: {model.labels[9]}"
+    assert widget.target == 9 and widget.result[0].label == model.labels[9]
+    before = overlay(widget).copy()
+    widget.layer = "layer3"
+    assert widget.result[0].layer == "layer3" and not np.allclose(overlay(widget), before)
+    assert widget.layer_select.value == "layer3" and not widget.layer_select.disabled
+    with pytest.raises(ValueError, match="did you mean"):
+        widget.layer = "layer33"
+
+
+def test_opacity_and_colour_map_restyle_without_recomputing(widget):
+    result = widget.result
+    widget.alpha_slider.value = 0.8
+    assert widget._main_panel["overlay"].get_alpha() == pytest.approx(0.8)
+    widget.cmap = "viridis"
+    assert widget._main_panel["overlay"].get_cmap().name == "viridis"
+    assert widget.cmap_select.value == "viridis"
+    assert widget.result is result
+    with pytest.raises(traitlets.TraitError):
+        widget.alpha = 2.0
+
+
+def test_compare_mode_shows_up_to_four_methods(widget):
+    widget.compare = ["layer_cam", "saliency", "eigen_cam"]
+    assert widget.figure is widget.compare_fig
+    assert [r.method for r in widget.result] == ["grad_cam", "layer_cam", "saliency", "eigen_cam"]
+    for i, r in enumerate(widget.result):
+        np.testing.assert_allclose(overlay(widget, i), r.map)
+        assert all(r.target == widget.result[0].target for r in widget.result)
+    widget.compare = ["saliency"]
+    assert not widget._panels[2]["overlay"].get_visible()
+    with pytest.raises(traitlets.TraitError, match="at most 3"):
+        widget.compare = ["saliency", "cam", "rise", "occlusion"]
+    widget.compare = []
+    assert widget.figure is widget.single_fig
+
+
+def test_errors_are_shown_in_the_widget(widget):
+    widget.layer = "layer3"
+    widget.compare = ["cam"]  # CAM needs the map fed to global pooling: its panel shows why
+    assert "error" in widget._panels[1]["title"].get_text()
+    assert widget.errors.last_error is None
+    widget.compare = []
+    widget.method = "cam"  # now the main method fails: the error box says why
+    assert "global average pooling" in str(widget.errors.last_error)
+    widget.layer = ""
+    assert widget.errors.last_error is None
+
+
+def test_background_stale_results_are_dropped_and_cancel_works(model):
+    w = cw.AttributionExplorer(model, cw.sample_image("cat"), background=True)
+    w.wait()
+    w.method = "occlusion"  # slow: superseded at once by the next selection
+    w.method = "saliency"
+    w.wait()
+    assert w.result[0].method == "saliency"
+    assert np.allclose(overlay(w), w.result[0].map)
+    w.method = "rise"
+    w.params = {"n_masks": 20000, "batch_size": 8}
+    w.cancel_button.click()
+    w.wait()
+    assert w.status.value == "cancelled" and w.result[0].method == "saliency"
+    assert hook_count(model.module) == 0
+
+
+def test_save_writes_the_figure(widget, tmp_path):
+    widget.save(tmp_path / "w.png")
+    assert (tmp_path / "w.png").stat().st_size > 1000
