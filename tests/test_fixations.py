@@ -536,3 +536,18 @@ def test_untraceable_model_gets_clear_error():
     with pytest.raises(UnsupportedOperationError, match="torch.fx.*leaf_modules"):
         backtrack(net, torch.ones(1, 3, 8, 8))
     assert hook_count(net) == 0 and net.training
+
+
+def test_fixations_is_an_attribution_method(lite0, cat):
+    assert "fixations" in cw.methods()
+    before = hook_count(lite0.module)
+    a = cw.attribute(lite0, cat, "fixations", sigma=10.0)
+    f = cw.fixations(lite0, cat)
+    assert a.method == "fixations" and a.target == f.target
+    np.testing.assert_array_equal(np.asarray(a.raw), f.mask())  # raw: the kept points
+    heat = f.heatmap(10.0)  # σ given for 224 px, and lite0's input is 224 px
+    expected = (heat - heat.min()) / (heat.max() - heat.min())  # the map is min–max scaled
+    np.testing.assert_allclose(a.map, expected, atol=1e-5)
+    assert hook_count(lite0.module) == before
+    with pytest.raises(ValueError, match="sigma"):
+        cw.attribute(lite0, cat, "fixations", sigma=0.0)
