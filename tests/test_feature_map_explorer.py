@@ -137,7 +137,7 @@ def test_save_writes_the_figure(explorer, tmp_path):
     path = tmp_path / "maps.png"
     explorer.save(path)
     img = Image.open(path)
-    assert img.size == (840, 368)
+    assert img.size == (880, 368)
 
 
 def test_widget_leaves_model_unchanged(lite0, cat):

@@ -42,7 +42,7 @@ class FeatureMapExplorer(WidgetBase):
     page = traitlets.Int(0, help="page of the grid, for layers with many channels")
 
     def __init__(self, model: Model, image, layer: str | None = None, *, layers=None,
-                 prefetch: bool = True, width: float = 10.5, height: float = 4.6):
+                 prefetch: bool = True, width: float = 11.0, height: float = 4.6):
         super().__init__()
         if not isinstance(model, Model):
             model = Model(model)
