@@ -125,7 +125,7 @@ class AttributionExplorer(WidgetBase):
         self._image_panel = draw_image(axes[0], self.display, "input")
         blank = np.zeros(self.display.shape[:2], dtype=np.float32)
         self._main_panel = draw_attribution(axes[1], blank, self.display, alpha=0.5)
-        self.compare_fig, self.compare_canvas = make_figure(11.0, 3.3)
+        self.compare_fig, self.compare_canvas = make_figure(11.0, 3.3, dpi=80)
         axes = self.compare_fig.subplots(1, MAX_PANELS)
         self._panels = [draw_attribution(ax, blank, self.display, alpha=0.5) for ax in axes]
         self.figure = self.single_fig
