@@ -52,3 +52,14 @@ def test_latest_on_main_keeps_only_the_newest_value():
 
     asyncio.run(cell())
     assert drawn and drawn[-1] == 49 and len(drawn) < 50
+
+
+def test_wait_applies_the_result_inside_the_same_cell():
+    async def cell():
+        w = WidgetBase()
+        got = []
+        w.submit(lambda: 42, got.append)
+        w.wait()  # a notebook cell that reads the result at once: the loop has not run yet
+        return got
+
+    assert asyncio.run(cell()) == [42]

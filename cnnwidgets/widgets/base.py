@@ -6,6 +6,7 @@ Widgets are thin: they observe traitlets, call the public engine API, hand array
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import html
 import threading
@@ -131,6 +132,7 @@ class WidgetBase(widgets.VBox):
         self._generation = 0
         self._lock = threading.Lock()
         self._loop = _running_loop()
+        self._queue = collections.deque()
 
     # ----------------------------------------------------------------- threads
     def on_main(self, fn: Callable, *args) -> None:
@@ -139,14 +141,26 @@ class WidgetBase(widgets.VBox):
         matplotlib and ipywidgets are not thread-safe: a figure drawn or a widget changed from a
         worker thread while the notebook builds another figure can leave that figure blank. So
         background work hands its results to the kernel's event loop (captured when the widget
-        was built). With no running loop (scripts, tests) ``fn`` runs at once.
+        was built), through a queue that :meth:`wait` also drains. With no running loop
+        (scripts, tests) ``fn`` runs at once.
         """
         loop = self._loop
         if (loop is None or loop.is_closed() or not loop.is_running()
                 or threading.current_thread() is threading.main_thread()):
             fn(*args)
-        else:
-            loop.call_soon_threadsafe(fn, *args)
+            return
+        with self._lock:
+            self._queue.append((fn, args))
+        loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        """Run the calls queued by :meth:`on_main`, in order (on the main thread)."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                fn, args = self._queue.popleft()
+            fn(*args)
 
     def latest_on_main(self, fn: Callable) -> Callable:
         """A function ``push(value)`` that calls ``fn(value)`` on the main thread, dropping
@@ -157,21 +171,18 @@ class WidgetBase(widgets.VBox):
 
         def run():
             with lock:
+                if not state["pending"]:
+                    return
                 value, state["pending"] = state["value"], False
             fn(value)
 
         def push(value):
-            loop = self._loop
-            if (loop is None or loop.is_closed() or not loop.is_running()
-                    or threading.current_thread() is threading.main_thread()):
-                fn(value)
-                return
             with lock:
                 state["value"] = value
                 if state["pending"]:
                     return
                 state["pending"] = True
-            loop.call_soon_threadsafe(run)
+            self.on_main(run)
 
         return push
 
@@ -237,10 +248,13 @@ class WidgetBase(widgets.VBox):
         return generation
 
     def wait(self, timeout: float | None = 60.0) -> None:
-        """Block until the latest background task has finished (for scripts and tests)."""
+        """Block until the latest background task has finished and its result is shown
+        (for scripts, tests and notebook cells that read the result right away)."""
         thread = getattr(self, "_thread", None)
         if thread is not None:
             thread.join(timeout)
+        if threading.current_thread() is threading.main_thread():
+            self._drain()
 
     # ----------------------------------------------------------------- output
     def save(self, path, dpi: int | None = None) -> None:
