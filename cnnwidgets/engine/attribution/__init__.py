@@ -6,7 +6,7 @@ Each family lives in its own small module (:mod:`.gradients`, :mod:`.cams`,
 """
 from .core import Attribution, Cancelled, Context, attribute, default_layer
 from .registry import KINDS, Method, Param, get_method, methods, register, unregister
-from .rules import relu_rule
+from ..relu_rules import relu_rule
 from . import gradients, cams, perturbation, fixation  # noqa: F401,E402,I001  (register, in this order)
 
 __all__ = [

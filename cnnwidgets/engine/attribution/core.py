@@ -24,7 +24,7 @@ from torch import nn
 from ..hooks import layer_not_found, resolve, restored
 from ..model import Model
 from .registry import get_method
-from .rules import relu_rule
+from ..relu_rules import relu_rule
 
 
 class Cancelled(RuntimeError):

@@ -330,7 +330,7 @@ def deconv(model, image, layer: str, channel: int | None = None, top_k: int = 5,
     model.check_layer(layer)
     x, _ = model.prepare(image)
     x = x.detach().requires_grad_(True)
-    with _frozen(model), relu_rule(model.module, "deconvnet"):
+    with _frozen(model), relu_rule("deconvnet"):
         a = layer_outputs(model, x, [layer])[layer]
         if a.ndim != 4:
             raise ValueError(f"layer {layer!r} outputs shape {tuple(a.shape[1:])}, not a "
