@@ -281,3 +281,32 @@ def test_restored_is_safe_across_threads_and_nesting():
             net[0].weight.requires_grad_(False)
         assert not net.training
     assert net.training and net[0].weight.requires_grad
+
+
+def test_fx_tracing_waits_for_forward_passes_in_other_threads():
+    """fx patches nn.Module.__call__ for every thread while tracing: a forward pass running
+    meanwhile in another thread would get Proxies. The gate keeps them apart."""
+    import threading
+    import time
+
+    from cnnwidgets.engine.hooks import MODEL_GATE
+
+    net = TinyNet()
+    events = []
+    inside = threading.Event()
+
+    def forward_in_background():
+        with restored(net):
+            inside.set()
+            time.sleep(0.3)
+            events.append("forward done")
+
+    t = threading.Thread(target=forward_in_background)
+    t.start()
+    inside.wait(5)
+    with MODEL_GATE.exclusive():
+        events.append("tracing")
+        with restored(net):  # the tracing thread may run the model itself
+            net(torch.zeros(1, 3, 8, 8))
+    t.join(5)
+    assert events == ["forward done", "tracing"]

@@ -5,7 +5,22 @@ import asyncio
 import threading
 import time
 
-from cnnwidgets.widgets.base import WidgetBase
+from cnnwidgets.widgets.base import WidgetBase as _WidgetBase
+
+
+class WidgetBase(_WidgetBase):
+    """As inside a Jupyter kernel: the running loop (here asyncio.run's) is the main loop."""
+
+    def __init__(self):
+        super().__init__()
+        self._loop = asyncio.get_running_loop()
+
+
+def test_no_loop_outside_a_kernel():
+    async def cell():
+        return _WidgetBase()._loop
+
+    assert asyncio.run(cell()) is None  # a loop runs, but it is not a Jupyter kernel's
 
 
 def test_background_results_are_applied_on_the_main_thread():

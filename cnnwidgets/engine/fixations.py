@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .hooks import restored
+from .hooks import MODEL_GATE, restored
 
 __all__ = [
     "Fixations", "FixationTracer", "UnsupportedOperationError", "backtrack", "fixations",
@@ -300,7 +300,8 @@ def trace_graph(module: nn.Module, leaf_modules: Sequence = ()) -> fx.Graph:
     if hit is not None and hit[0] == signature:
         return hit[1]
     try:
-        with restored(module):
+        # exclusive: fx patches nn.Module.__call__ for every thread while it traces
+        with MODEL_GATE.exclusive(), restored(module):
             graph = FixationTracer(leaf_modules).trace(module)
     except Exception as exc:  # noqa: BLE001 - explained to the user
         raise UnsupportedOperationError(

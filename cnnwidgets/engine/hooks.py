@@ -127,6 +127,62 @@ def capture(
             h.remove()
 
 
+class _Gate:
+    """Forward passes share the models; a ``torch.fx`` trace needs them to itself.
+
+    While fx traces it patches ``nn.Module.__call__`` for every thread, so a forward pass
+    running at the same time in another thread (a widget computing in the background) would
+    get fx Proxies instead of tensors. ``restored`` holds the gate shared; tracing holds it
+    exclusively (waiting for other threads' passes to end, never for its own thread's).
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers: dict[int, int] = {}
+        self._writer: int | None = None
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def shared(self):
+        me = threading.get_ident()
+        with self._cond:
+            while self._writer not in (None, me):
+                self._cond.wait()
+            self._readers[me] = self._readers.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers[me] -= 1
+                if not self._readers[me]:
+                    del self._readers[me]
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float = 120.0):
+        me = threading.get_ident()
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: self._writer in (None, me) and not any(t != me for t in self._readers),
+                timeout)
+            if not ok:
+                raise RuntimeError("another computation kept the model busy for over "
+                                   f"{timeout:.0f} s; try again when it has finished")
+            self._writer = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if not self._depth:
+                    self._writer = None
+                self._cond.notify_all()
+
+
+#: the process-wide gate between forward passes (shared) and fx tracing (exclusive)
+MODEL_GATE = _Gate()
+
 # module → [number of restored() blocks inside it, saved training flags, saved requires_grad]
 _SAVED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 _SAVED_LOCK = threading.Lock()
@@ -141,30 +197,31 @@ def restored(module: nn.Module, *, eval_mode: bool = True):
     calls ``predict``): the first block to enter saves the state, and the last one to leave
     restores it, so one block can never restore the other's temporary eval mode for good.
     """
-    with _SAVED_LOCK:
-        entry = _SAVED.get(module)
-        if entry is None:
-            entry = [0, [(m, m.training) for m in module.modules()],
-                     [(p, p.requires_grad) for p in module.parameters()]]
-            _SAVED[module] = entry
-        entry[0] += 1
-        if eval_mode and any(m.training for m in module.modules()):
-            module.eval()
-    try:
-        yield module
-    finally:
+    with MODEL_GATE.shared():
         with _SAVED_LOCK:
-            entry[0] -= 1
-            if entry[0] == 0:
-                del _SAVED[module]
-                # only what changed: setting every flag costs ~10 ms on a 300-module net,
-                # which per-step callers (feature visualisation) pay at every step
-                for m, flag in entry[1]:
-                    if m.training != flag:
-                        m.training = flag
-                for p, flag in entry[2]:
-                    if p.requires_grad != flag:
-                        p.requires_grad_(flag)
+            entry = _SAVED.get(module)
+            if entry is None:
+                entry = [0, [(m, m.training) for m in module.modules()],
+                         [(p, p.requires_grad) for p in module.parameters()]]
+                _SAVED[module] = entry
+            entry[0] += 1
+            if eval_mode and any(m.training for m in module.modules()):
+                module.eval()
+        try:
+            yield module
+        finally:
+            with _SAVED_LOCK:
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del _SAVED[module]
+                    # only what changed: setting every flag costs ~10 ms on a 300-module net,
+                    # which per-step callers (feature visualisation) pay at every step
+                    for m, flag in entry[1]:
+                        if m.training != flag:
+                            m.training = flag
+                    for p, flag in entry[2]:
+                        if p.requires_grad != flag:
+                            p.requires_grad_(flag)
 
 
 def hook_count(module: nn.Module) -> int:

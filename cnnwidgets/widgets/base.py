@@ -84,7 +84,16 @@ _CANVAS = functools.lru_cache(maxsize=1)(_canvas_class)
 
 
 def _running_loop():
-    """The kernel's event loop when called from a notebook cell or widget callback, else None."""
+    """The Jupyter kernel's event loop when called from a notebook cell or widget callback;
+    None elsewhere (scripts, tests — even where some other library runs an event loop, as
+    playwright's sync API does: nothing would ever run the calls queued on it)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - ipywidgets depends on IPython
+        return None
+    shell = get_ipython()
+    if shell is None or getattr(shell, "kernel", None) is None:
+        return None
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
