@@ -29,7 +29,7 @@ def unavailable(reason: str):
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # module: playwright's event loop must not outlive the browser tests
 def browser():
     if importlib.util.find_spec("playwright") is None:
         unavailable("playwright is not installed: pip install -e '.[browser]'")
