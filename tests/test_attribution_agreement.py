@@ -73,6 +73,18 @@ def test_grad_cam_vs_captum_layer_grad_cam(net):
     assert rel_error(ours(model, "grad_cam", layer=layer), theirs) < 1e-4
 
 
+def test_guided_grad_cam_vs_captum(net):
+    # ours: one forward pass, two backward passes with different ReLU rules; Captum: guided
+    # backprop and layer Grad-CAM as two separate passes
+    name, model, x = net
+    layer = LAYERS[name][0]
+    module = dict(model.module.named_modules())[layer]
+    theirs = captum.GuidedGradCam(model.module, module).attribute(
+        x.clone(), target=TARGET, interpolate_mode="bilinear")[0].detach().numpy()
+    assert np.abs(theirs).max() > 0
+    assert rel_error(ours(model, "guided_grad_cam", layer=layer), theirs) < 1e-4
+
+
 def test_occlusion(net):
     _, model, x = net
     theirs = captum.Occlusion(model.module).attribute(

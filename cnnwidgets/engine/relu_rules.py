@@ -36,19 +36,20 @@ class _ReluLike(torch.autograd.Function):
     """``clamp(x, 0, high)`` with a replaceable backward rule."""
 
     @staticmethod
-    def forward(ctx, x, high, rule):
+    def forward(ctx, x, high, mode):
         y = torch.relu(x) if high is None else F.hardtanh(x, 0.0, high)
         ctx.save_for_backward(y)
         ctx.high = high
-        ctx.rule = rule
+        ctx.mode = mode  # the rule is read when the backward pass runs (see _RuleMode.rule)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
-        if ctx.rule == "deconvnet":
+        rule = ctx.mode.rule
+        if rule == "deconvnet":
             return torch.relu(grad), None, None
-        if ctx.rule == "guided":
+        if rule == "guided":
             grad = torch.relu(grad)
         # the fused masks autograd itself uses: 1[f > 0], or 1[0 < f < t] for the clipped form
         # (the output f is inside (0, t) exactly when the input is)
@@ -100,10 +101,21 @@ def _relu_bounds(func, args, kwargs):
 
 
 class _RuleMode(TorchFunctionMode):
+    """The mode :func:`relu_rule` yields. Its ``rule`` is read by each backward pass, so one
+    forward pass can serve two backward passes with different rules (guided Grad-CAM: the
+    plain gradient to a layer, then the guided one to the input); set it with :meth:`use`."""
+
     def __init__(self, rule: str):
         super().__init__()
         self.rule = rule
         self.calls = 0  #: how many ReLU-like calls the rule replaced (for tests)
+
+    def use(self, rule: str) -> None:
+        """Apply ``rule`` in the backward passes run from now on."""
+        rule = _ALIASES.get(rule, rule)
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
+        self.rule = rule
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -112,7 +124,7 @@ class _RuleMode(TorchFunctionMode):
             return func(*args, **kwargs)
         x, high = bounds
         self.calls += 1
-        return _ReluLike.apply(x, high, self.rule)
+        return _ReluLike.apply(x, high, self)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..relu_rules import relu_rule
 from .core import classifier_weights
 from .registry import Param, register
 
@@ -157,8 +158,18 @@ def ablation_cam(ctx, batch_size):
 @register("guided_grad_cam", kind="cam", layer=True,
           help="guided backprop × upsampled Grad-CAM (Selvaraju et al. 2017); raw is 3×H×W")
 def guided_grad_cam(ctx):
-    guided, _ = ctx.input_grad(ctx.x, rule="guided")
-    heat = grad_cam_map(ctx)
+    # One forward pass serves both backward passes: the plain gradient to the layer for
+    # Grad-CAM, then (the ReLU rule switched to "guided") the guided gradient to the input.
+    x = ctx.x.detach().requires_grad_(True)
+    with torch.enable_grad(), relu_rule("plain") as mode:
+        with ctx.tap() as box:
+            s = ctx.score(x)
+        a = box["value"]
+        (g,) = torch.autograd.grad(s.sum(), a, retain_graph=True)
+        mode.use("guided")
+        (guided,) = torch.autograd.grad(s.sum(), x)
+    ctx.base_score = float(s[0])
+    heat = weighted_sum(g.mean(dim=(2, 3))[0], a.detach()).clamp(min=0)
     up = F.interpolate(heat[None, None], size=ctx.x.shape[-2:], mode="bilinear",
                        align_corners=False)[0]
     return guided[0] * up

@@ -1,0 +1,168 @@
+"""The folded inference twin (batch norm merged into the convolution before it)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cnnwidgets as cw
+from cnnwidgets.engine import folding
+from cnnwidgets.engine.attribution import core
+from cnnwidgets.engine.folding import folded
+from cnnwidgets.engine.hooks import hook_count, restored
+
+from conftest import assert_same_state, snapshot
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+        self.bn = nn.BatchNorm2d(1, eps=1.0)
+        with torch.no_grad():
+            self.conv.weight.fill_(2.0)
+            self.conv.bias.fill_(1.0)
+            self.bn.running_mean.fill_(1.0)
+            self.bn.running_var.fill_(3.0)
+            self.bn.weight.fill_(4.0)
+            self.bn.bias.fill_(0.5)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).flatten(1)
+
+
+def test_hand_worked_fold():
+    # bn(conv(x)) = 4 · (2x + 1 − 1) / √(3 + 1) + 0.5 = 4x + 0.5
+    net = ConvBN().eval()
+    twin = folded(net)
+    assert twin is not net
+    convs = [m for m in twin.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and not any(isinstance(m, nn.BatchNorm2d) for m in twin.modules())
+    assert convs[0].weight.item() == pytest.approx(4.0) and convs[0].bias.item() == pytest.approx(0.5)
+    x = torch.tensor([[[[0.0, 1.0], [-2.0, 3.0]]]])
+    assert torch.allclose(twin(x), torch.tensor([[0.5, 4.5, -7.5, 12.5]]))
+    # the original network is untouched
+    assert net.conv.weight.item() == 2.0 and isinstance(net.bn, nn.BatchNorm2d)
+
+
+def _resnet_with_statistics():
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    with torch.no_grad():  # statistics far from (0, 1) so that folding is not an identity
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net
+
+
+def test_resnet_twin_same_function_and_gradient():
+    net = _resnet_with_statistics()
+    before = snapshot(net)
+    x = torch.randn(2, 3, 64, 64)
+    with restored(net):
+        twin = folded(net)
+        assert twin is not net
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in twin.modules())
+        xa = x.clone().requires_grad_(True)
+        xb = x.clone().requires_grad_(True)
+        ya, yb = net(xa), twin(xb)
+        (ga,) = torch.autograd.grad(ya[:, 3].sum(), xa)
+        (gb,) = torch.autograd.grad(yb[:, 3].sum(), xb)
+    assert torch.allclose(ya, yb, rtol=1e-4, atol=1e-5)
+    assert float((ga - gb).norm() / ga.norm()) < 1e-5
+    assert_same_state(net, before)
+    assert hook_count(net) == 0
+
+
+def test_twin_follows_in_place_updates():
+    net = ConvBN().eval()
+    x = torch.ones(1, 1, 1, 1)
+    assert folded(net)(x).item() == pytest.approx(4.5)
+    with torch.no_grad():
+        net.bn.running_mean.fill_(3.0)  # now 4 · (2 + 1 − 3) / 2 + 0.5 = 0.5
+    assert folded(net)(x).item() == pytest.approx(0.5)
+    with torch.no_grad():
+        net.conv.weight.mul_(2)  # 4 · (4 + 1 − 3) / 2 + 0.5 = 4.5
+    assert folded(net)(x).item() == pytest.approx(4.5)
+    net.conv.bias.data = torch.tensor([3.0])  # new storage: 4 · (4 + 3 − 3) / 2 + 0.5 = 8.5
+    assert folded(net)(x).item() == pytest.approx(8.5)
+    net.conv.weight.data.mul_(0.5)  # through .data: no version bump, so say so with forget()
+    folding.forget(net)  # 4 · (2 + 3 − 3) / 2 + 0.5 = 4.5
+    assert folded(net)(x).item() == pytest.approx(4.5)
+
+
+class PadConv(nn.Conv2d):
+    """A convolution subclass outside torch.nn (as EfficientNet's static 'same' padding)."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (1, 1, 1, 1)))
+
+
+def test_convolution_subclass_is_folded():
+    torch.manual_seed(1)
+    net = nn.Sequential(PadConv(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten()).eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    twin = folded(net)
+    assert twin is not net and not any(isinstance(m, nn.BatchNorm2d) for m in twin.modules())
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.allclose(net(x), twin(x), atol=1e-5)
+
+
+class Untraceable(ConvBN):
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            y = y * 2
+        return y.flatten(1)
+
+
+class SharedOutput(ConvBN):
+    def forward(self, x):
+        y = self.conv(x)
+        return (self.bn(y) + y).flatten(1)  # the conv output is also used beside the batch norm
+
+
+def test_falls_back_to_the_original():
+    assert folded(Untraceable().eval()) .__class__ is Untraceable
+    plain = nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(), nn.Flatten()).eval()
+    assert folded(plain) is plain  # nothing to fold
+    shared = SharedOutput().eval()
+    assert folded(shared) is shared  # folding would change the other use
+    training = ConvBN().train()
+    assert folded(training) is training  # batch statistics: not an affine map
+
+
+def test_hooks_keep_firing():
+    net = ConvBN().eval()
+    assert folded(net) is not net
+    seen = []
+    handle = net.bn.register_forward_hook(lambda m, a, o: seen.append(1))
+    try:
+        assert folded(net) is net  # a hook on a folded module: the original runs
+        net(torch.ones(1, 1, 1, 1))
+    finally:
+        handle.remove()
+    assert seen == [1]
+    assert folded(net) is not net
+
+
+def test_attribution_through_the_twin_matches_the_original(monkeypatch):
+    model = cw.Model(_resnet_with_statistics(), input_size=(64, 64), labels=[str(i) for i in range(10)])
+    image = cw.sample_image("cat")
+    for method, kw in [("saliency", {}), ("integrated_gradients", {"steps": 4}),
+                       ("guided_backprop", {}), ("deconvnet", {})]:
+        fast = cw.attribute(model, image, method, target=3, **kw).raw
+        with monkeypatch.context() as m:
+            m.setattr(core, "folded", lambda module: module)
+            slow = cw.attribute(model, image, method, target=3, **kw).raw
+        assert np.linalg.norm(fast - slow) / np.linalg.norm(slow) < 1e-5, method
+    assert folding._TWINS.get(model.module) is not None and folding._TWINS[model.module].module is not None
