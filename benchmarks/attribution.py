@@ -9,7 +9,8 @@ samples / windows for both sides:
 
 * floor: one forward plus one backward to the input (plain PyTorch, median of 5);
 * ours: ``cw.attribute(...)``; peer: the same method in Captum or pytorch-grad-cam;
-* ratios: ours / floor and ours / peer (< 1 means we are faster).
+* ratios: ours / floor and ours / peer (< 1 means we are faster); ours and the peer run
+  alternately, so that drifts in the machine's speed fall on both.
 
 Medians of ``--repeats`` runs (default 3) for the fast methods; the slow ones (Score-CAM,
 Ablation-CAM, occlusion, RISE, and Integrated Gradients / SmoothGrad on EfficientNet) run
@@ -45,14 +46,32 @@ PARAMS = {
 }
 
 
+def _once(fn):
+    start = time.perf_counter()
+    with contextlib.redirect_stderr(io.StringIO()):  # peers' own progress bars
+        fn()
+    return time.perf_counter() - start
+
+
 def timed(fn, repeats):
-    times = []
+    return statistics.median(_once(fn) for _ in range(repeats))
+
+
+def timed_pair(ours, peer, repeats, warm):
+    """Median seconds of ``ours`` and ``peer``, run alternately (ours, peer, ours, peer…) so that
+    both see the same machine: on a shared machine the speed drifts by tens of per cent within
+    minutes, and back-to-back blocks would put that drift into the ratio. ``warm``: one
+    untimed call of each first (one-time costs such as building the folded twin)."""
+    if warm:
+        _once(ours)
+        if peer is not None:
+            _once(peer)
+    a, b = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        with contextlib.redirect_stderr(io.StringIO()):  # peers' own progress bars
-            fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        a.append(_once(ours))
+        if peer is not None:
+            b.append(_once(peer))
+    return statistics.median(a), (statistics.median(b) if b else None)
 
 
 def floor_fn(net, x):
@@ -138,10 +157,10 @@ def bench(model_name, args):
         params = dict(PARAMS.get(method, {}))
         spec = cw.engine.attribution.get_method(method)
         kw = {"layer": layer} if spec.layer else {}
-        ours = timed(lambda: cw.attribute(model, image, method, target=TARGET, progress=False,
-                                          **kw, **params), repeats)
         peer_name, peer_fn = theirs.get(method, ("—", None))
-        peer = timed(peer_fn, repeats) if peer_fn is not None else None
+        ours, peer = timed_pair(lambda: cw.attribute(model, image, method, target=TARGET,
+                                                     progress=False, **kw, **params),
+                                peer_fn, repeats, warm=not slow)
         ratio = f"{ours / peer:10.2f}" if peer else f"{'—':>10}"
         peer_s = f"{peer:8.2f}" if peer else f"{'—':>8}"
         print(f"{method:22} {ours:8.2f} {ours / floor:8.1f} {peer_s} {ratio} {aim(method) if peer else '':>7}  "

@@ -267,11 +267,12 @@ def test_score_cam():
 
 def test_score_cam_scores_each_distinct_mask_once():
     model = tiny()
-    model.module.fc = nn.Linear(4, 2, bias=False)
+    model.module.fc = nn.Linear(5, 2, bias=False)
     calls = []
 
-    def dup(m, a, o):  # A1 duplicated and a constant channel: 4 channels, 3 distinct masks
-        return torch.cat([o, o[:, 1:2], torch.full_like(o[:, :1], 5.0)], 1)
+    def dup(m, a, o):  # A1 duplicated, A1 scaled and shifted (min-max normalisation makes its
+        # mask A1's) and a constant channel: 5 channels, 3 distinct masks
+        return torch.cat([o, o[:, 1:2], 2 * o[:, 1:2] + 1, torch.full_like(o[:, :1], 5.0)], 1)
 
     handles = [model.module.act.register_forward_hook(dup),
                model.module.fc.register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))]

@@ -139,7 +139,7 @@ def _build(module: nn.Module, structure) -> _Twin:
                 obj = getattr(obj, part)
         root[t] = obj
     try:
-        gm = fx.GraphModule(root, graph, class_name=f"Folded{type(module).__name__}")
+        gm = fx.GraphModule(root, graph, class_name=f"Folded{type(module).__name__}").eval()
     except Exception:  # noqa: BLE001
         return _Twin(structure, None, [])
     return _Twin(structure, gm, pairs)

@@ -123,7 +123,8 @@ class Context:
         return g.contiguous(), s.detach()
 
     def batches(self, total: int, batch_size: int, desc: str | None = None) -> Iterator[tuple]:
-        """``(start, stop)`` index pairs covering ``range(total)`` in chunks, checking for
+        """``(start, stop)`` index pairs covering ``range(total)`` in equal chunks of at most
+        ``batch_size``, checking for
         cancellation before each chunk and showing progress when it is slow."""
         batch_size = max(1, int(batch_size))
         n = math.ceil(total / batch_size)
@@ -137,7 +138,9 @@ class Context:
         try:
             for i in range(n):
                 self.check_cancel()
-                start, stop = i * batch_size, min(total, (i + 1) * batch_size)
+                # equal chunks (25 in batches of 16 → 13 + 12, not 16 + 9): the same number
+                # of passes, and none of them a small, inefficient one
+                start, stop = i * total // n, (i + 1) * total // n
                 yield start, stop
                 if bar is not None:
                     bar.update(stop - start)

@@ -46,7 +46,9 @@ def smoothgrad(ctx, n_samples, noise, batch_size, seed):
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     total = torch.zeros_like(x[0])
     for a, b in ctx.batches(n_samples, batch_size, "smoothgrad"):
-        eps = torch.randn((b - a, *x.shape[1:]), generator=generator).to(x.device)
+        # one draw per sample: the noise of sample i does not depend on the batching
+        eps = torch.stack([torch.randn(x.shape[1:], generator=generator)
+                           for _ in range(b - a)]).to(x.device)
         g, _ = ctx.input_grad(x + sigma * eps)
         total += g.sum(0)
     return total / n_samples
