@@ -46,7 +46,15 @@ PARAMS = {
 }
 
 
+SETTLE = 0.3  # seconds of quiet before each timed call (see _once)
+
+
 def _once(fn):
+    # A peer's NumPy call (pytorch-grad-cam's Eigen-CAM runs an SVD through OpenBLAS) leaves
+    # OpenBLAS threads spinning for a moment; on two cores, whatever runs next gets ~3× slower
+    # (measured: a 43 ms forward pass takes 135 ms right after a NumPy SVD). Alternating the
+    # two sides would charge that to the side that runs second, so each call starts settled.
+    time.sleep(SETTLE)
     start = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # peers' own progress bars
         fn()

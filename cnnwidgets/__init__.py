@@ -6,7 +6,7 @@
 """
 from importlib import import_module
 
-from . import datasets
+from . import datasets, metrics
 from .engine import (
     DissectionResult,
     Fixations,
@@ -50,6 +50,6 @@ def __dir__():
 __all__ = [
     "Attribution", "Cancelled", "DissectionResult", "Fixations", "LayerNotFoundError", "Model",
     "Visualization", "attribute", "available_models", "datasets", "deconv", "dissect",
-    "fixations", "invert", "load_image", "load_model", "methods", "objectives", "sample_image",
+    "fixations", "invert", "load_image", "load_model", "methods", "metrics", "objectives", "sample_image",
     "sample_images", "visualize", *_LAZY,
 ]

@@ -59,7 +59,8 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 def _state(*modules: nn.Module) -> tuple:
     """What a folded convolution was built from: every tensor's storage and version."""
     return tuple((t.data_ptr(), t._version, t.dtype, t.device)
-                 for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+                 for m in modules for d in (m._parameters, m._buffers) for t in d.values()
+                 if t is not None)
 
 
 def _fold_into(target: nn.Module, conv: nn.Module, bn: nn.Module) -> None:

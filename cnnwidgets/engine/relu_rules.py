@@ -70,6 +70,9 @@ except AttributeError:  # pragma: no cover
     pass
 
 
+_CANDIDATES = frozenset(_RELU | _RELU6 | _HARDTANH | _CLAMP | _CLAMP_MIN)
+
+
 def _arg(args, kwargs, index, name, default=None):
     if name in kwargs:
         return kwargs[name]
@@ -119,6 +122,8 @@ class _RuleMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func not in _CANDIDATES:  # every torch call passes here: the common case first
+            return func(*args, **kwargs)
         bounds = _relu_bounds(func, args, kwargs)
         if bounds is None:
             return func(*args, **kwargs)

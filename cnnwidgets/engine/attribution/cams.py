@@ -173,7 +173,7 @@ def guided_grad_cam(ctx):
         (g,) = torch.autograd.grad(s.sum(), a, retain_graph=True)
         mode.use("guided")
         (guided,) = torch.autograd.grad(s.sum(), x)
-    ctx.base_score = float(s[0])
+    ctx.base_score = float(s.detach()[0])
     heat = weighted_sum(g.mean(dim=(2, 3))[0], a.detach()).clamp(min=0)
     up = F.interpolate(heat[None, None], size=ctx.x.shape[-2:], mode="bilinear",
                        align_corners=False)[0]

@@ -84,6 +84,9 @@ class Context:
     cancel: Any = None  #: ``threading.Event`` or callable returning True to stop
     progress: Any = None  #: True / False / None (auto) / callable(done, total)
     base_score: float | None = None  #: the target logit of ``x``, once computed
+    #: the network to run outside layer taps: the model's folded twin (:mod:`..folding`),
+    #: resolved once per call, or ``None`` for the model itself
+    net: Any = None
     _taps: int = 0  #: layer taps open (the folded twin has no such layer to tap)
 
     # ----------------------------------------------------------- running the model
@@ -101,12 +104,9 @@ class Context:
         Outside a layer tap the network runs as its folded twin (batch norms merged into
         the convolutions, :mod:`..folding`): the same function, fewer passes over memory."""
         batch = fast_layout(batch)
-        if self._taps:
+        if self._taps or self.net is None or self.net is self.model.module:
             return self.model.scores(batch)
-        net = folded(self.model.module)
-        if net is self.model.module:
-            return self.model.scores(batch)
-        out = net(batch)
+        out = self.net(batch)
         return self.model.output(out) if self.model.output is not None else out
 
     def score(self, batch: torch.Tensor) -> torch.Tensor:
@@ -384,7 +384,8 @@ def attribute(
             index = int(logits[0].argmax())
         else:
             index = model.target_index(target, image)
-        ctx = Context(model, x.detach(), index, layer_name, spec.name, cancel, progress)
+        ctx = Context(model, x.detach(), index, layer_name, spec.name, cancel, progress,
+                      net=folded(model.module))
         out = spec.fn(ctx, **values)
     raw, heat = out if isinstance(out, tuple) else (out, None)
     raw = _as_tensor(raw)
