@@ -12,7 +12,8 @@ _COLORS = {"deletion": "tab:red", "insertion": "tab:green"}
 def draw_curve(ax, curve, *, label: str | None = None, color: str | None = None,
                shade: bool = True):
     """The curve on ``ax``, its area shaded; several curves can share one Axes."""
-    color = color or _COLORS.get(curve.kind, None)
+    if color is None and not ax.lines:  # the first curve in its kind's colour, then the cycle
+        color = _COLORS.get(curve.kind)
     name = label or f"{curve.method or 'map'} — AUC {curve.auc:.3f}"
     (line,) = ax.plot(curve.fractions, curve.scores, color=color, lw=1.8, label=name)
     if shade:
