@@ -310,3 +310,17 @@ def test_fx_tracing_waits_for_forward_passes_in_other_threads():
             net(torch.zeros(1, 3, 8, 8))
     t.join(5)
     assert events == ["forward done", "tracing"]
+
+
+def test_cached_activations_follow_weight_updates():
+    model = tiny_model()
+    image = one_pixel_image()
+    before = model.activations(image, "conv").clone()
+    assert model.activations(image, "conv") is model.activations(image, "conv")  # a cache hit
+    with torch.no_grad():
+        model.module.conv.weight.mul_(2)  # in place, as an optimiser step would
+    after = model.activations(image, "conv")
+    # channel 0 sums its window with weight 1 (now 2) and no bias: it doubles
+    assert torch.allclose(after[0], 2 * before[0]) and after[0].abs().sum() > 0
+    model.module.load_state_dict(TinyNet().state_dict())  # back to the hand-set weights
+    assert torch.allclose(model.activations(image, "conv"), before)

@@ -318,6 +318,15 @@ class Model:
         data = x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
         return hashlib.blake2b(data, digest_size=16).hexdigest()
 
+    def _weights_version(self) -> int:
+        """A number that changes when any weight or buffer is updated in place (optimiser
+        step, ``load_state_dict``, ``nn.init``) or replaced, so that cached activations of an
+        older network are never served. (A change made through ``.data`` leaves no trace:
+        call ``model.cache.clear()`` after one.)"""
+        return hash(tuple((t.data_ptr(), t._version) for m in self.module.modules()
+                          for d in (m._parameters, m._buffers) for t in d.values()
+                          if t is not None))
+
     def layer_bytes(self, layer: str) -> int:
         """Bytes one image's output of ``layer`` takes in the activation cache."""
         n = 1
@@ -354,7 +363,7 @@ class Model:
         for n in names:
             self.check_layer(n)
         x, _ = self.prepare(image)
-        key = self._key(x)
+        key = (self._key(x), self._weights_version())
         found = {n: self.cache.get((key, n)) for n in names}
         missing = [n for n, v in found.items() if v is None]
         if missing:
