@@ -99,16 +99,13 @@ def _build(module: nn.Module, structure) -> _Twin:
     try:
         # fx patches nn.Module.__call__ for every thread while it traces: wait briefly for
         # other threads' forward passes; if they go on, run unfolded this time
-        gate = MODEL_GATE.exclusive(timeout=0.5)
-        gate.__enter__()
-    except RuntimeError as exc:
+        with MODEL_GATE.exclusive(timeout=0.5):
+            try:
+                graph = _Tracer().trace(module)
+            except Exception:  # noqa: BLE001 - any model fx cannot trace runs unfolded
+                return _Twin(structure, None, [])
+    except RuntimeError as exc:  # the gate's timeout
         raise _Busy() from exc
-    try:
-        graph = _Tracer().trace(module)
-    except Exception:  # noqa: BLE001 - any model fx cannot trace simply runs unfolded
-        return _Twin(structure, None, [])
-    finally:
-        gate.__exit__(None, None, None)
     named = dict(module.named_modules())
     pairs = []
     for node in list(graph.nodes):

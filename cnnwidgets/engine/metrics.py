@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attribution.core import Attribution, Context, attribute
+from .attribution.core import Attribution, Context, attribute, input_only
 from .folding import folded
-from .hooks import restored
 from .model import Model
 
 BASELINES = ("black", "zeros", "blur")
@@ -130,9 +129,7 @@ def _curve(kind, model, image, attribution, target, steps, baseline, score, batc
     scores = np.empty(steps + 1, dtype=np.float64)
     keep = sorted({0, steps // 4, steps // 2, (3 * steps) // 4, steps})
     shown = {}
-    with restored(model.module), torch.no_grad():
-        for p in model.module.parameters():
-            p.requires_grad_(False)
+    with input_only(model.module), torch.no_grad():
         if index is None:
             index = int(model.scores(x)[0].argmax())
         ctx = Context(model, x, index, None, kind, cancel, progress, net=folded(model.module))
@@ -307,9 +304,9 @@ def sanity_check(model, image, method: str = "grad_cam", *, target=None, stages:
         model = Model(model)
     original = attribute(model, image, method, target=target, progress=False, **params)
     names = weighted_layers(model.module)
+    top_first = names[::-1]
     if layers is None:
         stages = max(1, min(int(stages), len(names)))
-        top_first = names[::-1]
         # the classifier alone first (as Adebayo et al.), then evenly down to every layer
         n = len(names)
         cuts = sorted({n} if stages == 1 else
@@ -328,7 +325,6 @@ def sanity_check(model, image, method: str = "grad_cam", *, target=None, stages:
     mods = dict(clone.module.named_modules())
     maps, sims = [original.map], []
     done = 0  # how many of the top-first names have been re-initialised
-    top_first = names[::-1]
     bar = None
     if progress is None or progress is True:
         from tqdm.auto import tqdm

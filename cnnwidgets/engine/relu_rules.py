@@ -110,7 +110,7 @@ class _RuleMode(TorchFunctionMode):
 
     def __init__(self, rule: str):
         super().__init__()
-        self.rule = rule
+        self.use(rule)
         self.calls = 0  #: how many ReLU-like calls the rule replaced (for tests)
 
     def use(self, rule: str) -> None:
@@ -139,9 +139,6 @@ def relu_rule(rule: str = "guided"):
     The one implementation shared by attribution (guided backprop, DeconvNet, guided Grad-CAM)
     and DeconvNet projections (``cw.deconv``). ``"gradient"`` is another name for ``"plain"``.
     """
-    rule = _ALIASES.get(rule, rule)
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
-    mode = _RuleMode(rule)
+    mode = _RuleMode(rule)  # checks the rule
     with mode:  # TorchFunctionMode.__exit__ pops the mode, also on exceptions
         yield mode

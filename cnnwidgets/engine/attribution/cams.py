@@ -29,10 +29,15 @@ def cam(ctx):
     return raw, raw.clamp(min=0)
 
 
+def grad_cam_of(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """relu(Σ_k mean(∂y/∂A_k) A_k) for activations and gradients 1×C×h×w."""
+    return weighted_sum(g.mean(dim=(2, 3))[0], a).clamp(min=0)
+
+
 def grad_cam_map(ctx, layer=None) -> torch.Tensor:
     a, g, s = ctx.layer_and_grad(layer)
     ctx.base_score = float(s[0])
-    return weighted_sum(g.mean(dim=(2, 3))[0], a).clamp(min=0)
+    return grad_cam_of(a, g)
 
 
 @register("grad_cam", kind="cam", layer=True,
@@ -174,7 +179,7 @@ def guided_grad_cam(ctx):
         mode.use("guided")
         (guided,) = torch.autograd.grad(s.sum(), x)
     ctx.base_score = float(s.detach()[0])
-    heat = weighted_sum(g.mean(dim=(2, 3))[0], a.detach()).clamp(min=0)
+    heat = grad_cam_of(a.detach(), g)
     up = F.interpolate(heat[None, None], size=ctx.x.shape[-2:], mode="bilinear",
                        align_corners=False)[0]
     return guided[0] * up

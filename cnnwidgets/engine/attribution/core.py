@@ -124,8 +124,8 @@ class Context:
 
     def batches(self, total: int, batch_size: int, desc: str | None = None) -> Iterator[tuple]:
         """``(start, stop)`` index pairs covering ``range(total)`` in equal chunks of at most
-        ``batch_size``, checking for
-        cancellation before each chunk and showing progress when it is slow."""
+        ``batch_size``, checking for cancellation before each chunk and showing progress when
+        it is slow."""
         batch_size = max(1, int(batch_size))
         n = math.ceil(total / batch_size)
         bar = None
@@ -299,6 +299,16 @@ def classifier_weights(model: Model, channels: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- attribute
+@contextlib.contextmanager
+def input_only(module: nn.Module):
+    """:func:`restored` with every parameter's ``requires_grad`` off inside: gradients reach
+    the input only (faster, and the parameters are never touched); all put back after."""
+    with restored(module):
+        for p in module.parameters():
+            p.requires_grad_(False)
+        yield module
+
+
 def _as_tensor(value) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", torch.float32)
@@ -375,9 +385,7 @@ def attribute(
         if spec.layer else None
     x, display = model.prepare(image)
     start = time.perf_counter()
-    with restored(model.module):
-        for p in model.module.parameters():
-            p.requires_grad_(False)  # gradients to the input only: faster, and params untouched
+    with input_only(model.module):
         if target is None:
             with torch.no_grad():
                 logits = model.scores(x)
