@@ -167,3 +167,137 @@ def test_attribution_through_the_twin_matches_the_original(monkeypatch):
             slow = cw.attribute(model, image, method, target=3, **kw).raw
         assert np.linalg.norm(fast - slow) / np.linalg.norm(slow) < 1e-5, method
     assert folding._TWINS.get(model.module) is not None and folding._TWINS[model.module].module is not None
+
+
+# ----------------------------------------------------------------- the linear head
+class Stem(nn.Module):
+    """conv → BN → ReLU(inplace) → pool → linear: a first layer the input goes into alone."""
+
+    def __init__(self, conv=None, inplace=True):
+        super().__init__()
+        self.conv = conv or nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.relu(self.bn(self.conv(x))), 1).flatten(1))
+
+
+class TwiceUsedInput(Stem):
+    def forward(self, x):
+        return super().forward(x) + x.mean()  # the input is used outside the first layer
+
+
+class SquaredConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) ** 2  # a "convolution" that is not affine in its input
+
+
+def _with_statistics(net):
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def test_head_hand_worked():
+    # one 1×1 convolution, weight 2 and bias 1, BN folded away: the score is the mean of
+    # relu(2x + 1) · fc weight; with x ≥ 0 everywhere the ReLU passes everything and
+    # ∂score/∂x = 2 · fc.weight / (H·W) at every pixel, for every input of the batch
+    net = Stem(nn.Conv2d(1, 1, 1))
+    net.bn = nn.BatchNorm2d(1)
+    net.fc = nn.Linear(1, 1)
+    with torch.no_grad():
+        net.conv.weight.fill_(2.0)
+        net.conv.bias.fill_(1.0)
+        net.fc.weight.fill_(3.0)
+    twin = folded(net.eval())
+    head = folding.head_of(twin)
+    assert head is not None and head.fresh  # ReLU(inplace=True) follows: it gets a copy
+    x = torch.rand(5, 1, 2, 2)
+    with head.capture() as box:
+        s = twin(x)[:, 0]
+    assert len(box) == 1 and box[0].is_leaf and box[0].shape == (5, 1, 2, 2)
+    (gz,) = torch.autograd.grad(s.sum(), box[0])
+    assert torch.allclose(gz, torch.full_like(gz, 3.0 / 4))  # fc weight / (H·W)
+    gx = head.transpose(gz.sum(0, keepdim=True), x.shape)
+    assert torch.allclose(gx, torch.full((1, 1, 2, 2), 5 * 2 * 3.0 / 4))  # Σ over 5 inputs
+    assert x.grad is None
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 4, 3, stride=2, padding=1),
+                                  PadConv(3, 4, 3, stride=2), nn.Conv2d(3, 4, 7, 2, 3)])
+def test_head_sum_equals_sum_of_input_gradients(conv):
+    net = _with_statistics(Stem(conv))
+    twin = folded(net)
+    head = folding.head_of(twin)
+    assert head is not None
+    x = torch.randn(6, 3, 17, 17)
+    w = torch.rand(6)
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad((net(xr)[:, 1] * w).sum(), xr)  # row i: wᵢ ∂sᵢ/∂xᵢ
+    expected = g.sum(0, keepdim=True)
+    with head.capture() as box:
+        s = twin(x)[:, 1]
+    (gz,) = torch.autograd.grad((s * w).sum(), box[0])
+    got = head.transpose(gz.sum(0, keepdim=True), x.shape)
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_no_head_where_the_input_is_not_only_a_convolution():
+    assert folding.head_of(folded(_with_statistics(TwiceUsedInput()))) is None
+    squared = _with_statistics(Stem(SquaredConv(3, 4, 3, padding=1)))
+    assert folded(squared) is not squared  # still folded ...
+    assert folding.head_of(folded(squared)) is None  # ... but its first layer is not affine
+    assert not folding.head_of(folded(_with_statistics(Stem(inplace=False)))).fresh
+
+
+def test_head_capture_is_per_thread():
+    import threading
+
+    net = _with_statistics(Stem())
+    twin = folded(net)
+    head = folding.head_of(twin)
+    x = torch.randn(2, 3, 9, 9)
+    other = {}
+
+    def run():  # a forward pass on another thread while the main thread captures
+        other["y"] = twin(x)
+
+    with head.capture() as box:
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+    assert box == [] and torch.allclose(other["y"], net(x), atol=1e-5)
+    with head.capture() as box:
+        twin(x)
+    assert len(box) == 1
+    assert torch.allclose(twin(x), net(x), atol=1e-5)  # outside capture: the plain network
+
+
+def test_grad_sum_matches_per_input_gradients(monkeypatch):
+    # SmoothGrad and Integrated Gradients through the head == without it
+    model = cw.Model(_resnet_with_statistics(), input_size=(64, 64), labels=[str(i) for i in range(10)])
+    image = cw.sample_image("cat")
+    assert folding.head_of(folded(model.module)) is not None
+    for method, kw in [("smoothgrad", {"n_samples": 5, "batch_size": 2}),
+                       ("integrated_gradients", {"steps": 5, "batch_size": 3})]:
+        fast = cw.attribute(model, image, method, target=3, **kw).raw
+        with monkeypatch.context() as m:
+            m.setattr(core, "head_of", lambda net: None)
+            slow = cw.attribute(model, image, method, target=3, **kw).raw
+        assert np.linalg.norm(fast - slow) / np.linalg.norm(slow) < 1e-5, method
+
+
+def test_batch_sum_any_layout():
+    t = torch.randn(5, 3, 7, 9)
+    w = torch.rand(5)
+    for u in (t, t.contiguous(memory_format=torch.channels_last), t[:, :, ::2]):
+        assert core.batch_sum(u).shape == (1, *u.shape[1:])
+        assert torch.allclose(core.batch_sum(u), u.sum(0, keepdim=True), atol=1e-5)
+        assert torch.allclose(core.batch_sum(u, w), (u * w.view(-1, 1, 1, 1)).sum(0, keepdim=True),
+                              atol=1e-5)

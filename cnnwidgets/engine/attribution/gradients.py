@@ -44,14 +44,13 @@ def smoothgrad(ctx, n_samples, noise, batch_size, seed):
     x = ctx.x
     sigma = float(noise) * float(x.max() - x.min())
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    total = torch.zeros_like(x[0])
+    total = ctx.grad_sum()
     for a, b in ctx.batches(n_samples, batch_size, "smoothgrad"):
         # one draw per sample: the noise of sample i does not depend on the batching
         eps = torch.stack([torch.randn(x.shape[1:], generator=generator)
                            for _ in range(b - a)]).to(x.device)
-        g, _ = ctx.input_grad(x + sigma * eps)
-        total += g.sum(0)
-    return total / n_samples
+        total.add(x + sigma * eps)
+    return total.result() / n_samples
 
 
 def path_weights(steps: int, rule: str):
@@ -101,11 +100,10 @@ def integrated_gradients(ctx, steps, rule, baseline, batch_size):
     alphas = torch.tensor(alphas, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
     weights = torch.tensor(weights, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
     delta = x - base
-    total = torch.zeros_like(x[0])
+    total = ctx.grad_sum()
     for a, b in ctx.batches(steps, batch_size, "integrated gradients"):
-        g, _ = ctx.input_grad(base + alphas[a:b] * delta)
-        total += (g * weights[a:b]).sum(0)
-    return delta[0] * total
+        total.add(base + alphas[a:b] * delta, weights[a:b].flatten())
+    return delta[0] * total.result()
 
 
 @register("guided_backprop", kind="gradient",
