@@ -205,11 +205,11 @@ def _with_statistics(net):
 
 
 def test_head_hand_worked():
-    # one 1×1 convolution, weight 2 and bias 1, BN folded away: the score is the mean of
-    # relu(2x + 1) · fc weight; with x ≥ 0 everywhere the ReLU passes everything and
-    # ∂score/∂x = 2 · fc.weight / (H·W) at every pixel, for every input of the batch
+    # one 1×1 convolution, weight 2 and bias 1, BN folded away, then ReLU: the score is
+    # fc.weight · mean(relu(2x + 1)); where 2x + 1 > 0 the gradient is 2 · 3 / (H·W) = 1.5,
+    # where 2x + 1 < 0 it is 0
     net = Stem(nn.Conv2d(1, 1, 1))
-    net.bn = nn.BatchNorm2d(1)
+    net.bn = nn.BatchNorm2d(1, eps=0.0)
     net.fc = nn.Linear(1, 1)
     with torch.no_grad():
         net.conv.weight.fill_(2.0)
@@ -217,22 +217,59 @@ def test_head_hand_worked():
         net.fc.weight.fill_(3.0)
     twin = folded(net.eval())
     head = folding.head_of(twin)
-    assert head is not None and head.fresh  # ReLU(inplace=True) follows: it gets a copy
-    x = torch.rand(5, 1, 2, 2)
+    assert head is not None and head.act is net.relu and head.pool is None
+    assert not any(n.target == "relu" for n in twin.graph.nodes)  # taken into the head
+    assert head.fresh is False  # nothing after the head works in place
+    x = torch.tensor([[[[0.0, 1.0], [-2.0, 3.0]]]]).repeat(5, 1, 1, 1)
     with head.capture() as box:
         s = twin(x)[:, 0]
-    assert len(box) == 1 and box[0].is_leaf and box[0].shape == (5, 1, 2, 2)
-    (gz,) = torch.autograd.grad(s.sum(), box[0])
-    assert torch.allclose(gz, torch.full_like(gz, 3.0 / 4))  # fc weight / (H·W)
-    gx = head.transpose(gz.sum(0, keepdim=True), x.shape)
-    assert torch.allclose(gx, torch.full((1, 1, 2, 2), 5 * 2 * 3.0 / 4))  # Σ over 5 inputs
-    assert x.grad is None
+    assert len(box) == 1 and box[0].value.is_leaf and box[0].act and box[0].indices is None
+    assert torch.equal(box[0].value[0, 0], torch.tensor([[1.0, 3.0], [0.0, 7.0]]))  # relu(2x+1)
+    (g,) = torch.autograd.grad(s.sum(), box[0].value)
+    total = head.add(None, box[0], g)  # at the convolution's output, summed over 5 inputs
+    assert torch.allclose(total, 5 * torch.tensor([[[[0.75, 0.75], [0.0, 0.75]]]]))
+    gx = head.transpose(total, x.shape)  # × conv weight 2
+    assert torch.allclose(gx, 5 * torch.tensor([[[[1.5, 1.5], [0.0, 1.5]]]]))
+    assert torch.allclose(twin(x), net(x))  # outside capture: the network as it was
 
 
-@pytest.mark.parametrize("conv", [nn.Conv2d(3, 4, 3, stride=2, padding=1),
-                                  PadConv(3, 4, 3, stride=2), nn.Conv2d(3, 4, 7, 2, 3)])
-def test_head_sum_equals_sum_of_input_gradients(conv):
-    net = _with_statistics(Stem(conv))
+class PoolStem(Stem):
+    """ResNet's stem: conv → BN → ReLU → 3×3 max-pool, stride 2."""
+
+    def __init__(self, conv=None, high=False):
+        super().__init__(conv)
+        self.relu = nn.ReLU6(inplace=True) if high else nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+
+    def forward(self, x):
+        y = self.pool(self.relu(self.bn(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1) + y[:, :, :2, :2].mean((2, 3)))
+
+
+def test_head_takes_relu_and_pooling():
+    net = _with_statistics(PoolStem())
+    head = folding.head_of(folded(net))
+    assert head.act is net.relu and head.pool is net.pool
+    twin = folded(net)
+    x = torch.randn(3, 3, 16, 16)
+    with head.capture() as box:
+        twin(x)
+    assert box[0].value.shape == (3, 4, 4, 4) and box[0].shape == (3, 4, 8, 8)
+    assert box[0].indices is not None
+
+
+@pytest.mark.parametrize("kind", ["conv", "pad-conv", "pool", "pool-relu6", "hooked-pool"])
+def test_head_sum_equals_sum_of_input_gradients(kind):
+    torch.manual_seed(2)
+    conv = PadConv(3, 4, 3, stride=2) if kind == "pad-conv" else nn.Conv2d(3, 4, 7, 2, 3)
+    net = _with_statistics(PoolStem(conv, high=kind == "pool-relu6") if "pool" in kind
+                           else Stem(conv))
+    if kind == "pool-relu6":
+        with torch.no_grad():  # values above 6 too, where ReLU6 passes no gradient
+            net.conv.weight.mul_(20)
+    seen = []
+    if kind == "hooked-pool":  # a hook on the pooling: it runs as a module and fires
+        net.pool.register_forward_hook(lambda m, a, o: seen.append(1))
     twin = folded(net)
     head = folding.head_of(twin)
     assert head is not None
@@ -241,10 +278,15 @@ def test_head_sum_equals_sum_of_input_gradients(conv):
     xr = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad((net(xr)[:, 1] * w).sum(), xr)  # row i: wᵢ ∂sᵢ/∂xᵢ
     expected = g.sum(0, keepdim=True)
-    with head.capture() as box:
-        s = twin(x)[:, 1]
-    (gz,) = torch.autograd.grad((s * w).sum(), box[0])
-    got = head.transpose(gz.sum(0, keepdim=True), x.shape)
+    total = None
+    for part in (slice(0, 2), slice(2, 6)):  # two batches, weighted, added up
+        seen.clear()
+        with head.capture() as box:
+            s = twin(x[part])[:, 1]
+        assert len(box) == 1 and seen == ([1] if kind == "hooked-pool" else [])
+        (gz,) = torch.autograd.grad(s.sum(), box[0].value)
+        total = head.add(total, box[0], gz, w[part])
+    got = head.transpose(total, x.shape)
     assert float((got - expected).norm() / expected.norm()) < 1e-5
 
 
@@ -297,7 +339,7 @@ def test_batch_sum_any_layout():
     t = torch.randn(5, 3, 7, 9)
     w = torch.rand(5)
     for u in (t, t.contiguous(memory_format=torch.channels_last), t[:, :, ::2]):
-        assert core.batch_sum(u).shape == (1, *u.shape[1:])
-        assert torch.allclose(core.batch_sum(u), u.sum(0, keepdim=True), atol=1e-5)
-        assert torch.allclose(core.batch_sum(u, w), (u * w.view(-1, 1, 1, 1)).sum(0, keepdim=True),
+        assert folding.batch_sum(u).shape == (1, *u.shape[1:])
+        assert torch.allclose(folding.batch_sum(u), u.sum(0, keepdim=True), atol=1e-5)
+        assert torch.allclose(folding.batch_sum(u, w), (u * w.view(-1, 1, 1, 1)).sum(0, keepdim=True),
                               atol=1e-5)

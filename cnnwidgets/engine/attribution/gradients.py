@@ -47,9 +47,10 @@ def smoothgrad(ctx, n_samples, noise, batch_size, seed):
     total = ctx.grad_sum()
     for a, b in ctx.batches(n_samples, batch_size, "smoothgrad"):
         # one draw per sample: the noise of sample i does not depend on the batching
-        eps = torch.stack([torch.randn(x.shape[1:], generator=generator)
-                           for _ in range(b - a)]).to(x.device)
-        total.add(x + sigma * eps)
+        eps = torch.empty((b - a, *x.shape[1:]), dtype=x.dtype)
+        for row in eps:
+            row.normal_(generator=generator)
+        total.add(eps.to(x.device).mul_(sigma).add_(x))
     return total.result() / n_samples
 
 
