@@ -126,3 +126,28 @@ def test_background_stale_results_are_dropped_and_cancel_works(model):
 def test_save_writes_the_figure(widget, tmp_path):
     widget.save(tmp_path / "w.png")
     assert (tmp_path / "w.png").stat().st_size > 1000
+
+
+def test_evaluate_draws_deletion_and_insertion_curves_for_every_map(widget, model):
+    assert widget.eval_box.layout.display == "none" and widget.curves == []
+    widget.compare = ["saliency"]
+    widget.evaluate_check.value = True  # the control → the traitlet → curves for both maps
+    assert widget.evaluate and widget.eval_box.layout.display != "none"
+    assert len(widget.curves) == 2
+    image = cw.sample_image("cat")
+    for r, (d, i) in zip(widget.result, widget.curves):
+        assert d.kind == "deletion" and i.kind == "insertion" and d.target == r.target
+        # the same numbers as cw.metrics on the same map
+        again = cw.metrics.deletion(model, image, r, steps=len(d.fractions) - 1)
+        np.testing.assert_allclose(d.scores, again.scores, rtol=1e-5, atol=1e-7)
+    dele, ins = widget._eval_axes
+    assert len(dele.lines) == 2 and len(ins.lines) == 2
+    assert [t.get_text().split(" — ")[0] for t in dele.get_legend().get_texts()] == \
+        ["grad_cam", "saliency"]
+    # a new target: new curves, still one per map
+    widget.target = 3
+    assert [c[0].target for c in widget.curves] == [3, 3] and len(dele.lines) == 2
+    widget.evaluate = False  # from code: the panel hides, no more curves computed
+    assert widget.eval_box.layout.display == "none" and not widget.evaluate_check.value
+    widget.target = 4
+    assert widget.curves == []

@@ -21,10 +21,26 @@ def draw_curve(ax, curve, *, label: str | None = None, color: str | None = None,
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"fraction of pixels {'removed' if curve.kind == 'deletion' else 'inserted'}")
     ax.set_ylabel(f"{curve.score} of “{curve.label}”" if curve.label else curve.score)
-    ax.set_title(f"{curve.kind} ({curve.better} area is better)", fontsize=10)
+    into = {"deletion": "to", "insertion": "into"}.get(curve.kind, "with")
+    ax.set_title(f"{curve.kind} {into} {curve.baseline} ({curve.better} area is better)",
+                 fontsize=10)
     ax.legend(fontsize=8, loc="upper right" if curve.kind == "deletion" else "lower right")
     ax.grid(alpha=0.3)
     return line
+
+
+def draw_curves(ax, curves, *, colors=None):
+    """Several curves of one kind on ``ax``, redrawn from scratch (widgets call it again with
+    each new result); one colour per curve, the legend gives each method's area."""
+    ax.cla()
+    colors = colors or [f"C{i}" for i in range(len(curves))]
+    for curve, color in zip(curves, colors):
+        draw_curve(ax, curve, color=color, shade=len(curves) == 1)
+    if not curves:
+        ax.set_axis_off()
+    else:
+        ax.set_axis_on()
+    return ax
 
 
 def plot_curve(curve, ax=None, *, label: str | None = None, color: str | None = None):

@@ -2,8 +2,10 @@
 parameters as controls (built from the registry's specs), and up to four methods side by side.
 
 State is traitlets (``method``, ``target``, ``layer``, ``params``, ``compare``, ``alpha``,
-``cmap``); setting one from code updates the controls and the view. Computation runs in a
-background thread; a newer selection cancels the older one and a stale result is dropped.
+``cmap``, ``evaluate``); setting one from code updates the controls and the view. Computation
+runs in a background thread; a newer selection cancels the older one and a stale result is
+dropped. With ``evaluate`` on, every shown map also gets its deletion and insertion curves
+(``cw.metrics``), drawn together under the maps so the methods can be compared on faithfulness.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import traitlets
 
 from ..engine.attribution import Cancelled, attribute, get_method, methods
 from ..engine.attribution.core import check_layer, default_layer
+from ..engine.metrics import deletion, insertion
 from ..render.attribution import (
     COLORMAPS,
     DEFAULT_CMAP,
@@ -24,9 +27,11 @@ from ..render.attribution import (
     show_panel,
     update_attribution,
 )
+from ..render.metrics import draw_curves
 from .base import WidgetBase, make_figure
 
 MAX_PANELS = 4
+EVAL_STEPS = 25  #: steps of the deletion / insertion curves in the widget (a quick look)
 
 
 def _control(spec, value):
@@ -60,7 +65,9 @@ class AttributionExplorer(WidgetBase):
     ``method``: the main method; ``target``: class index or label (``None`` = top-1);
     ``layer``: layer for CAM methods (``""`` = the method's default); ``params``: the main
     method's parameters (defaults filled in); ``compare``: up to three more methods shown
-    side by side (with their default parameters); ``alpha``, ``cmap``: overlay look.
+    side by side (with their default parameters); ``alpha``, ``cmap``: overlay look;
+    ``evaluate``: also compute and draw each map's deletion and insertion curves
+    (``EVAL_STEPS`` steps each; ``curves`` holds the last ones).
     """
 
     method = traitlets.Unicode("grad_cam")
@@ -70,6 +77,7 @@ class AttributionExplorer(WidgetBase):
     compare = traitlets.List(traitlets.Unicode())
     alpha = traitlets.Float(0.5)
     cmap = traitlets.Unicode("auto")
+    evaluate = traitlets.Bool(False)
 
     def __init__(self, model, image, method: str = "grad_cam", target=None, *,
                  compare=(), background: bool = True, **kwargs):
@@ -80,6 +88,8 @@ class AttributionExplorer(WidgetBase):
         self.image = load_image(image)
         self.background = background
         self.result = None  #: the last list of ``cw.Attribution`` shown
+        #: the last deletion / insertion curves: ``[(deletion, insertion)]``, one per map
+        self.curves: list = []
         self._cancel = threading.Event()
         self._busy = False
         _, self.display = model.prepare(self.image)
@@ -110,6 +120,10 @@ class AttributionExplorer(WidgetBase):
         self.compare_select = widgets.SelectMultiple(
             options=methods(), description="compare", rows=5,
             layout=widgets.Layout(width="300px"))
+        self.evaluate_check = widgets.Checkbox(
+            value=False, description="deletion / insertion curves", indent=False,
+            tooltip="how fast the score falls as the map's top pixels are removed, and rises "
+                    "as they are inserted (slower: 2 × 26 forward passes per map)")
         self.cancel_button = widgets.Button(description="Cancel", icon="stop",
                                             button_style="warning", disabled=True,
                                             layout=widgets.Layout(width="120px"))
@@ -130,14 +144,20 @@ class AttributionExplorer(WidgetBase):
         self._panels = [draw_attribution(ax, blank, self.display, alpha=0.5) for ax in axes]
         self.figure = self.single_fig
         self.canvas_box = widgets.Box([self.single_canvas])
+        self.eval_fig, self.eval_canvas = make_figure(7.0, 2.6, dpi=90)
+        self._eval_axes = self.eval_fig.subplots(1, 2)
+        self.eval_fig.subplots_adjust(left=0.08, right=0.98, bottom=0.2, top=0.86, wspace=0.25)
+        self.eval_box = widgets.Box([self.eval_canvas], layout=widgets.Layout(display="none"))
 
         controls = widgets.VBox([
             self.method_select, self.top_select, self.label_search, self.layer_select,
             widgets.HTML("<b>parameters</b>"), self.param_box,
             widgets.HTML("<b>view</b>"), self.alpha_slider, self.cmap_select,
-            self.compare_select, self.cancel_button,
+            self.compare_select, widgets.HTML("<b>evaluate</b>"), self.evaluate_check,
+            self.cancel_button,
         ], layout=widgets.Layout(width="320px"))
-        self.children = [widgets.HBox([controls, self.canvas_box]), self.status, self.errors]
+        self.children = [widgets.HBox([controls, widgets.VBox([self.canvas_box, self.eval_box])]),
+                         self.status, self.errors]
 
         # ---------------------------------------------------------- wiring
         self.method_select.observe(self._guard(lambda c: setattr(self, "method", c.new)), "value")
@@ -148,6 +168,8 @@ class AttributionExplorer(WidgetBase):
         self.cmap_select.observe(self._guard(lambda c: setattr(self, "cmap", c.new)), "value")
         self.compare_select.observe(
             self._guard(lambda c: setattr(self, "compare", list(c.new)[:MAX_PANELS - 1])), "value")
+        self.evaluate_check.observe(self._guard(lambda c: setattr(self, "evaluate", c.new)),
+                                    "value")
         self.cancel_button.on_click(self._guard(lambda b: self.cancel()))
 
         with self.hold_trait_notifications():
@@ -217,7 +239,8 @@ class AttributionExplorer(WidgetBase):
     # ------------------------------------------------------------------ reactions
     def _observe(self):
         self.observe(self._guard(self._on_method), "method")
-        self.observe(self._guard(self._on_state), ["target", "layer", "params", "compare"])
+        self.observe(self._guard(self._on_state),
+                     ["target", "layer", "params", "compare", "evaluate"])
         self.observe(self._guard(lambda c: (self._sync_controls(), self._restyle())),
                      ["alpha", "cmap"])
 
@@ -273,6 +296,8 @@ class AttributionExplorer(WidgetBase):
         self.alpha_slider.value = self.alpha
         self.cmap_select.value = self.cmap
         self.compare_select.value = tuple(n for n in self.compare if n in methods())
+        self.evaluate_check.value = self.evaluate
+        self.eval_box.layout.display = None if self.evaluate else "none"
         compare = bool(self.compare)
         self.figure = self.compare_fig if compare else self.single_fig
         self.canvas_box.children = [self.compare_canvas if compare else self.single_canvas]
@@ -288,13 +313,29 @@ class AttributionExplorer(WidgetBase):
         cancel = self._cancel = threading.Event()
         names = [self.method] + [n for n in self.compare if n != self.method]
         target, layer, params = self.target, self.layer, dict(self.params)
+        evaluate = self.evaluate
         label = self.model.label(target)
         self.status.value = f"computing {', '.join(names)} for “{label}”…"
         self.cancel_button.disabled = False
+        stage = {"what": ", ".join(names)}
 
         def progress(done, total):
             if not cancel.is_set():
-                self.status.value = f"computing {', '.join(names)}… {done}/{total}"
+                self.status.value = f"computing {stage['what']}… {done}/{total}"
+
+        def curves_of(results):
+            out = []
+            for r in results:
+                if isinstance(r, Exception):
+                    out.append(None)
+                    continue
+                pair = []
+                for kind, fn in (("deletion", deletion), ("insertion", insertion)):
+                    stage["what"] = f"{kind} curve of {r.method}"
+                    pair.append(fn(self.model, self.image, r, steps=EVAL_STEPS, cancel=cancel,
+                                   progress=progress))
+                out.append(tuple(pair))
+            return out
 
         def compute():
             results = []
@@ -312,18 +353,23 @@ class AttributionExplorer(WidgetBase):
                         if i == 0:
                             raise
                         results.append(exc)  # shown in its panel, the others still show
+                curves = curves_of(results) if evaluate else []
             except Cancelled:
                 return None
-            return results
+            return results, curves
 
-        def done(results):
+        def done(outcome):
             self.cancel_button.disabled = True
-            if results is None:
+            if outcome is None:
                 self.status.value = "cancelled"
                 return
+            results, curves = outcome
             self.result = results
+            self.curves = curves
             self._names = names
             self._show(results)
+            if evaluate:
+                self._show_curves(curves)
             took = ", ".join(f"{r.method} {r.seconds:.2f} s" for r in results
                              if not isinstance(r, Exception))
             self.status.value = f"“{label}” (class {target}): {took}"
@@ -356,6 +402,12 @@ class AttributionExplorer(WidgetBase):
                                    fade=r.signed or r.fine)
             show_panel(panel, i < len(results))
         self.compare_canvas.draw_idle()
+
+    def _show_curves(self, curves):
+        pairs = [p for p in curves if p is not None]
+        draw_curves(self._eval_axes[0], [d for d, _ in pairs])
+        draw_curves(self._eval_axes[1], [i for _, i in pairs])
+        self.eval_canvas.draw_idle()
 
     def _restyle(self):
         signed = [getattr(r, "signed", False) for r in (self.result or [])]

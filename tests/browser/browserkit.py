@@ -388,7 +388,9 @@ class Case:
     ``control`` is one of ``("select", nth, option)`` (choose ``option`` -- a label, an
     index or ``"next"`` -- in the ``nth`` ``<select>`` of the widget), ``("slider", nth, presses)`` (press
     ArrowRight on the ``nth`` slider handle), ``("button", label)`` (click the button with that
-    text), ``("tab", index)`` (click a tab of an ipywidgets Tab), ``("canvas", nth, fx, fy)`` (click the ``nth`` figure at a fractional position).
+    text), ``("checkbox", nth)`` (click the ``nth`` checkbox), ``("tab", index)`` (click a tab of
+    an ipywidgets Tab), ``("canvas", nth, fx, fy)`` (click the ``nth`` figure at a fractional
+    position).
     """
     id: str
     widget: str                       # public cnnwidgets name; the case is skipped without it
@@ -625,6 +627,12 @@ def move_control(page, case: Case) -> str:
         (label,) = args
         root.get_by_role("button", name=label).first.click()
         return f"button {label!r}"
+    if kind == "checkbox":
+        (nth,) = args
+        box = root.locator("input[type=checkbox]").nth(nth)
+        box.scroll_into_view_if_needed()
+        box.click()
+        return f"checkbox #{nth}"
     if kind == "tab":
         (index,) = args
         tab = root.locator(".lm-TabBar-tab").nth(index)

@@ -65,11 +65,19 @@ CASES = [
          "w = cw.FeatureMapExplorer(model, image)", control=("canvas", 0, 0.2, 0.2)),
     Case("attribution", "AttributionExplorer", "w = cw.AttributionExplorer(model, image)",
          control=("select", 0, "next"), timeout=120),
+    # the "deletion / insertion curves" checkbox: a figure of curves appears under the maps
+    Case("attribution_evaluate", "AttributionExplorer",
+         "w = cw.AttributionExplorer(model, image)", control=("checkbox", 0), timeout=180),
     # the target dropdown: a new backtrack redraws every panel. (The backtrack-step slider,
     # moved with ArrowRight, changed the figure in Lab and Voila but not in Notebook 7, where
     # the key press did not reach the slider; the step itself is covered by the widget tests.)
     Case("fixations", "FixationExplorer", "w = cw.FixationExplorer(model, image)",
          control=("select", 0, "next"), timeout=120),
+    # a small dissection of one block on the synthetic concepts; the unit dropdown
+    Case("dissection", "DissectionExplorer",
+         "result = cw.dissect(model, cw.datasets.SyntheticConcepts(24, 64), ['_blocks.10'], "
+         "progress=False)\nw = cw.DissectionExplorer(result)", control=("select", 1, "next"),
+         timeout=120),
     Case("feature_vis", "FeatureVisualizer", "w = cw.FeatureVisualizer(model)",
          control=("select", 0, "next"), timeout=120),
     Case("explorer", "Explorer", "w = cw.Explorer(model, image)", control=("tab", 1),
