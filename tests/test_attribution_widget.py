@@ -129,10 +129,10 @@ def test_save_writes_the_figure(widget, tmp_path):
 
 
 def test_evaluate_draws_deletion_and_insertion_curves_for_every_map(widget, model):
-    assert widget.eval_box.layout.display == "none" and widget.curves == []
+    assert widget.eval_box.children == () and widget.curves == []
     widget.compare = ["saliency"]
     widget.evaluate_check.value = True  # the control → the traitlet → curves for both maps
-    assert widget.evaluate and widget.eval_box.layout.display != "none"
+    assert widget.evaluate and widget.eval_box.children == (widget.eval_canvas,)
     assert len(widget.curves) == 2
     image = cw.sample_image("cat")
     for r, (d, i) in zip(widget.result, widget.curves):
@@ -148,6 +148,6 @@ def test_evaluate_draws_deletion_and_insertion_curves_for_every_map(widget, mode
     widget.target = 3
     assert [c[0].target for c in widget.curves] == [3, 3] and len(dele.lines) == 2
     widget.evaluate = False  # from code: the panel hides, no more curves computed
-    assert widget.eval_box.layout.display == "none" and not widget.evaluate_check.value
+    assert widget.eval_box.children == () and not widget.evaluate_check.value
     widget.target = 4
     assert widget.curves == []

@@ -147,7 +147,7 @@ class AttributionExplorer(WidgetBase):
         self.eval_fig, self.eval_canvas = make_figure(7.0, 2.6, dpi=90)
         self._eval_axes = self.eval_fig.subplots(1, 2)
         self.eval_fig.subplots_adjust(left=0.08, right=0.98, bottom=0.2, top=0.86, wspace=0.25)
-        self.eval_box = widgets.Box([self.eval_canvas], layout=widgets.Layout(display="none"))
+        self.eval_box = widgets.Box([])  # holds the canvas while ``evaluate`` is on
 
         controls = widgets.VBox([
             self.method_select, self.top_select, self.label_search, self.layer_select,
@@ -297,7 +297,7 @@ class AttributionExplorer(WidgetBase):
         self.cmap_select.value = self.cmap
         self.compare_select.value = tuple(n for n in self.compare if n in methods())
         self.evaluate_check.value = self.evaluate
-        self.eval_box.layout.display = None if self.evaluate else "none"
+        self.eval_box.children = [self.eval_canvas] if self.evaluate else []
         compare = bool(self.compare)
         self.figure = self.compare_fig if compare else self.single_fig
         self.canvas_box.children = [self.compare_canvas if compare else self.single_canvas]
