@@ -18,7 +18,11 @@ import time
 
 import torch
 
-import cnnwidgets as cw
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a clone
+import cnnwidgets as cw  # noqa: E402
 
 
 def median_ms(samples):

@@ -28,7 +28,11 @@ import time
 
 import torch
 
-import cnnwidgets as cw
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a clone
+import cnnwidgets as cw  # noqa: E402
 from cnnwidgets.engine.optvis import optimize
 
 

@@ -39,7 +39,7 @@ def draw_attribution(ax, heat, image=None, *, alpha: float = 0.5, cmap: str | No
     base = ax.imshow(np.clip(image, 0, 1), interpolation="bilinear")
     over = ax.imshow(heat, cmap=cmap, vmin=low, vmax=high, alpha=_alpha(heat, alpha, fade),
                      interpolation="bilinear")
-    text = ax.set_title(title or "", fontsize=9)
+    text = ax.set_title(title or "", fontsize=9, y=1.0)
     return {"image": base, "overlay": over, "title": text, "signed": signed, "fade": fade,
             "alpha": float(alpha)}
 
@@ -110,7 +110,7 @@ def draw_image(ax, image, title: str | None = None) -> dict:
     """The plain image on ``ax``; returns ``{"image", "title"}`` artists."""
     ax.set_axis_off()
     art = ax.imshow(np.clip(image, 0, 1), interpolation="bilinear")
-    return {"image": art, "title": ax.set_title(title or "", fontsize=9)}
+    return {"image": art, "title": ax.set_title(title or "", fontsize=9, y=1.0)}
 
 
 def show_panel(artists: dict, visible: bool) -> None:

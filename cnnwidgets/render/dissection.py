@@ -90,7 +90,7 @@ def update_top_images(cells, images, concept_masks, unit_masks, titles):
         cell["unit"].set_data(overlay(outline(um, width), UNIT_RGB, 1.0))
         for key in ("image", "concept", "unit"):
             cell[key].set_visible(True)
-        ax.set_title(titles[i], fontsize=8)
+        ax.set_title(titles[i], fontsize=8, y=1.0)
 
 
 def draw_category_bars(ax, categories):
@@ -112,7 +112,7 @@ def update_category_bars(artists, counts, title=""):
         label.set_y(n)
         label.set_text(f"{int(n)}")
     artists["ax"].set_ylim(0, max(1.0, counts.max() * 1.2 if len(counts) else 1.0))
-    artists["ax"].set_title(title, fontsize=9)
+    artists["ax"].set_title(title, fontsize=9, y=1.0)
 
 
 def draw_layer_bars(ax, layers, categories, counts):
@@ -131,7 +131,7 @@ def draw_layer_bars(ax, layers, categories, counts):
     ax.tick_params(labelsize=8)
     ax.set_ylim(0, max(1.0, bottom.max() * 1.15))
     ax.legend(fontsize=7, frameon=False, loc="upper left")
-    ax.set_title("detectors per layer", fontsize=9)
+    ax.set_title("detectors per layer", fontsize=9, y=1.0)
     return {"ax": ax, "stacks": stacks, "totals": bottom}
 
 

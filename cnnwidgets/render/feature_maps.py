@@ -90,7 +90,7 @@ def update_grid(ax: Axes, image, tiles: np.ndarray, vmin: float, vmax: float, ti
     image.set_extent((-0.5, w - 0.5, h - 0.5, -0.5))
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
-    ax.set_title(title, fontsize=10, loc="left")
+    ax.set_title(title, fontsize=10, loc="left", y=1.0)  # y given: no costly auto-placement
 
 
 def select_tile(box: Rectangle, layout: GridLayout, index: int | None) -> None:
@@ -127,7 +127,7 @@ def update_overlay(ax: Axes, overlay, marker, amap: np.ndarray, title: str,
     overlay.set_data(amap)
     overlay.set_clim(lo, hi if hi > lo else lo + 1e-6)
     marker.set_data([point[0]] if point else [], [point[1]] if point else [])
-    ax.set_title(title, fontsize=10, loc="left")
+    ax.set_title(title, fontsize=10, loc="left", y=1.0)  # y given: no costly auto-placement
 
 
 def draw_bars(ax: Axes, k: int = 10):
@@ -167,4 +167,4 @@ def update_bars(ax: Axes, bars, labels, names, values: np.ndarray, title: str,
         text.set_text(names[i] if i < n else "")
         text.set_x(lo + 0.01 * span)
     ax.set_xlim(lo - 0.02 * span, hi + 0.05 * span)
-    ax.set_title(title, fontsize=10, loc="left")
+    ax.set_title(title, fontsize=10, loc="left", y=1.0)  # y given: no costly auto-placement

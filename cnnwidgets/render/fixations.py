@@ -25,7 +25,7 @@ def _offsets(points) -> np.ndarray:
 def _clean(ax: Axes, title: str = "") -> None:
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, y=1.0)
 
 
 def draw_fixations(ax: Axes, image: np.ndarray, points, outliers=None, box=None,
@@ -60,7 +60,7 @@ def update_fixations(artists: dict, points, outliers=None, box=None, title: str 
         rect.set_bounds(x0 - 0.5, y0 - 0.5, x1 - x0 + 1, y1 - y0 + 1)
         rect.set_visible(True)
     if title is not None:
-        artists["image"].axes.set_title(title, fontsize=9)
+        artists["image"].axes.set_title(title, fontsize=9, y=1.0)
 
 
 def layer_grid(points, shape) -> np.ndarray:
@@ -118,7 +118,7 @@ def update_layer(artists: dict, points, shape, title: str | None = None) -> None
     ax.set_ylim(extent[2], extent[3])
     ax.set_facecolor("white" if spatial else "#e8e8e8")
     if title is not None:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=9, y=1.0)
 
 
 def draw_heatmap(ax: Axes, image: np.ndarray, heat: np.ndarray, title: str = "",
@@ -136,4 +136,4 @@ def draw_heatmap(ax: Axes, image: np.ndarray, heat: np.ndarray, title: str = "",
 def update_heatmap(artists: dict, heat: np.ndarray, title: str | None = None) -> None:
     artists["heat"].set_data(heat)
     if title is not None:
-        artists["heat"].axes.set_title(title, fontsize=9)
+        artists["heat"].axes.set_title(title, fontsize=9, y=1.0)

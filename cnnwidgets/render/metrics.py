@@ -23,7 +23,7 @@ def draw_curve(ax, curve, *, label: str | None = None, color: str | None = None,
     ax.set_ylabel(f"{curve.score} of “{curve.label}”" if curve.label else curve.score)
     into = {"deletion": "to", "insertion": "into"}.get(curve.kind, "with")
     ax.set_title(f"{curve.kind} {into} {curve.baseline} ({curve.better} area is better)",
-                 fontsize=10)
+                 fontsize=10, y=1.0)
     ax.legend(fontsize=8, loc="upper right" if curve.kind == "deletion" else "lower right")
     ax.grid(alpha=0.3)
     return line
@@ -65,7 +65,7 @@ def plot_curve(curve, ax=None, *, label: str | None = None, color: str | None = 
         small = fig.add_subplot(grid[1, i])
         small.imshow(np.clip(image, 0, 1))
         small.set_axis_off()
-        small.set_title(f"{fractions[i]:.0%}", fontsize=8)
+        small.set_title(f"{fractions[i]:.0%}", fontsize=8, y=1.0)
     return ax
 
 

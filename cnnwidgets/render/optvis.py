@@ -31,7 +31,7 @@ def draw_image(ax, image, title: str = ""):
     """An RGB image with no ticks; returns the ``AxesImage``."""
     ax.set_axis_off()
     artist = ax.imshow(np.clip(np.asarray(image, dtype=np.float32), 0, 1), interpolation="nearest")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, y=1.0)
     return artist
 
 
@@ -46,14 +46,14 @@ def update_image(artist, image, title: str | None = None) -> None:
         artist.axes.set_xlim(-0.5, w - 0.5)
         artist.axes.set_ylim(h - 0.5, -0.5)
     if title is not None:
-        artist.axes.set_title(title, fontsize=9)
+        artist.axes.set_title(title, fontsize=9, y=1.0)
 
 
 def draw_loss(ax, title: str = "loss"):
     """An empty loss curve; returns the ``Line2D``."""
     (line,) = ax.plot([], [], lw=1.2, color="C0")
     ax.set_xlabel("step", fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, y=1.0)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     return line
