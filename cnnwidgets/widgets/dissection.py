@@ -180,8 +180,9 @@ class DissectionExplorer(WidgetBase):
                                       if record.category in self.categories else 0)
         self.info.value = (
             f"<b>{html.escape(layer)}</b> unit <b>{unit}</b>: "
-            f"<span style='color:{color}'><b>{html.escape(record.concept or '(no concept)')}</b></span> "
-            f"({html.escape(record.category)}), IoU <b>{record.iou:.3f}</b> "
+            f"<span style='color:{color}'><b>{html.escape(record.concept or '(no concept)')}</b></span>"
+            f"{f' ({html.escape(record.category)})' if record.category else ''}, "
+            f"IoU <b>{record.iou:.3f}</b> "
             f"{'≥' if detector else '<'} {self.result.iou_threshold:g} "
             f"({'a detector' if detector else 'not a detector'}), threshold "
             f"T = {record.threshold:.4g} (top {self.result.quantile:g} of its activations). "
