@@ -132,7 +132,7 @@ def test_evaluate_draws_deletion_and_insertion_curves_for_every_map(widget, mode
     assert widget.eval_box.children == () and widget.curves == []
     widget.compare = ["saliency"]
     widget.evaluate_check.value = True  # the control → the traitlet → curves for both maps
-    assert widget.evaluate and widget.eval_box.children == (widget.eval_canvas,)
+    assert widget.evaluate and widget.eval_box.children[0].children == (widget.eval_canvas,)
     assert len(widget.curves) == 2
     image = cw.sample_image("cat")
     for r, (d, i) in zip(widget.result, widget.curves):

@@ -143,11 +143,17 @@ class AttributionExplorer(WidgetBase):
         axes = self.compare_fig.subplots(1, MAX_PANELS)
         self._panels = [draw_attribution(ax, blank, self.display, alpha=0.5) for ax in axes]
         self.figure = self.single_fig
-        self.canvas_box = widgets.Box([self.single_canvas])
+        # A canvas leaves the page in a Box of its own: JupyterLab keeps the element of an ipympl
+        # canvas taken out of a container on the page (and adds another when it comes back),
+        # while a removed Box takes its whole subtree with it.
+        self._single_holder = widgets.Box([self.single_canvas])
+        self._compare_holder = widgets.Box([self.compare_canvas])
+        self.canvas_box = widgets.Box([self._single_holder])
         self.eval_fig, self.eval_canvas = make_figure(7.0, 2.6, dpi=90)
         self._eval_axes = self.eval_fig.subplots(1, 2)
         self.eval_fig.subplots_adjust(left=0.08, right=0.98, bottom=0.2, top=0.86, wspace=0.25)
-        self.eval_box = widgets.Box([])  # holds the canvas while ``evaluate`` is on
+        self._eval_holder = widgets.Box([self.eval_canvas])
+        self.eval_box = widgets.Box([])  # holds the curves while ``evaluate`` is on
 
         controls = widgets.VBox([
             self.method_select, self.top_select, self.label_search, self.layer_select,
@@ -297,10 +303,10 @@ class AttributionExplorer(WidgetBase):
         self.cmap_select.value = self.cmap
         self.compare_select.value = tuple(n for n in self.compare if n in methods())
         self.evaluate_check.value = self.evaluate
-        self.eval_box.children = [self.eval_canvas] if self.evaluate else []
+        self.eval_box.children = [self._eval_holder] if self.evaluate else []
         compare = bool(self.compare)
         self.figure = self.compare_fig if compare else self.single_fig
-        self.canvas_box.children = [self.compare_canvas if compare else self.single_canvas]
+        self.canvas_box.children = [self._compare_holder if compare else self._single_holder]
 
     # ------------------------------------------------------------------ computing
     def cancel(self) -> None:
