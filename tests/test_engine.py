@@ -324,3 +324,57 @@ def test_cached_activations_follow_weight_updates():
     assert torch.allclose(after[0], 2 * before[0]) and after[0].abs().sum() > 0
     model.module.load_state_dict(TinyNet().state_dict())  # back to the hand-set weights
     assert torch.allclose(model.activations(image, "conv"), before)
+
+
+def test_hooks_ignore_forward_passes_of_other_threads():
+    """Module hooks are process-wide; widgets compute on one model in several threads at once
+    (Voila runs every cell before the page shows). A tap held by one thread must not catch
+    another thread's (no-grad) activation, and its replacement must not change the other
+    thread's forward pass. (Found in Voila: Grad-CAM failed with "One of the differentiated
+    Tensors does not require grad" while a second explorer drew its deletion curve.)"""
+    import threading
+
+    from cnnwidgets.engine.attribution.core import tap
+
+    net = TinyNet()
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        plain = net(x)
+
+    def other_thread():
+        out = {}
+
+        def run():
+            with torch.no_grad():
+                out["y"] = net(torch.rand(1, 3, 8, 8) + 5.0)
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join(10)
+        return out["y"]
+
+    xg = x.clone().requires_grad_(True)
+    with tap(net, "conv") as box:
+        net(xg)
+        mine = box["value"]
+        other_thread()
+        assert box["value"] is mine and box["value"].requires_grad
+    (g,) = torch.autograd.grad(net(xg).sum(), xg)  # and the graph is still usable
+    assert g.shape == xg.shape
+
+    with tap(net, "relu", replace=lambda t: torch.zeros_like(t)) as box:
+        with torch.no_grad():
+            zeroed = net(x)
+        y_other = other_thread()
+    assert torch.count_nonzero(zeroed) == 0
+    with torch.no_grad():  # the other thread's input ran through the unchanged network
+        assert torch.count_nonzero(y_other) > 0
+
+    with capture(net, ["conv"], replace=lambda n, t: torch.zeros_like(t)) as rec:
+        with torch.no_grad():
+            net(x)
+        other_thread()
+    assert torch.count_nonzero(rec.outputs["conv"]) == 0
+    with torch.no_grad():
+        assert torch.equal(net(x), plain)
+    assert hook_count(net) == 0

@@ -57,6 +57,25 @@ def layer_not_found(name, names: Iterable[str]) -> LayerNotFoundError:
     )
 
 
+def this_thread(hook: Callable) -> Callable:
+    """``hook`` bound to the calling thread: it does nothing (returns ``None``) when a forward
+    pass on another thread runs the module.
+
+    Module hooks are process-wide, and the widgets compute in background threads, on the same
+    model, at the same time (a notebook of several explorers; Voila runs every cell before the
+    page shows). Without this, a Grad-CAM tap would catch another thread's no-grad activation,
+    and an ablation's replacement would change another method's forward pass.
+    """
+    owner = threading.get_ident()
+
+    def bound(*args):
+        if threading.get_ident() != owner:
+            return None
+        return hook(*args)
+
+    return bound
+
+
 def _first_tensor(value):
     if isinstance(value, torch.Tensor):
         return value
@@ -120,7 +139,7 @@ def capture(
                     return output
                 return None
 
-            handles.append(layer.register_forward_hook(hook))
+            handles.append(layer.register_forward_hook(this_thread(hook)))
         yield record
     finally:
         for h in handles:

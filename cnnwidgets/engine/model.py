@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from .cache import TensorCache
-from .hooks import capture, layer_not_found, restored
+from .hooks import capture, layer_not_found, restored, this_thread
 from .images import load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -246,7 +246,7 @@ class Model:
                     entry[1] += 1
                     if t is not None and entry[0] is None:
                         entry[0] = tuple(t.shape[1:])
-                handles.append(m.register_forward_hook(hook))
+                handles.append(m.register_forward_hook(this_thread(hook)))
             x = torch.zeros(1, 3, *self.input_size, device=self.device)
             with restored(self.module), torch.no_grad():
                 scores = self.scores(x)

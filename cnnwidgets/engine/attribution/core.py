@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..folding import batch_sum, folded, head_of
-from ..hooks import layer_not_found, resolve, restored
+from ..hooks import layer_not_found, resolve, restored, this_thread
 from ..model import Model
 from .registry import get_method
 from ..relu_rules import relu_rule
@@ -259,7 +259,7 @@ def tap(module: nn.Module, layer: str, replace: Callable | None = None):
             box["value"] = t
             return None
 
-        handle = target.register_forward_pre_hook(pre_hook)
+        handle = target.register_forward_pre_hook(this_thread(pre_hook))
     else:
         def hook(mod, args, output):
             if not isinstance(output, torch.Tensor):
@@ -272,7 +272,7 @@ def tap(module: nn.Module, layer: str, replace: Callable | None = None):
             box["value"] = output
             return None
 
-        handle = target.register_forward_hook(hook)
+        handle = target.register_forward_hook(this_thread(hook))
     try:
         yield box
     finally:
@@ -304,9 +304,9 @@ def default_layer(model: Model) -> str:
         handles = []
         try:
             handles.append(resolve(model.module, last).register_forward_hook(
-                lambda m, a, o: seen.__setitem__("last", o)))
+                this_thread(lambda m, a, o: seen.__setitem__("last", o))))
             handles.append(resolve(model.module, pool).register_forward_pre_hook(
-                lambda m, a: seen.__setitem__("pool", a[0] if a else None)))
+                this_thread(lambda m, a: seen.__setitem__("pool", a[0] if a else None))))
             x = torch.zeros(1, 3, *model.input_size, device=model.device)
             with restored(model.module), torch.no_grad():
                 model.scores(x)

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..hooks import resolve, restored
+from ..hooks import resolve, restored, this_thread
 from ..relu_rules import relu_rule
 from . import objectives as obj
 from .param import make_param
@@ -81,19 +81,16 @@ def layer_outputs(model, x: torch.Tensor, layers, plan: LayerPlan | None = None)
     plan = plan or LayerPlan(model, layers)
     acts: dict = {}
     handles = []
-    me = threading.get_ident()
     try:
         for name, module in plan.modules:
 
             def hook(mod, args, out, name=name):
-                if threading.get_ident() != me:  # another thread's forward: not ours
-                    return None
                 if isinstance(out, torch.Tensor):
                     acts[name] = out
                 if name == plan.last:
                     raise _Stop
 
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_hook(this_thread(hook)))
         try:
             acts_logits = model.scores(x)
             if plan.logits:
