@@ -117,6 +117,55 @@ def test_convolution_subclass_is_folded():
     assert torch.allclose(net(x), twin(x), atol=1e-5)
 
 
+class StaticSame(nn.Conv2d):
+    """EfficientNet's pattern: a ZeroPad2d child applied before a plain convolution."""
+
+    def __init__(self, *args, pad=(1, 1, 1, 1), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d(pad)
+
+    def forward(self, x):
+        return super().forward(self.static_padding(x))
+
+
+class DynamicSame(nn.Conv2d):
+    """TF 'same' padding computed from the input size (stride 2: odd and even sizes differ)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d(1)  # a decoy: right for odd sizes only
+
+    def forward(self, x):
+        h = x.shape[-1]
+        total = max((-(-h // 2) - 1) * 2 + 3 - h, 0)
+        return super().forward(F.pad(x, (total // 2, total - total // 2) * 2))
+
+
+@pytest.mark.parametrize("conv, plain", [
+    (StaticSame(3, 4, 3), True),
+    (StaticSame(3, 4, 3, padding=1, pad=(2, 2, 2, 2)), True),  # both paddings add up
+    (StaticSame(3, 4, 3, stride=2, pad=(0, 1, 0, 1)), False),  # asymmetric: kept
+    (DynamicSame(3, 4, 3, stride=2), False),
+    (PadConv(3, 4, 3), False),  # pads in forward (no child): left as it is
+])
+def test_symmetric_static_padding_goes_into_the_convolution(conv, plain):
+    torch.manual_seed(2)
+    net = nn.Sequential(conv, nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten()).eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    twin = folded(net)
+    convs = [m for m in twin.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and (type(convs[0]) is nn.Conv2d) == plain
+    if plain:
+        left, right, top, bottom = conv.static_padding.padding
+        assert convs[0].padding == (conv.padding[0] + top, conv.padding[1] + left)
+    for size in (9, 10, 224):  # the same function at any input size
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            assert torch.allclose(net(x), twin(x), rtol=1e-5, atol=1e-5)
+
+
 class Untraceable(ConvBN):
     def forward(self, x):
         y = self.bn(self.conv(x))

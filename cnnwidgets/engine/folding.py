@@ -66,6 +66,42 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
             and not _has_hooks(conv) and not _has_hooks(bn))
 
 
+def _plain(conv: nn.Module) -> nn.Module:
+    """``conv`` as a plain ``nn.Conv2d`` when it is a subclass that zero-pads its input
+    symmetrically before a plain convolution (EfficientNet's static "same" padding: a
+    ``ZeroPad2d`` child), else ``conv`` itself. The convolution then pads as it goes instead of
+    copying every input into a padded tensor first — forward and backward (measured ~7% of a
+    forward + backward pass of EfficientNet-Lite0). Kept only when it gives the same output on
+    random inputs of an odd and an even size (padding that depends on the input size fails)."""
+    if type(conv) is nn.Conv2d or not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros" \
+            or isinstance(conv.padding, str):
+        return conv
+    candidates = [tuple(conv.padding)]
+    for child in conv.children():
+        if isinstance(child, nn.ZeroPad2d):
+            left, right, top, bottom = child.padding
+            if left == right and top == bottom:
+                candidates.append((conv.padding[0] + top, conv.padding[1] + left))
+    p = conv.weight
+    g = torch.Generator(device="cpu").manual_seed(0)
+    k = conv.kernel_size
+    inputs = [torch.randn((1, conv.in_channels, k[0] * 2 + 5 + e, k[1] * 2 + 5 + e),
+                          generator=g).to(p) for e in (0, 1)]
+    for padding in dict.fromkeys(candidates):
+        plain = nn.Conv2d(conv.in_channels, conv.out_channels, k, conv.stride, padding,
+                          conv.dilation, conv.groups, conv.bias is not None, device=p.device,
+                          dtype=p.dtype)
+        plain.weight, plain.bias = conv.weight, conv.bias
+        try:
+            with torch.no_grad():
+                same = all(torch.allclose(plain(x), conv(x), rtol=1e-5, atol=1e-6) for x in inputs)
+        except Exception:  # noqa: BLE001 - shapes differ, or the subclass needs other input
+            same = False
+        if same:
+            return plain.train(conv.training)
+    return conv
+
+
 def _state(*modules: nn.Module) -> tuple:
     """What a folded convolution was built from: every tensor's storage and version."""
     return tuple((t.data_ptr(), t._version, t.dtype, t.device)
@@ -337,7 +373,7 @@ def _build(module: nn.Module, structure) -> _Twin:
         conv, bn = named.get(src.target), named.get(node.target)
         if conv is None or bn is None or not _foldable(conv, bn):
             continue
-        fused = copy.deepcopy(conv)
+        fused = _plain(copy.deepcopy(conv))
         _fold_into(fused, conv, bn)
         name = f"cw_folded_{len(pairs)}"
         named[name] = fused

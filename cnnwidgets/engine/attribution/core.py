@@ -353,9 +353,7 @@ def classifier_weights(model: Model, channels: int) -> torch.Tensor:
 def input_only(module: nn.Module):
     """:func:`restored` with every parameter's ``requires_grad`` off inside: gradients reach
     the input only (faster, and the parameters are never touched); all put back after."""
-    with restored(module):
-        for p in module.parameters():
-            p.requires_grad_(False)
+    with restored(module, frozen=True):
         yield module
 
 
