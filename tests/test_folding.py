@@ -392,3 +392,98 @@ def test_batch_sum_any_layout():
         assert torch.allclose(folding.batch_sum(u), u.sum(0, keepdim=True), atol=1e-5)
         assert torch.allclose(folding.batch_sum(u, w), (u * w.view(-1, 1, 1, 1)).sum(0, keepdim=True),
                               atol=1e-5)
+
+
+class PackNet(nn.Module):
+    """conv → BN → ReLU, conv → BN → ReLU6, a conv without BN or activation, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.r1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.c2, self.b2, self.r2 = nn.Conv2d(8, 8, 3, stride=2, groups=2), nn.BatchNorm2d(8), \
+            nn.ReLU6()
+        self.c3 = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.r2(self.b2(self.c2(self.r1(self.b1(self.c1(x))))))
+        return self.fc(self.c3(x).mean((2, 3)))
+
+
+def _pack_net():
+    torch.manual_seed(3)
+    net = PackNet().eval()
+    with torch.no_grad():
+        for bn in (net.b1, net.b2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+        net.c2.weight.mul_(8.0)  # values above 6: the ReLU6 clips
+    return net
+
+
+@pytest.mark.skipif(folding._PACK_OPS is None, reason="this torch has no oneDNN operators")
+def test_packed_convolutions_compute_the_same_without_gradients():
+    net = _pack_net()
+    # net.c1 is the head's convolution (the input's only user); the other two are packed,
+    # c2 with its ReLU6 fused in
+    twin = folded(net)
+    packed = [m for m in twin.modules() if isinstance(m, folding.Packed)]
+    assert len(packed) == 2
+    assert [type(p.act).__name__ for p in packed] == ["ReLU6", "NoneType"]
+    assert packed[1].conv is net.c3  # not folded: the network's own module, shared
+    for n, layout in ((1, torch.contiguous_format), (5, torch.channels_last)):
+        x = torch.randn(n, 3, 12, 12).contiguous(memory_format=layout)
+        with torch.no_grad():
+            assert torch.allclose(twin(x), net(x), rtol=1e-5, atol=1e-5)
+        assert all(p._packed is not None for p in packed)  # the fast path ran
+    # a weight changed in place (an optimiser step) is seen: the packed copy is redone
+    with torch.no_grad():
+        net.c3.weight.mul_(-2.0)
+        assert torch.allclose(folded(net)(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(folding._PACK_OPS is None, reason="this torch has no oneDNN operators")
+def test_packed_convolutions_gradients_hooks_and_rules():
+    net = _pack_net()
+    twin = folded(net)
+    p2, p3 = [m for m in twin.modules() if isinstance(m, folding.Packed)]
+    x = torch.randn(2, 3, 12, 12)
+    calls = []
+    for p in (p2, p3):
+        real = p.fast
+        p.fast = lambda t, real=real, p=p: calls.append((p is p2, real(t))) or real(t)
+
+    def grads(model):
+        xg = x.clone().requires_grad_(True)
+        return torch.autograd.grad(model(xg)[:, 1].sum(), xg)[0]
+
+    # the folded convolution's weights need no gradient: the packed forward, then autograd's
+    # own backward rules (activation mask, convolution backward-data); the network's own c3
+    # has weights that require gradients: it runs as a module
+    assert torch.allclose(grads(twin), grads(net), rtol=1e-4, atol=1e-6)
+    assert calls == [(True, True), (False, False)]
+    # inside input_only (how attribution runs) c3 takes the packed path too
+    calls.clear()
+    with core.input_only(net):
+        assert torch.allclose(grads(twin), grads(net), rtol=1e-4, atol=1e-6)
+    assert calls == [(True, True), (False, True)]
+    # a hook on the fused activation fires
+    calls.clear()
+    seen = []
+    h = net.r2.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    try:
+        with torch.no_grad():
+            twin(x)
+    finally:
+        h.remove()
+    assert calls[0] == (True, False) and len(seen) == 1
+    # a ReLU rule sees the fused activation: its backward differs from the plain gradient
+    from cnnwidgets.engine.relu_rules import relu_rule
+    calls.clear()
+    with relu_rule("guided") as mode:
+        guided_twin = grads(twin)
+    with relu_rule("guided"):
+        guided_net = grads(net)
+    assert calls[0] == (True, False) and mode.calls >= 2
+    assert torch.allclose(guided_twin, guided_net, rtol=1e-4, atol=1e-6)
+    assert hook_count(net) == 0

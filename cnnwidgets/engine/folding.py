@@ -26,6 +26,14 @@ up the gradients at the head's output and apply ``Wᵀ`` once, instead of once p
 head's backward pass — on ResNet-18 a 7×7 stride-2 convolution whose backward is the most
 expensive single operation of the network on a CPU — runs once per call instead of once per
 sample. :class:`Head` (the twin's first layer) and :func:`head_of` give access to it.
+
+**Packed convolutions.** Every other plain ``Conv2d`` of the twin, with the ReLU / ReLU6 after
+it, becomes a :class:`Packed` module: oneDNN's fused convolution (the operator PyTorch's own
+CPU inference compiler uses) with the weight reordered once into oneDNN's layout instead of at
+every call. Same values (bit-identical on channels-last batches); measured 0.60× the time of
+Score-CAM and 0.83× of SmoothGrad on EfficientNet-Lite0, 0.93× of Score-CAM on ResNet-18 (its
+convolutions are large enough that the reorder matters only on the 512-channel layers). The
+reordered weights cost one more copy of the convolution weights in memory.
 """
 from __future__ import annotations
 
@@ -336,6 +344,178 @@ def _add_head(graph: fx.Graph, named: dict) -> bool:
     return True
 
 
+# ------------------------------------------------------------------ packed convolutions
+def _pack_ops():
+    """The oneDNN operators behind PyTorch's own CPU inference fusions, or None where this
+    build of torch lacks them (they are internal: every use is checked and has a fallback)."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    try:
+        if ops is None or not torch.backends.mkldnn.is_available():
+            return None
+        return ops._convolution_pointwise, ops._reorder_convolution_weight
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _mode_active() -> bool:
+    """Whether a TorchFunctionMode (a ReLU rule) is watching the calls of this thread."""
+    try:
+        return torch._C._len_torch_function_stack() > 0
+    except AttributeError:  # pragma: no cover - older torch: assume one is
+        return True
+
+
+class Packed(nn.Module):
+    """A twin's convolution — and the ReLU / ReLU6 right after it, when there is one — run by
+    oneDNN with the weight reordered once into oneDNN's own blocked layout and the activation
+    applied as the convolution writes its output (what PyTorch's own CPU inference compiler
+    does). A plain ``conv2d`` call reorders the weight on every call: on ResNet-18's 512-channel
+    7×7 layers that costs about a third of the call (measured 41 → 28 ms at batch 16).
+
+    Used only where it computes the same values: a pass without gradients, on CPU float32, with
+    no hook on the modules and no ReLU rule active; anything else runs the modules as the
+    network would. Checked against the modules on random inputs when the twin is built."""
+
+    def __init__(self, conv: nn.Conv2d, act: "nn.Module | None"):
+        super().__init__()
+        self.conv = conv
+        self.act = act  #: the ReLU / ReLU6 fused into the convolution, or None
+        self._packed = None  # (key, weight in oneDNN's layout)
+        self._broken = False  # the operator failed once: run the modules
+
+    def _attr(self):
+        if self.act is None:
+            return "none", []
+        if isinstance(self.act, nn.ReLU6):
+            return "hardtanh", [0.0, 6.0]
+        return "relu", []
+
+    def _weight(self, x: torch.Tensor, reorder):
+        w, b = self.conv.weight, self.conv.bias
+        key = (w.data_ptr(), w._version, w.shape,
+               None if b is None else (b.data_ptr(), b._version))
+        cached = self._packed
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        c = self.conv
+        packed = reorder(w.detach(), list(c.padding), list(c.stride), list(c.dilation), c.groups,
+                         list(x.shape))
+        self._packed = (key, packed)
+        return packed
+
+    def fast(self, x: torch.Tensor) -> bool:
+        """Whether this call can take the packed path: CPU float32, parameters that need no
+        gradient, no hook on the modules and no ReLU rule watching (the rule must see the
+        activation)."""
+        c = self.conv
+        return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 \
+            and c.weight.dtype == torch.float32 and not (
+                torch.is_grad_enabled() and (c.weight.requires_grad
+                                             or (c.bias is not None and c.bias.requires_grad))) \
+            and not _has_hooks(c) and (self.act is None or not _has_hooks(self.act)) \
+            and not _mode_active()
+
+    def packed_call(self, x: torch.Tensor) -> torch.Tensor:
+        pointwise, reorder = _PACK_OPS
+        c = self.conv
+        attr, scalars = self._attr()
+        b = None if c.bias is None else c.bias.detach()
+        return pointwise(x, self._weight(x, reorder), b, list(c.padding), list(c.stride),
+                         list(c.dilation), c.groups, attr, scalars, "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _PACK_OPS is not None and not self._broken and self.fast(x):
+            try:
+                if torch.is_grad_enabled() and x.requires_grad:
+                    return _PackedGrad.apply(x, self)
+                return self.packed_call(x)
+            except RuntimeError:  # an input this build's operator refuses: modules from now on
+                self._broken = True
+        y = self.conv(x)
+        return self.act(y) if self.act is not None else y
+
+
+class _PackedGrad(torch.autograd.Function):
+    """The packed forward, and the gradient with respect to the input as autograd computes it:
+    the activation's mask (from the output), then the convolution's backward-data pass."""
+
+    @staticmethod
+    def forward(ctx, x, packed: "Packed"):
+        y = packed.packed_call(x)
+        ctx.save_for_backward(x, y)
+        ctx.packed = packed
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, y = ctx.saved_tensors
+        packed = ctx.packed
+        c, act = packed.conv, packed.act
+        if isinstance(act, nn.ReLU6):
+            grad = torch.ops.aten.hardtanh_backward(grad, y, 0.0, 6.0)
+        elif act is not None:
+            grad = torch.ops.aten.threshold_backward(grad, y, 0)
+        gx = torch.ops.aten.convolution_backward(
+            grad, x, c.weight.detach(), None, list(c.stride), list(c.padding), list(c.dilation),
+            False, [0, 0], c.groups, [True, False, False])[0]
+        return gx, None
+
+
+_PACK_OPS = _pack_ops()
+
+
+def _packable(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str) and conv.weight.dtype == torch.float32
+            and conv.weight.device.type == "cpu")
+
+
+def _same_as_modules(packed: Packed) -> bool:
+    """Whether ``packed`` gives the modules' output on a random input."""
+    c = packed.conv
+    g = torch.Generator(device="cpu").manual_seed(0)
+    k = c.kernel_size
+    try:
+        with torch.no_grad():
+            for n in (2,):
+                x = torch.randn((n, c.in_channels, k[0] * 2 + 5, k[1] * 2 + 6), generator=g)
+                y = c(x)
+                ref = packed.act(y) if packed.act is not None else y
+                out = packed(x)
+                if out.shape != ref.shape or not torch.allclose(
+                        out, ref, rtol=1e-4, atol=1e-5 * (1.0 + float(ref.abs().max()))):
+                    return False
+        packed._packed = None  # packed again for the real input's shape
+        return True
+    except Exception:  # noqa: BLE001 - an operator this build cannot run: keep the modules
+        return False
+
+
+def _add_packed(graph: fx.Graph, named: dict) -> None:
+    """Route every plain ``Conv2d`` of the twin (and the ReLU / ReLU6 that is its only user)
+    through a :class:`Packed` module."""
+    if _PACK_OPS is None:
+        return
+    for node in list(graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        conv = named.get(node.target)
+        if conv is None or not _packable(conv):
+            continue
+        act_node = _only_user(node, named, (nn.ReLU, nn.ReLU6))
+        act = named[act_node.target] if act_node is not None else None
+        packed = Packed(conv, act)
+        if not _same_as_modules(packed):
+            continue
+        name = f"cw_packed_{sum(1 for k in named if str(k).startswith('cw_packed_'))}"
+        named[name] = packed
+        node.target = name
+        if act_node is not None:
+            act_node.replace_all_uses_with(node)
+            graph.erase_node(act_node)
+
+
 class _Twin:
     def __init__(self, structure, graph_module, pairs):
         self.structure = structure
@@ -384,6 +564,7 @@ def _build(module: nn.Module, structure) -> _Twin:
     if not pairs:
         return _Twin(structure, None, [])
     _add_head(graph, named)
+    _add_packed(graph, named)
     targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
     root = {}
     for t in targets:
