@@ -444,6 +444,8 @@ def test_packed_convolutions_compute_the_same_without_gradients():
 
 @pytest.mark.skipif(folding._PACK_OPS is None, reason="this torch has no oneDNN operators")
 def test_packed_convolutions_gradients_hooks_and_rules():
+    """Gradients through packed convolutions equal the network's: plain, and under the guided
+    and DeconvNet rules; hooks make the modules run."""
     net = _pack_net()
     twin = folded(net)
     p2, p3 = [m for m in twin.modules() if isinstance(m, folding.Packed)]
@@ -477,13 +479,17 @@ def test_packed_convolutions_gradients_hooks_and_rules():
     finally:
         h.remove()
     assert calls[0] == (True, False) and len(seen) == 1
-    # a ReLU rule sees the fused activation: its backward differs from the plain gradient
+    # a ReLU rule applies to the fused activation too (packed forward, the rule's backward)
     from cnnwidgets.engine.relu_rules import relu_rule
-    calls.clear()
-    with relu_rule("guided") as mode:
-        guided_twin = grads(twin)
-    with relu_rule("guided"):
-        guided_net = grads(net)
-    assert calls[0] == (True, False) and mode.calls >= 2
-    assert torch.allclose(guided_twin, guided_net, rtol=1e-4, atol=1e-6)
+    plain = grads(net)
+    for rule in ("guided", "deconvnet"):
+        calls.clear()
+        with core.input_only(net):
+            with relu_rule(rule) as mode:
+                on_twin = grads(twin)
+            with relu_rule(rule) as mode_net:
+                on_net = grads(net)
+        assert calls[0] == (True, True) and mode.calls == mode_net.calls == 2
+        assert torch.allclose(on_twin, on_net, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(on_net, plain, rtol=1e-2, atol=1e-4)  # the rule mattered
     assert hook_count(net) == 0

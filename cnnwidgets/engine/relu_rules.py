@@ -46,18 +46,43 @@ class _ReluLike(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
-        rule = ctx.mode.rule
-        if rule == "deconvnet":
-            return torch.relu(grad), None, None
-        # the fused masks autograd itself uses: 1[f > 0], or 1[0 < f < t] for the clipped form
-        # (the output f is inside (0, t) exactly when the input is)
-        if ctx.high is None:
-            out = torch.ops.aten.threshold_backward(grad, y, 0)
-        else:
-            out = torch.ops.aten.hardtanh_backward(grad, y, 0.0, ctx.high)
-        if rule == "guided":  # 1[R > 0], in place on the fresh tensor: measured 4× faster
-            out.clamp_min_(0.0)  # than relu(R) first (one allocation fewer)
-        return out, None, None
+        return backward_rule(grad, y, ctx.high, ctx.mode.rule), None, None
+
+
+def backward_rule(grad: torch.Tensor, y: torch.Tensor, high: "float | None", rule: str):
+    """The gradient below a ReLU-like unit with output ``y`` (``clamp(·, 0, high)``) for the
+    gradient ``grad`` above it, under ``rule`` (see the module docstring)."""
+    if rule == "deconvnet":
+        return torch.relu(grad)
+    # the fused masks autograd itself uses: 1[f > 0], or 1[0 < f < t] for the clipped form
+    # (the output f is inside (0, t) exactly when the input is)
+    if high is None:
+        out = torch.ops.aten.threshold_backward(grad, y, 0)
+    else:
+        out = torch.ops.aten.hardtanh_backward(grad, y, 0.0, high)
+    if rule == "guided":  # 1[R > 0], in place on the fresh tensor: measured 4× faster
+        out.clamp_min_(0.0)  # than relu(R) first (one allocation fewer)
+    return out
+
+
+def watching() -> "tuple[bool, _RuleMode | None]":
+    """``(clear, mode)``: ``clear`` when no TorchFunctionMode watches this thread's calls other
+    than, at most, one ReLU rule, which is ``mode`` (code that applies ReLUs itself — the packed
+    convolutions of :mod:`.folding` — then applies the rule)."""
+    try:
+        n = torch._C._len_torch_function_stack()
+    except AttributeError:  # pragma: no cover - older torch: assume someone watches
+        return False, None
+    if n == 0:
+        return True, None
+    if n == 1:
+        try:
+            mode = torch._C._get_function_stack_at(0)
+        except (AttributeError, RuntimeError, IndexError):  # pragma: no cover
+            return False, None
+        if isinstance(mode, _RuleMode):
+            return True, mode
+    return False, None
 
 
 _RELU = {torch.relu, torch.relu_, F.relu, F.relu_, torch.Tensor.relu, torch.Tensor.relu_}
