@@ -161,7 +161,9 @@ def bench(model_name, args):
         if args.quick and method in SLOW:
             continue
         slow = method in SLOW or (method in SAMPLING and model_name == "efficientnet_lite0")
-        repeats = args.slow_repeats if slow else args.repeats
+        single = not slow and method not in SAMPLING  # one pass, ~0.1 s: noise needs repeats
+        repeats = args.slow_repeats if slow else max(args.repeats, args.single_repeats) \
+            if single else args.repeats
         params = dict(PARAMS.get(method, {}))
         spec = cw.engine.attribution.get_method(method)
         kw = {"layer": layer} if spec.layer else {}
@@ -184,9 +186,12 @@ def main():
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slow-repeats", type=int, default=1)
+    parser.add_argument("--single-repeats", type=int, default=15,
+                        help="repeats of single-pass methods (~0.1 s each: on a shared two-core "
+                             "machine five repeats leave ±15%% of noise)")
     args = parser.parse_args()
     if args.quick:
-        args.repeats = 1
+        args.repeats = args.single_repeats = 1
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load average {os.getloadavg()[0]:.1f} (the machine is shared: absolute times vary)")
