@@ -493,3 +493,157 @@ def test_packed_convolutions_gradients_hooks_and_rules():
         assert torch.allclose(on_twin, on_net, rtol=1e-4, atol=1e-6)
         assert not torch.allclose(on_net, plain, rtol=1e-2, atol=1e-4)  # the rule mattered
     assert hook_count(net) == 0
+
+
+# ------------------------------------------------------------ residual sums and mixtures
+class Residual(nn.Module):
+    """A residual block whose shortcut (a strided 1×1 convolution) is computed after the
+    block's second convolution, as in torchvision's BasicBlock: relu(bn(conv(·)) + shortcut)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c1 = nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(8)
+        self.r1 = nn.ReLU(inplace=True)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(8)
+        self.down = nn.Conv2d(6, 8, 1, stride=2)
+        self.out = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.c0(x)
+        y = self.b2(self.c2(self.r1(self.b1(self.c1(x)))))
+        return self.fc(self.out(y + self.down(x)).mean((2, 3)))
+
+
+@pytest.mark.skipif(folding._PACK_OPS is None, reason="this torch has no oneDNN operators")
+def test_residual_sum_and_activation_fused_into_the_convolution():
+    net = _with_statistics(Residual())
+    twin = folded(net)
+    fused = [m for m in twin.modules() if isinstance(m, folding.Packed) and m.residual]
+    assert len(fused) == 1 and fused[0].act is net.out
+    # the sum and the block's last ReLU are gone from the graph: one call does all three
+    assert not any(n.op == "call_function" for n in twin.graph.nodes if "add" in str(n.target))
+    assert not any(n.target == "out" for n in twin.graph.nodes)
+    for n, layout in ((1, torch.contiguous_format), (5, torch.channels_last)):
+        x = torch.randn(n, 3, 12, 12).contiguous(memory_format=layout)
+        with torch.no_grad():
+            assert torch.allclose(twin(x), net(x), rtol=1e-5, atol=1e-5)
+    assert fused[0]._packed is not None  # the fast path ran
+
+    from cnnwidgets.engine.relu_rules import relu_rule
+    x = torch.randn(2, 3, 12, 12)
+
+    def grads(model):
+        xg = x.clone().requires_grad_(True)
+        return torch.autograd.grad(model(xg)[:, 1].sum(), xg)[0]
+
+    with core.input_only(net):
+        assert torch.allclose(grads(twin), grads(net), rtol=1e-4, atol=1e-6)
+        for rule in ("guided", "deconvnet"):  # the rule applies to the fused ReLU too
+            with relu_rule(rule) as mode:
+                on_twin = grads(twin)
+            with relu_rule(rule) as mode_net:
+                on_net = grads(net)
+            assert mode.calls == mode_net.calls
+            assert torch.allclose(on_twin, on_net, rtol=1e-4, atol=1e-6)
+    assert hook_count(net) == 0
+
+
+class InPlaceAfterConv(nn.Module):
+    """A convolution with no ReLU after it, then an in-place activation (torchvision's
+    EfficientNet: Conv → BN → SiLU(inplace=True))."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 4, 3)
+        self.c1 = nn.Conv2d(4, 4, 3, bias=False)
+        self.b1 = nn.BatchNorm2d(4)
+        self.act = nn.SiLU(inplace=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.act(self.b1(self.c1(self.c0(x)))).mean((2, 3)))
+
+
+def test_in_place_activation_after_a_packed_convolution_keeps_gradients():
+    # the packed convolution used to keep its output for a backward pass that never reads it,
+    # and autograd refused the gradient once SiLU(inplace=True) had changed that output
+    net = _with_statistics(InPlaceAfterConv())
+    twin = folded(net)
+    x = torch.randn(2, 3, 10, 10)
+    with core.input_only(net):
+        g = [torch.autograd.grad(m(xg)[:, 0].sum(), xg)[0]
+             for m, xg in ((twin, x.clone().requires_grad_(True)),
+                           (net, x.clone().requires_grad_(True)))]
+    assert torch.allclose(g[0], g[1], rtol=1e-4, atol=1e-6)
+
+
+def test_mixture_hand_worked():
+    # the head is conv(x) = 2x + 1 (1×1, BN folded away) then ReLU; for the parts p₁, p₂ the
+    # output for c₁p₁ + c₂p₂ is 2(c₁p₁ + c₂p₂) + 1, computed as a matrix product
+    net = Stem(nn.Conv2d(1, 1, 1))
+    net.bn = nn.BatchNorm2d(1, eps=0.0)
+    net.fc = nn.Linear(1, 1)
+    with torch.no_grad():
+        net.conv.weight.fill_(2.0)
+        net.conv.bias.fill_(1.0)
+    twin = folded(net.eval())
+    head = folding.head_of(twin)
+    parts = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]], [[[0.0, -1.0], [3.0, 0.0]]]])
+    mix = head.mixture(parts)
+    z = mix(torch.tensor([[1.0, 0.0], [0.5, 2.0]]))
+    expected = torch.tensor([[[[3.0, 1.0], [1.0, 5.0]]],      # 2·p₁ + 1
+                             [[[2.0, -3.0], [13.0, 3.0]]]])   # 2·(0.5p₁ + 2p₂) + 1
+    assert torch.allclose(z, expected)
+    # the rest of the network on a given first-layer output equals the network on the input
+    with torch.no_grad(), head.given(z):
+        given = twin(torch.zeros(2, 1, 2, 2))  # the input is not read
+    combined = torch.stack([parts[0], 0.5 * parts[0] + 2 * parts[1]])
+    with torch.no_grad():
+        assert torch.allclose(given, net(combined))
+        assert not torch.allclose(twin(torch.zeros(2, 1, 2, 2)), given)  # only inside given
+
+
+def test_mixture_only_where_it_pays():
+    stem = folding.head_of(folded(_with_statistics(Stem(nn.Conv2d(3, 4, 7, 2, 3)))))
+    small = folding.head_of(folded(_with_statistics(Stem(nn.Conv2d(3, 4, 3, 2, 1)))))
+    x = torch.zeros(1, 3, 32, 32)
+    assert stem.mixable(49, x)  # 147 multiply-adds per value against 50 terms
+    assert not small.mixable(49, x)  # 27 against 50: the convolution is cheaper
+    assert small.mixable(4, x)
+    assert not stem.mixable(49, x, max_bytes=50 * 4 * 16 * 16 * 4 - 1)  # one byte short
+    assert stem.mixable(49, x, max_bytes=50 * 4 * 16 * 16 * 4)
+    h = stem.conv.register_forward_hook(lambda *a: None)
+    try:
+        assert not stem.mixable(49, x)  # a hook on the convolution must fire
+    finally:
+        h.remove()
+
+
+def test_score_cam_through_the_mixture_equals_masked_inputs(monkeypatch):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = cw.Model(_with_statistics(torchvision.models.resnet18(num_classes=10)),
+                     input_size=(64, 64))
+    image = np.random.default_rng(0).random((64, 64, 3))
+    used = []
+    real = core.Context.mixture
+
+    def spy(self, count, parts):
+        mix = real(self, count, parts)
+        used.append(mix is not None)
+        return mix
+
+    monkeypatch.setattr(core.Context, "mixture", spy)
+    for layer in ("layer3", "layer4"):  # 4×4 and 2×2 maps: 16 and 4 unit maps
+        mixed = cw.attribute(model, image, "score_cam", target=3, layer=layer, progress=False)
+        monkeypatch.setattr(core.Context, "mixture", lambda self, count, parts: None)
+        masked = cw.attribute(model, image, "score_cam", target=3, layer=layer, progress=False)
+        monkeypatch.setattr(core.Context, "mixture", spy)
+        np.testing.assert_allclose(mixed.raw, masked.raw, rtol=1e-4,
+                                   atol=1e-5 * np.abs(masked.raw).max())
+    assert used == [True, True]

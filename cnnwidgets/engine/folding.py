@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import threading
 import weakref
 
@@ -50,6 +51,7 @@ from .hooks import MODEL_GATE
 from .relu_rules import backward_rule, watching
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+MIXTURE_BYTES = 256 << 20  #: the most memory a head's :class:`Mixture` may keep
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
                "_backward_pre_hooks")
@@ -165,6 +167,10 @@ class Head(nn.Module):
         self.fresh = fresh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        given = getattr(_CAPTURE, "given", {}).get(id(self))
+        if given is not None:  # the convolution's output, computed by a Mixture
+            y = self.act(given) if self.act is not None else given
+            return self.pool(y) if self.pool is not None else y
         box = getattr(_CAPTURE, "boxes", {}).get(id(self))
         if box is None:
             y = self.conv(x)
@@ -207,6 +213,39 @@ class Head(nn.Module):
             else:
                 boxes[id(self)] = previous
 
+    @contextlib.contextmanager
+    def given(self, output: torch.Tensor):
+        """On this thread, forward passes inside take ``output`` as the convolution's output
+        (the input is then not read) and run only the activation and pooling on it."""
+        given = _CAPTURE.__dict__.setdefault("given", {})
+        previous = given.get(id(self))
+        given[id(self)] = output
+        try:
+            yield
+        finally:
+            if previous is None:
+                given.pop(id(self), None)
+            else:
+                given[id(self)] = previous
+
+    def mixable(self, count: int, example: torch.Tensor, max_bytes: int = MIXTURE_BYTES) -> bool:
+        """Whether a :class:`Mixture` of ``count`` parts shaped like ``example`` (1×C×H×W)
+        pays: not when a matrix product with ``count + 1`` terms per output value costs more
+        than the convolution itself (ResNet-18's 7×7 stem: 147 multiply-adds per value; a
+        product with 50 terms took a third of its time), when the ``count + 1`` outputs would
+        take more than ``max_bytes``, or when the convolution has hooks (they must fire)."""
+        c = self.conv
+        terms = (c.in_channels // c.groups) * c.kernel_size[0] * c.kernel_size[1]
+        if _has_hooks(c) or terms < 1.5 * (count + 1):
+            return False
+        with torch.no_grad():
+            zero = c(torch.zeros_like(example[:1]))
+        return (count + 1) * zero.numel() * zero.element_size() <= max_bytes
+
+    def mixture(self, parts: torch.Tensor) -> "Mixture":
+        """The convolution's outputs for ``parts`` (K×C×H×W), ready to be combined."""
+        return Mixture(self, parts)
+
     def add(self, total: "torch.Tensor | None", record: "Record", grad: torch.Tensor,
             weights: "torch.Tensor | None" = None) -> torch.Tensor:
         """``total`` (1×C×H×W at the convolution's output, or None) plus ``Σᵢ wᵢ grad[i]``
@@ -235,6 +274,52 @@ class Head(nn.Module):
         with torch.enable_grad():
             (gx,) = torch.autograd.grad(self.conv(x0), x0, grad)
         return gx
+
+
+class Mixture:
+    """The head's convolution on inputs that are combinations ``Σₖ cₖ partsₖ`` of fixed parts.
+
+    The convolution is affine, ``conv(Σₖ cₖ pₖ) = Σₖ cₖ (conv(pₖ) − conv(0)) + conv(0)``, so
+    its output for any coefficients is one matrix product with the parts' outputs, computed
+    once. Score-CAM masks the input with bilinearly upsampled channels — combinations of the
+    h·w upsampled unit maps — so every masked copy's first layer becomes a product with h·w + 1
+    terms per value instead of the convolution (ResNet-18's stem: 147 multiply-adds per value,
+    against 50 for a 7×7 layer). The same values to float rounding.
+
+    >>> mix = head.mixture(x * basis)     # basis: K×1×H×W, x: 1×3×H×W
+    >>> z = mix(coeffs)                   # n×K → the convolution's n outputs
+    >>> with head.given(z):
+    ...     logits = twin(x.expand(n, -1, -1, -1))   # the input itself is not read
+    """
+
+    def __init__(self, head: Head, parts: torch.Tensor):
+        self.head = head
+        with torch.no_grad():
+            zero = head.conv(torch.zeros_like(parts[:1]))  # the convolution's offset
+        c, h, w = zero.shape[1:]
+        self.shape = (c, h, w)
+        k = parts.shape[0]
+        # one row per part, channels-last (the layout the packed convolutions after it read)
+        self.rows = zero.new_empty((k + 1, h * w * c))
+        with torch.no_grad():
+            for lo in range(0, k, 16):
+                chunk = parts[lo:lo + 16].contiguous(memory_format=torch.channels_last)
+                z = self.head.conv(chunk) - zero
+                self.rows[lo:lo + len(chunk)].view(-1, h, w, c).copy_(z.permute(0, 2, 3, 1))
+            self.rows[k].view(h, w, c).copy_(zero[0].permute(1, 2, 0))
+        self._out = None  # reused between calls: a fresh tensor this large costs page faults
+
+    def __call__(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """The convolution's outputs n×C×h×w (channels-last) for coefficients n×K. Valid until
+        the next call."""
+        n = coeffs.shape[0]
+        aug = torch.cat([coeffs.to(self.rows), coeffs.new_ones((n, 1)).to(self.rows)], dim=1)
+        if self._out is None or self._out.shape[0] < n:
+            self._out = self.rows.new_empty((n, self.rows.shape[1]))
+        out = self._out[:n]
+        torch.mm(aug, self.rows, out=out)
+        c, h, w = self.shape
+        return out.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 class Record:
@@ -269,7 +354,7 @@ def batch_sum(t: torch.Tensor, weights: "torch.Tensor | None" = None) -> torch.T
     return r.view(1, *t.shape[1:])
 
 
-_CAPTURE = threading.local()  # per thread: {id(head): list of records}
+_CAPTURE = threading.local()  # per thread: {id(head): list of records}, {id(head): output}
 
 
 def head_of(net: nn.Module) -> "Head | None":
@@ -375,10 +460,13 @@ class Packed(nn.Module):
     (or the active ReLU rule of :mod:`.relu_rules`) in :class:`_PackedGrad`. Anything else runs
     the modules as the network would. Checked against the modules when the twin is built."""
 
-    def __init__(self, conv: nn.Conv2d, act: "nn.Module | None"):
+    def __init__(self, conv: nn.Conv2d, act: "nn.Module | None", residual: bool = False):
         super().__init__()
         self.conv = conv
         self.act = act  #: the ReLU / ReLU6 fused into the convolution, or None
+        #: whether a second input is added to the convolution's output before the activation
+        #: (a residual block's ``relu(conv(x) + identity)``), also as oneDNN writes the output
+        self.residual = residual
         self._packed = None  # (key, weight in oneDNN's layout)
         self._broken = False  # the operator failed once: run the modules
 
@@ -412,28 +500,44 @@ class Packed(nn.Module):
                                              or (c.bias is not None and c.bias.requires_grad))) \
             and not _has_hooks(c) and (self.act is None or not _has_hooks(self.act))
 
-    def packed_call(self, x: torch.Tensor) -> torch.Tensor:
+    def packed_call(self, x: torch.Tensor, other: "torch.Tensor | None" = None) -> torch.Tensor:
         pointwise, reorder = _PACK_OPS
         c = self.conv
         attr, scalars = self._attr()
         b = None if c.bias is None else c.bias.detach()
-        return pointwise(x, self._weight(x, reorder), b, list(c.padding), list(c.stride),
-                         list(c.dilation), c.groups, attr, scalars, "")
+        w = self._weight(x, reorder)
+        if other is None:
+            return pointwise(x, w, b, list(c.padding), list(c.stride), list(c.dilation),
+                             c.groups, attr, scalars, "")
+        # the sum in the output's layout (the convolution's follows its input's)
+        cl = x.shape[0] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+        other = other.contiguous(memory_format=torch.channels_last if cl else
+                                 torch.contiguous_format)
+        return pointwise.binary(x, other, w, b, list(c.padding), list(c.stride),
+                                list(c.dilation), c.groups, "add", None,
+                                None if attr == "none" else attr, scalars, "")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, other: "torch.Tensor | None" = None) -> torch.Tensor:
         if _PACK_OPS is not None and not self._broken:
             clear, mode = watching()  # no TorchFunctionMode, or only a ReLU rule
-            if clear and self.fast(x):
+            if clear and self.fast(x) and (other is None or self._fits(x, other)):
                 try:
-                    if torch.is_grad_enabled() and x.requires_grad:
+                    if torch.is_grad_enabled() and (
+                            x.requires_grad or (other is not None and other.requires_grad)):
                         if mode is not None and self.act is not None:
                             mode.calls += 1
-                        return _PackedGrad.apply(x, self, mode)
-                    return self.packed_call(x)
+                        return _PackedGrad.apply(x, other, self, mode)
+                    return self.packed_call(x, other)
                 except RuntimeError:  # an input this build's operator refuses: modules from
                     self._broken = True  # now on
         y = self.conv(x)
+        if other is not None:
+            y = y + other
         return self.act(y) if self.act is not None else y
+
+    @staticmethod
+    def _fits(x: torch.Tensor, other: torch.Tensor) -> bool:
+        return other.device == x.device and other.dtype == x.dtype and other.dim() == 4
 
 
 class _PackedGrad(torch.autograd.Function):
@@ -443,10 +547,13 @@ class _PackedGrad(torch.autograd.Function):
     backward-data pass."""
 
     @staticmethod
-    def forward(ctx, x, packed: "Packed", mode):
-        y = packed.packed_call(x)
-        ctx.save_for_backward(x, y)
+    def forward(ctx, x, other, packed: "Packed", mode):
+        y = packed.packed_call(x, other)
+        # the output is needed only for the activation's backward: a later in-place operation
+        # on an output without one (torchvision's EfficientNet: SiLU(inplace=True)) is fine
+        ctx.save_for_backward(x, y if packed.act is not None else None)
         ctx.packed, ctx.mode = packed, mode
+        ctx.residual = other is not None
         return y
 
     @staticmethod
@@ -459,10 +566,13 @@ class _PackedGrad(torch.autograd.Function):
             rule = ctx.mode.rule if ctx.mode is not None else "plain"
             high = 6.0 if isinstance(act, nn.ReLU6) else None
             grad = backward_rule(grad, y, high, rule)
-        gx = torch.ops.aten.convolution_backward(
-            grad, x, c.weight.detach(), None, list(c.stride), list(c.padding), list(c.dilation),
-            False, [0, 0], c.groups, [True, False, False])[0]
-        return gx, None, None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(
+                grad, x, c.weight.detach(), None, list(c.stride), list(c.padding),
+                list(c.dilation), False, [0, 0], c.groups, [True, False, False])[0]
+        # the sum's second input gets the gradient below the activation as it is
+        return gx, (grad if ctx.residual else None), None, None
 
 
 _PACK_OPS = _pack_ops()
@@ -484,8 +594,11 @@ def _same_as_modules(packed: Packed) -> bool:
             for n in (2,):
                 x = torch.randn((n, c.in_channels, k[0] * 2 + 5, k[1] * 2 + 6), generator=g)
                 y = c(x)
+                other = torch.randn(y.shape, generator=g) if packed.residual else None
+                if other is not None:
+                    y = y + other
                 ref = packed.act(y) if packed.act is not None else y
-                out = packed(x)
+                out = packed(x, other)
                 if out.shape != ref.shape or not torch.allclose(
                         out, ref, rtol=1e-4, atol=1e-5 * (1.0 + float(ref.abs().max()))):
                     return False
@@ -506,17 +619,61 @@ def _add_packed(graph: fx.Graph, named: dict) -> None:
         conv = named.get(node.target)
         if conv is None or not _packable(conv):
             continue
+        add = _residual_add(node)
+        if add is not None:
+            if _pack_residual(graph, named, node, conv, add):
+                continue
         act_node = _only_user(node, named, (nn.ReLU, nn.ReLU6))
         act = named[act_node.target] if act_node is not None else None
         packed = Packed(conv, act)
         if not _same_as_modules(packed):
             continue
-        name = f"cw_packed_{sum(1 for k in named if str(k).startswith('cw_packed_'))}"
-        named[name] = packed
-        node.target = name
+        node.target = _name_packed(named, packed)
         if act_node is not None:
             act_node.replace_all_uses_with(node)
             graph.erase_node(act_node)
+
+
+def _name_packed(named: dict, packed: Packed) -> str:
+    name = f"cw_packed_{sum(1 for k in named if str(k).startswith('cw_packed_'))}"
+    named[name] = packed
+    return name
+
+
+def _residual_add(node: fx.Node) -> "fx.Node | None":
+    """``node``'s one user when that is ``node + other`` (a residual block's sum)."""
+    if len(node.users) != 1:
+        return None
+    (add,) = node.users
+    if add.op != "call_function" or add.target not in (operator.add, torch.add) \
+            or len(add.args) != 2 or add.kwargs:
+        return None
+    a, b = add.args
+    other = b if a is node else a
+    if other is node or not isinstance(other, fx.Node) or node not in (a, b):
+        return None
+    return add
+
+
+def _pack_residual(graph: fx.Graph, named: dict, node: fx.Node, conv: nn.Module,
+                   add: fx.Node) -> bool:
+    """Replace ``act(conv(x) + other)`` (or ``conv(x) + other``) by one :class:`Packed` call at
+    the sum's place in the graph (``other`` may be computed after the convolution)."""
+    a, b = add.args
+    other = b if a is node else a
+    act_node = _only_user(add, named, (nn.ReLU,))
+    act = named[act_node.target] if act_node is not None else None
+    packed = Packed(conv, act, residual=True)
+    if not _same_as_modules(packed):
+        return False
+    name = _name_packed(named, packed)
+    last = act_node if act_node is not None else add
+    with graph.inserting_after(last):
+        fused = graph.call_module(name, (node.args[0], other))
+    last.replace_all_uses_with(fused)
+    for n in ([act_node] if act_node is not None else []) + [add, node]:
+        graph.erase_node(n)
+    return True
 
 
 class _Twin:

@@ -117,14 +117,28 @@ def score_cam(ctx, batch_size):
     first = torch.full((unique.shape[0],), c, dtype=torch.long, device=a.device)
     first.scatter_reduce_(0, inverse, torch.arange(c, device=a.device), reduce="amin")
     scores = torch.empty(unique.shape[0], dtype=x.dtype, device=x.device)
+    h, w = a.shape[-2:]
+
+    def upsample(t):  # n×h×w → n×H×W, as the paper's masks
+        return F.interpolate(t[None], size=x.shape[-2:], mode="bilinear", align_corners=True)[0]
+
     with torch.no_grad():
+        # Upsampling is linear, so each mask is a combination of the h·w upsampled unit maps:
+        # where it pays, the network's first layer is computed for x times each unit map once,
+        # and each masked copy's first layer is then a matrix product (same values to rounding)
+        eye = torch.eye(h * w, dtype=a.dtype, device=a.device).view(h * w, h, w)
+        mix = ctx.mixture(h * w, lambda: x * upsample(eye)[:, None])
         for lo, hi in ctx.batches(first.numel(), batch_size, "score-cam"):
-            chans = a[:, first[lo:hi]]
-            up = F.interpolate(chans, size=x.shape[-2:], mode="bilinear", align_corners=True)[0]
+            chans = a[0, first[lo:hi]]
+            up = upsample(chans)
             low = up.amin(dim=(1, 2), keepdim=True)
             high = up.amax(dim=(1, 2), keepdim=True)
-            masks = (up - low) / (high - low + 1e-8)
-            scores[lo:hi] = ctx.score(x * masks[:, None])
+            if mix is not None:  # mask = upsample((A − low) / (high − low + 1e-8))
+                coeffs = ((chans - low) / (high - low + 1e-8)).reshape(hi - lo, h * w)
+                scores[lo:hi] = ctx.score_mixed(mix, coeffs)
+            else:
+                masks = (up - low) / (high - low + 1e-8)
+                scores[lo:hi] = ctx.score(x * masks[:, None])
     weights = torch.softmax(scores[inverse], dim=0)
     return weighted_sum(weights, a).clamp(min=0)
 

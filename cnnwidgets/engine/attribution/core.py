@@ -113,6 +113,26 @@ class Context:
         """The target's logit for each image of the batch (N,)."""
         return self.logits(batch)[:, self.target]
 
+    def mixture(self, count: int, parts: Callable[[], torch.Tensor]):
+        """For inputs that are combinations of ``count`` fixed inputs (``parts()`` builds them,
+        count×C×H×W): the network's first layer's outputs for those parts
+        (:class:`..folding.Mixture`), or ``None`` where that does not pay or the network has
+        no such layer. See :meth:`score_mixed`."""
+        head = None if self._taps or self.net is None else head_of(self.net)
+        if head is None or not head.mixable(count, self.x):
+            return None
+        return head.mixture(parts())
+
+    def score_mixed(self, mixture, coeffs: torch.Tensor) -> torch.Tensor:
+        """The target's logit for each input ``Σₖ coeffs[i, k] partsₖ`` of a :meth:`mixture`
+        (N,): its first layer is one matrix product, the rest of the network runs as usual."""
+        n = coeffs.shape[0]
+        z = mixture(coeffs)
+        with mixture.head.given(z):  # the input is not read: a view stands in for the batch
+            out = self.net(self.x.expand(n, *self.x.shape[1:]))
+        out = self.model.output(out) if self.model.output is not None else out
+        return out[:, self.target]
+
     def input_grad(self, batch: torch.Tensor, rule: str | None = None):
         """``(∂score/∂batch, score)`` for a batch in one forward and one backward pass,
         optionally with a ReLU backward rule (``"guided"``, ``"deconvnet"``)."""
