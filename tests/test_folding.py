@@ -495,63 +495,7 @@ def test_packed_convolutions_gradients_hooks_and_rules():
     assert hook_count(net) == 0
 
 
-# ------------------------------------------------------------ residual sums and mixtures
-class Residual(nn.Module):
-    """A residual block whose shortcut (a strided 1×1 convolution) is computed after the
-    block's second convolution, as in torchvision's BasicBlock: relu(bn(conv(·)) + shortcut)."""
-
-    def __init__(self):
-        super().__init__()
-        self.c0 = nn.Conv2d(3, 6, 3, padding=1)
-        self.c1 = nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False)
-        self.b1 = nn.BatchNorm2d(8)
-        self.r1 = nn.ReLU(inplace=True)
-        self.c2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.b2 = nn.BatchNorm2d(8)
-        self.down = nn.Conv2d(6, 8, 1, stride=2)
-        self.out = nn.ReLU(inplace=True)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x):
-        x = self.c0(x)
-        y = self.b2(self.c2(self.r1(self.b1(self.c1(x)))))
-        return self.fc(self.out(y + self.down(x)).mean((2, 3)))
-
-
-@pytest.mark.skipif(folding._PACK_OPS is None, reason="this torch has no oneDNN operators")
-def test_residual_sum_and_activation_fused_into_the_convolution():
-    net = _with_statistics(Residual())
-    twin = folded(net)
-    fused = [m for m in twin.modules() if isinstance(m, folding.Packed) and m.residual]
-    assert len(fused) == 1 and fused[0].act is net.out
-    # the sum and the block's last ReLU are gone from the graph: one call does all three
-    assert not any(n.op == "call_function" for n in twin.graph.nodes if "add" in str(n.target))
-    assert not any(n.target == "out" for n in twin.graph.nodes)
-    for n, layout in ((1, torch.contiguous_format), (5, torch.channels_last)):
-        x = torch.randn(n, 3, 12, 12).contiguous(memory_format=layout)
-        with torch.no_grad():
-            assert torch.allclose(twin(x), net(x), rtol=1e-5, atol=1e-5)
-    assert fused[0]._packed is not None  # the fast path ran
-
-    from cnnwidgets.engine.relu_rules import relu_rule
-    x = torch.randn(2, 3, 12, 12)
-
-    def grads(model):
-        xg = x.clone().requires_grad_(True)
-        return torch.autograd.grad(model(xg)[:, 1].sum(), xg)[0]
-
-    with core.input_only(net):
-        assert torch.allclose(grads(twin), grads(net), rtol=1e-4, atol=1e-6)
-        for rule in ("guided", "deconvnet"):  # the rule applies to the fused ReLU too
-            with relu_rule(rule) as mode:
-                on_twin = grads(twin)
-            with relu_rule(rule) as mode_net:
-                on_net = grads(net)
-            assert mode.calls == mode_net.calls
-            assert torch.allclose(on_twin, on_net, rtol=1e-4, atol=1e-6)
-    assert hook_count(net) == 0
-
-
+# ------------------------------------------------- in-place activations, mixtures
 class InPlaceAfterConv(nn.Module):
     """A convolution with no ReLU after it, then an in-place activation (torchvision's
     EfficientNet: Conv → BN → SiLU(inplace=True))."""

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import operator
 import threading
 import weakref
 
@@ -460,13 +459,10 @@ class Packed(nn.Module):
     (or the active ReLU rule of :mod:`.relu_rules`) in :class:`_PackedGrad`. Anything else runs
     the modules as the network would. Checked against the modules when the twin is built."""
 
-    def __init__(self, conv: nn.Conv2d, act: "nn.Module | None", residual: bool = False):
+    def __init__(self, conv: nn.Conv2d, act: "nn.Module | None"):
         super().__init__()
         self.conv = conv
         self.act = act  #: the ReLU / ReLU6 fused into the convolution, or None
-        #: whether a second input is added to the convolution's output before the activation
-        #: (a residual block's ``relu(conv(x) + identity)``), also as oneDNN writes the output
-        self.residual = residual
         self._packed = None  # (key, weight in oneDNN's layout)
         self._broken = False  # the operator failed once: run the modules
 
@@ -500,44 +496,28 @@ class Packed(nn.Module):
                                              or (c.bias is not None and c.bias.requires_grad))) \
             and not _has_hooks(c) and (self.act is None or not _has_hooks(self.act))
 
-    def packed_call(self, x: torch.Tensor, other: "torch.Tensor | None" = None) -> torch.Tensor:
+    def packed_call(self, x: torch.Tensor) -> torch.Tensor:
         pointwise, reorder = _PACK_OPS
         c = self.conv
         attr, scalars = self._attr()
         b = None if c.bias is None else c.bias.detach()
-        w = self._weight(x, reorder)
-        if other is None:
-            return pointwise(x, w, b, list(c.padding), list(c.stride), list(c.dilation),
-                             c.groups, attr, scalars, "")
-        # the sum in the output's layout (the convolution's follows its input's)
-        cl = x.shape[0] > 1 and x.is_contiguous(memory_format=torch.channels_last)
-        other = other.contiguous(memory_format=torch.channels_last if cl else
-                                 torch.contiguous_format)
-        return pointwise.binary(x, other, w, b, list(c.padding), list(c.stride),
-                                list(c.dilation), c.groups, "add", None,
-                                None if attr == "none" else attr, scalars, "")
+        return pointwise(x, self._weight(x, reorder), b, list(c.padding), list(c.stride),
+                         list(c.dilation), c.groups, attr, scalars, "")
 
-    def forward(self, x: torch.Tensor, other: "torch.Tensor | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _PACK_OPS is not None and not self._broken:
             clear, mode = watching()  # no TorchFunctionMode, or only a ReLU rule
-            if clear and self.fast(x) and (other is None or self._fits(x, other)):
+            if clear and self.fast(x):
                 try:
-                    if torch.is_grad_enabled() and (
-                            x.requires_grad or (other is not None and other.requires_grad)):
+                    if torch.is_grad_enabled() and x.requires_grad:
                         if mode is not None and self.act is not None:
                             mode.calls += 1
-                        return _PackedGrad.apply(x, other, self, mode)
-                    return self.packed_call(x, other)
+                        return _PackedGrad.apply(x, self, mode)
+                    return self.packed_call(x)
                 except RuntimeError:  # an input this build's operator refuses: modules from
                     self._broken = True  # now on
         y = self.conv(x)
-        if other is not None:
-            y = y + other
         return self.act(y) if self.act is not None else y
-
-    @staticmethod
-    def _fits(x: torch.Tensor, other: torch.Tensor) -> bool:
-        return other.device == x.device and other.dtype == x.dtype and other.dim() == 4
 
 
 class _PackedGrad(torch.autograd.Function):
@@ -547,13 +527,12 @@ class _PackedGrad(torch.autograd.Function):
     backward-data pass."""
 
     @staticmethod
-    def forward(ctx, x, other, packed: "Packed", mode):
-        y = packed.packed_call(x, other)
+    def forward(ctx, x, packed: "Packed", mode):
+        y = packed.packed_call(x)
         # the output is needed only for the activation's backward: a later in-place operation
         # on an output without one (torchvision's EfficientNet: SiLU(inplace=True)) is fine
         ctx.save_for_backward(x, y if packed.act is not None else None)
         ctx.packed, ctx.mode = packed, mode
-        ctx.residual = other is not None
         return y
 
     @staticmethod
@@ -566,13 +545,10 @@ class _PackedGrad(torch.autograd.Function):
             rule = ctx.mode.rule if ctx.mode is not None else "plain"
             high = 6.0 if isinstance(act, nn.ReLU6) else None
             grad = backward_rule(grad, y, high, rule)
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.aten.convolution_backward(
-                grad, x, c.weight.detach(), None, list(c.stride), list(c.padding),
-                list(c.dilation), False, [0, 0], c.groups, [True, False, False])[0]
-        # the sum's second input gets the gradient below the activation as it is
-        return gx, (grad if ctx.residual else None), None, None
+        gx = torch.ops.aten.convolution_backward(
+            grad, x, c.weight.detach(), None, list(c.stride), list(c.padding), list(c.dilation),
+            False, [0, 0], c.groups, [True, False, False])[0]
+        return gx, None, None
 
 
 _PACK_OPS = _pack_ops()
@@ -594,11 +570,8 @@ def _same_as_modules(packed: Packed) -> bool:
             for n in (2,):
                 x = torch.randn((n, c.in_channels, k[0] * 2 + 5, k[1] * 2 + 6), generator=g)
                 y = c(x)
-                other = torch.randn(y.shape, generator=g) if packed.residual else None
-                if other is not None:
-                    y = y + other
                 ref = packed.act(y) if packed.act is not None else y
-                out = packed(x, other)
+                out = packed(x)
                 if out.shape != ref.shape or not torch.allclose(
                         out, ref, rtol=1e-4, atol=1e-5 * (1.0 + float(ref.abs().max()))):
                     return False
@@ -619,10 +592,6 @@ def _add_packed(graph: fx.Graph, named: dict) -> None:
         conv = named.get(node.target)
         if conv is None or not _packable(conv):
             continue
-        add = _residual_add(node)
-        if add is not None:
-            if _pack_residual(graph, named, node, conv, add):
-                continue
         act_node = _only_user(node, named, (nn.ReLU, nn.ReLU6))
         act = named[act_node.target] if act_node is not None else None
         packed = Packed(conv, act)
@@ -638,42 +607,6 @@ def _name_packed(named: dict, packed: Packed) -> str:
     name = f"cw_packed_{sum(1 for k in named if str(k).startswith('cw_packed_'))}"
     named[name] = packed
     return name
-
-
-def _residual_add(node: fx.Node) -> "fx.Node | None":
-    """``node``'s one user when that is ``node + other`` (a residual block's sum)."""
-    if len(node.users) != 1:
-        return None
-    (add,) = node.users
-    if add.op != "call_function" or add.target not in (operator.add, torch.add) \
-            or len(add.args) != 2 or add.kwargs:
-        return None
-    a, b = add.args
-    other = b if a is node else a
-    if other is node or not isinstance(other, fx.Node) or node not in (a, b):
-        return None
-    return add
-
-
-def _pack_residual(graph: fx.Graph, named: dict, node: fx.Node, conv: nn.Module,
-                   add: fx.Node) -> bool:
-    """Replace ``act(conv(x) + other)`` (or ``conv(x) + other``) by one :class:`Packed` call at
-    the sum's place in the graph (``other`` may be computed after the convolution)."""
-    a, b = add.args
-    other = b if a is node else a
-    act_node = _only_user(add, named, (nn.ReLU,))
-    act = named[act_node.target] if act_node is not None else None
-    packed = Packed(conv, act, residual=True)
-    if not _same_as_modules(packed):
-        return False
-    name = _name_packed(named, packed)
-    last = act_node if act_node is not None else add
-    with graph.inserting_after(last):
-        fused = graph.call_module(name, (node.args[0], other))
-    last.replace_all_uses_with(fused)
-    for n in ([act_node] if act_node is not None else []) + [add, node]:
-        graph.erase_node(n)
-    return True
 
 
 class _Twin:
