@@ -312,6 +312,46 @@ def test_fx_tracing_waits_for_forward_passes_in_other_threads():
     assert events == ["forward done", "tracing"]
 
 
+def test_fx_tracing_is_not_starved_by_passes_one_after_another():
+    """Two threads run forward passes back to back, always overlapping: a trace waiting for
+    the gate must still get it (new passes wait behind it), and the passes go on after."""
+    import threading
+    import time
+
+    from cnnwidgets.engine.hooks import MODEL_GATE
+
+    net = TinyNet()
+    stop = threading.Event()
+    passes = []
+
+    def busy(offset):
+        time.sleep(offset)
+        while not stop.is_set():
+            with restored(net):
+                with restored(net):  # a pass already inside may nest another
+                    time.sleep(0.02)
+                passes.append(time.monotonic())
+
+    threads = [threading.Thread(target=busy, args=(d,)) for d in (0.0, 0.01)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.1)
+        start = time.monotonic()
+        with MODEL_GATE.exclusive(timeout=5):
+            waited = time.monotonic() - start
+            during = len(passes)
+            time.sleep(0.05)
+            assert len(passes) == during  # no pass ran while the trace held the gate
+        time.sleep(0.1)
+        assert len(passes) > during  # and they went on afterwards
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+    assert waited < 1.0
+
+
 def test_cached_activations_follow_weight_updates():
     model = tiny_model()
     image = one_pixel_image()

@@ -536,11 +536,13 @@ def test_mixture_hand_worked():
         net.conv.bias.fill_(1.0)
     twin = folded(net.eval())
     head = folding.head_of(twin)
-    parts = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]], [[[0.0, -1.0], [3.0, 0.0]]]])
+    parts = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]], [[[0.0, 0.0], [3.0, 0.0]]]])
     mix = head.mixture(parts)
+    # p₂ is zero on the first row: that row is a product with p₁ (and the offset) alone
+    assert [b[2].tolist() for b in mix.bands] == [[0, 2], [0, 1, 2]]
     z = mix(torch.tensor([[1.0, 0.0], [0.5, 2.0]]))
-    expected = torch.tensor([[[[3.0, 1.0], [1.0, 5.0]]],      # 2·p₁ + 1
-                             [[[2.0, -3.0], [13.0, 3.0]]]])   # 2·(0.5p₁ + 2p₂) + 1
+    expected = torch.tensor([[[[3.0, 1.0], [1.0, 5.0]]],     # 2·p₁ + 1
+                             [[[2.0, 1.0], [13.0, 3.0]]]])   # 2·(0.5p₁ + 2p₂) + 1
     assert torch.allclose(z, expected)
     # the rest of the network on a given first-layer output equals the network on the input
     with torch.no_grad(), head.given(z):

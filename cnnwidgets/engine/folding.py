@@ -27,6 +27,13 @@ head's backward pass — on ResNet-18 a 7×7 stride-2 convolution whose backward
 expensive single operation of the network on a CPU — runs once per call instead of once per
 sample. :class:`Head` (the twin's first layer) and :func:`head_of` give access to it.
 
+**Mixtures.** For the same reason the head's output for an input that is a combination
+``Σₖ cₖ pₖ`` of fixed inputs is ``Σₖ cₖ conv(pₖ)`` (plus the offset): :class:`Mixture` computes
+the parts' outputs once and each combination as one matrix product, and :meth:`Head.given`
+runs the rest of the twin on it. Score-CAM's masked copies are such combinations (each mask is
+an upsampled h×w channel, a combination of the h·w upsampled unit maps): on ResNet-18 at 224
+px, 49 terms per value instead of the 7×7 stem's 147 multiply-adds.
+
 **Packed convolutions.** Every other plain ``Conv2d`` of the twin, with the ReLU / ReLU6 after
 it, becomes a :class:`Packed` module: oneDNN's fused convolution (the operator PyTorch's own
 CPU inference compiler uses) with the weight reordered once into oneDNN's layout instead of at
@@ -50,8 +57,8 @@ from .hooks import MODEL_GATE
 from .relu_rules import backward_rule, watching
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-MIXTURE_BYTES = 256 << 20  #: the most memory a head's :class:`Mixture` may keep
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+MIXTURE_BYTES = 256 << 20  #: the most memory a head's :class:`Mixture` may keep
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
                "_backward_pre_hooks")
 
@@ -306,17 +313,35 @@ class Mixture:
                 z = self.head.conv(chunk) - zero
                 self.rows[lo:lo + len(chunk)].view(-1, h, w, c).copy_(z.permute(0, 2, 3, 1))
             self.rows[k].view(h, w, c).copy_(zero[0].permute(1, 2, 0))
+            # Parts with local support (an upsampled unit map covers about two cells of the
+            # grid) leave most output rows untouched: bands of output rows that the same parts
+            # reach are products with those parts alone (exactly the terms that are not zero;
+            # Score-CAM on ResNet-18: ~15 of 50 terms per value)
+            reach = self.rows.view(k + 1, h, w * c).abs().amax(dim=2) > 0  # (K + 1)×h
+            reach[k] = True  # the offset reaches every row
+            self.bands = []  # (first value, last value, parts that reach them, their rows)
+            start = 0
+            for r in range(1, h + 1):
+                if r == h or not torch.equal(reach[:, r], reach[:, start]):
+                    idx = reach[:, start].nonzero().flatten()
+                    lo, hi = start * w * c, r * w * c
+                    self.bands.append((lo, hi, idx, self.rows[idx, lo:hi].contiguous()))
+                    start = r
+        del self.rows  # the bands hold what is needed
+        self.width = h * w * c
         self._out = None  # reused between calls: a fresh tensor this large costs page faults
 
     def __call__(self, coeffs: torch.Tensor) -> torch.Tensor:
         """The convolution's outputs n×C×h×w (channels-last) for coefficients n×K. Valid until
         the next call."""
         n = coeffs.shape[0]
-        aug = torch.cat([coeffs.to(self.rows), coeffs.new_ones((n, 1)).to(self.rows)], dim=1)
+        dtype = self.bands[0][3].dtype
+        aug = torch.cat([coeffs.to(dtype), coeffs.new_ones((n, 1), dtype=dtype)], dim=1)
         if self._out is None or self._out.shape[0] < n:
-            self._out = self.rows.new_empty((n, self.rows.shape[1]))
+            self._out = aug.new_empty((n, self.width))
         out = self._out[:n]
-        torch.mm(aug, self.rows, out=out)
+        for lo, hi, idx, rows in self.bands:
+            torch.mm(aug[:, idx], rows, out=out[:, lo:hi])
         c, h, w = self.shape
         return out.view(n, h, w, c).permute(0, 3, 1, 2)
 
@@ -597,16 +622,12 @@ def _add_packed(graph: fx.Graph, named: dict) -> None:
         packed = Packed(conv, act)
         if not _same_as_modules(packed):
             continue
-        node.target = _name_packed(named, packed)
+        name = f"cw_packed_{sum(1 for k in named if str(k).startswith('cw_packed_'))}"
+        named[name] = packed
+        node.target = name
         if act_node is not None:
             act_node.replace_all_uses_with(node)
             graph.erase_node(act_node)
-
-
-def _name_packed(named: dict, packed: Packed) -> str:
-    name = f"cw_packed_{sum(1 for k in named if str(k).startswith('cw_packed_'))}"
-    named[name] = packed
-    return name
 
 
 class _Twin:

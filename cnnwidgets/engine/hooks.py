@@ -153,6 +153,11 @@ class _Gate:
     running at the same time in another thread (a widget computing in the background) would
     get fx Proxies instead of tensors. ``restored`` holds the gate shared; tracing holds it
     exclusively (waiting for other threads' passes to end, never for its own thread's).
+
+    A waiting trace goes first: while one waits, other threads start no new pass (a thread
+    already inside one may nest another). Without that, two explorers computing one pass after
+    another in background threads can always leave one pass running, and a trace (a
+    FixationExplorer's first backtrack) waits out its whole timeout behind them.
     """
 
     def __init__(self):
@@ -160,12 +165,18 @@ class _Gate:
         self._readers: dict[int, int] = {}
         self._writer: int | None = None
         self._depth = 0
+        self._waiting: dict[int, int] = {}  # threads waiting to hold the gate exclusively
+
+    def _may_share(self, me: int) -> bool:
+        if self._writer not in (None, me):
+            return False
+        return me in self._readers or not any(t != me for t in self._waiting)
 
     @contextlib.contextmanager
     def shared(self):
         me = threading.get_ident()
         with self._cond:
-            while self._writer not in (None, me):
+            while not self._may_share(me):
                 self._cond.wait()
             self._readers[me] = self._readers.get(me, 0) + 1
         try:
@@ -181,9 +192,16 @@ class _Gate:
     def exclusive(self, timeout: float = 120.0):
         me = threading.get_ident()
         with self._cond:
-            ok = self._cond.wait_for(
-                lambda: self._writer in (None, me) and not any(t != me for t in self._readers),
-                timeout)
+            self._waiting[me] = self._waiting.get(me, 0) + 1
+            try:
+                ok = self._cond.wait_for(
+                    lambda: self._writer in (None, me) and not any(t != me for t in self._readers),
+                    timeout)
+            finally:
+                self._waiting[me] -= 1
+                if not self._waiting[me]:
+                    del self._waiting[me]
+                self._cond.notify_all()  # passes held back by this wait may start
             if not ok:
                 raise RuntimeError("another computation kept the model busy for over "
                                    f"{timeout:.0f} s; try again when it has finished")
