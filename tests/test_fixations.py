@@ -311,7 +311,7 @@ def test_gaussian_blur_keeps_mass_and_peak():
 ARCHS = [
     ("alexnet", 64), ("vgg16", 64), ("resnet18", 64), ("resnet50", 64), ("densenet121", 64),
     ("googlenet", 64), ("mobilenet_v2", 64), ("mobilenet_v3_small", 64),
-    ("mobilenet_v3_large", 64),
+    ("mobilenet_v3_large", 64), ("efficientnet_b0", 64),  # stochastic depth in every block
 ]
 
 

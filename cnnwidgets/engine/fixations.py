@@ -41,6 +41,7 @@ Extensions the authors did not cover, made here (each also noted at its rule):
 
 * **batch norm** (and group/instance norm, frozen BN): passed through, as the authors ignore it.
 * **any elementwise activation** (ReLU6, hard-swish, SiLU, GELU, sigmoid…): passed through.
+* **stochastic depth** (torchvision's EfficientNet): the identity in eval mode, passed through.
 * **grouped and depthwise convolution**: the candidate input channels of output channel c are
   those of c's group (``groups`` split by the *input* channels per group, not the output count,
   which is the bug in the public code).
@@ -383,6 +384,11 @@ _PASS_FUNCTIONS = {
     F.group_norm, F.local_response_norm, F.sigmoid, F.tanh, torch.relu, torch.sigmoid,
     torch.tanh, torch.relu_, torch.nn.functional.relu_, torch.clamp, torch.clip,
 }
+try:  # torchvision's EfficientNet / ConvNeXt blocks: stochastic depth, the identity in eval mode
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+    _PASS_FUNCTIONS.add(_stochastic_depth)
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    pass
 _PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_",
                  "clip", "clip_", "contiguous", "clone", "detach", "to", "float", "type_as",
                  "hardtanh_", "cpu", "cuda"}
