@@ -253,10 +253,8 @@ def _with_statistics(net):
     return net.eval()
 
 
-def test_head_hand_worked():
-    # one 1×1 convolution, weight 2 and bias 1, BN folded away, then ReLU: the score is
-    # fc.weight · mean(relu(2x + 1)); where 2x + 1 > 0 the gradient is 2 · 3 / (H·W) = 1.5,
-    # where 2x + 1 < 0 it is 0
+def _affine_stem():
+    """Stem with a 1×1 convolution 2x + 1 (weight 2, bias 1; its BN folds away) and fc weight 3."""
     net = Stem(nn.Conv2d(1, 1, 1))
     net.bn = nn.BatchNorm2d(1, eps=0.0)
     net.fc = nn.Linear(1, 1)
@@ -264,7 +262,15 @@ def test_head_hand_worked():
         net.conv.weight.fill_(2.0)
         net.conv.bias.fill_(1.0)
         net.fc.weight.fill_(3.0)
-    twin = folded(net.eval())
+    return net.eval()
+
+
+def test_head_hand_worked():
+    # one 1×1 convolution, weight 2 and bias 1, BN folded away, then ReLU: the score is
+    # fc.weight · mean(relu(2x + 1)); where 2x + 1 > 0 the gradient is 2 · 3 / (H·W) = 1.5,
+    # where 2x + 1 < 0 it is 0
+    net = _affine_stem()
+    twin = folded(net)
     head = folding.head_of(twin)
     assert head is not None and head.act is net.relu and head.pool is None
     assert not any(n.target == "relu" for n in twin.graph.nodes)  # taken into the head
@@ -528,13 +534,8 @@ def test_in_place_activation_after_a_packed_convolution_keeps_gradients():
 def test_mixture_hand_worked():
     # the head is conv(x) = 2x + 1 (1×1, BN folded away) then ReLU; for the parts p₁, p₂ the
     # output for c₁p₁ + c₂p₂ is 2(c₁p₁ + c₂p₂) + 1, computed as a matrix product
-    net = Stem(nn.Conv2d(1, 1, 1))
-    net.bn = nn.BatchNorm2d(1, eps=0.0)
-    net.fc = nn.Linear(1, 1)
-    with torch.no_grad():
-        net.conv.weight.fill_(2.0)
-        net.conv.bias.fill_(1.0)
-    twin = folded(net.eval())
+    net = _affine_stem()
+    twin = folded(net)
     head = folding.head_of(twin)
     parts = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]], [[[0.0, 0.0], [3.0, 0.0]]]])
     mix = head.mixture(parts)
