@@ -55,6 +55,19 @@ def test_method_change_rebuilds_parameter_controls_from_the_spec(widget):
     assert widget.layer_select.disabled  # smoothgrad reads no layer
 
 
+def test_a_pixel_map_then_a_layer_map(widget):
+    # a pixel-level map's overlay fades with its magnitude (a per-pixel alpha); going back to
+    # a CAM method sets one opacity again, which matplotlib refused after a per-pixel alpha
+    widget.method = "saliency"
+    assert np.ndim(widget._main_panel["overlay"].get_alpha()) == 2
+    widget.method = "grad_cam"
+    assert widget.errors.last_error is None
+    np.testing.assert_allclose(overlay(widget), widget.result[0].map)
+    np.testing.assert_allclose(widget._main_panel["overlay"].get_alpha(), widget.alpha)
+    widget.alpha = 0.3
+    np.testing.assert_allclose(widget._main_panel["overlay"].get_alpha(), 0.3)
+
+
 def test_target_and_layer(widget, model):
     widget.target = model.labels[5]
     assert widget.target == 5 and widget.result[0].target == 5

@@ -63,8 +63,13 @@ def update_attribution(artists: dict, heat=None, image=None, *, alpha: float | N
     if cmap is not None:
         over.set_cmap(cmap)
     if alpha is not None or heat is not None or fade is not None:
-        over.set_alpha(_alpha(np.asarray(over.get_array()), artists.get("alpha", 0.5),
-                              artists.get("fade", False)))
+        heat_now = np.asarray(over.get_array())
+        a = _alpha(heat_now, artists.get("alpha", 0.5), artists.get("fade", False))
+        if np.ndim(a) == 0 and np.ndim(over.get_alpha()) > 0:
+            # matplotlib compares a new scalar alpha with the old one, and an old per-pixel
+            # alpha makes that comparison fail ("truth value of an array…"): stay per-pixel
+            a = np.full(heat_now.shape, a)
+        over.set_alpha(a)
     if title is not None:
         artists["title"].set_text(title)
     return artists
