@@ -119,3 +119,22 @@ def test_background_run_and_notebook_calls_do_not_interfere(model):
     assert w._progress.value > 0
     assert hook_count(model.module) == 0
     assert all(p.requires_grad and p.grad is None for p in model.module.parameters())
+
+
+def test_default_and_unlisted_layers_are_in_the_menu():
+    # MobileNetV3's squeeze-excitation convolutions output C×1×1: the layer menu does not list
+    # them, and the default layer used to be one of them ("Invalid selection: value not found")
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = cw.Model(torchvision.models.mobilenet_v3_small(weights=None).eval(),
+                     input_size=(64, 64))
+    for cls in (cw.FeatureVisualizer, cw.InversionExplorer):
+        w = cls(model) if cls is cw.FeatureVisualizer else cls(model, cw.sample_image("cat"))
+        assert w.layer in model.layers() and w._w_layer.value == w.layer
+    w = cw.FeatureVisualizer(model)
+    se = "features.1.block.1.fc1"
+    assert se not in model.layers() and model.layer_info(se).shape[1:] == (1, 1)
+    w.layer = se  # a valid layer from code: added to the menu, which shows it
+    assert w._w_layer.value == se and se in w._w_layer.options

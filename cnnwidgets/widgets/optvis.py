@@ -104,8 +104,20 @@ class _LiveRun:
 
 
 def _default_layer(model, fraction: float = 0.25) -> str:
-    maps = model.layers("conv") or model.layers()
+    """A convolution a ``fraction`` of the way through the network, among the layers the
+    layer menu lists (a 1×1 squeeze-excitation convolution or one run twice is not listed)."""
+    listed = model.layers()
+    maps = [n for n in model.layers("conv") if n in set(listed)] or listed
     return maps[min(len(maps) - 1, int(len(maps) * fraction))]
+
+
+def _listed(widget, name: str) -> str:
+    """Add a valid layer the menu does not list (``"name:input"``, a 1×1 map) to the menu."""
+    if name not in widget._layers:
+        widget._layers = [*widget._layers, name]
+        if getattr(widget, "_w_layer", None) is not None:
+            widget._w_layer.options = widget._layers
+    return name
 
 
 class _OptBase(WidgetBase):
@@ -211,7 +223,7 @@ class FeatureVisualizer(_OptBase):
         info = self.model.check_layer(name)
         if len(info.shape) < 1:
             raise traitlets.TraitError(f"layer {name!r} has no channels")
-        return name
+        return _listed(self, name)
 
     @traitlets.validate("channel")
     def _check_channel(self, proposal):
@@ -421,7 +433,7 @@ class InversionExplorer(_OptBase):
         info = self.model.check_layer(proposal["value"])
         if len(info.shape) != 3:
             raise traitlets.TraitError(f"layer {proposal['value']!r} does not output a feature map")
-        return proposal["value"]
+        return _listed(self, proposal["value"])
 
     @traitlets.validate("channel")
     def _check_channel(self, proposal):
