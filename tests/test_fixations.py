@@ -312,6 +312,7 @@ ARCHS = [
     ("alexnet", 64), ("vgg16", 64), ("resnet18", 64), ("resnet50", 64), ("densenet121", 64),
     ("googlenet", 64), ("mobilenet_v2", 64), ("mobilenet_v3_small", 64),
     ("mobilenet_v3_large", 64), ("efficientnet_b0", 64),  # stochastic depth in every block
+    ("convnext_tiny", 64), ("shufflenet_v2_x0_5", 64),  # channels-last blocks; chunk + shuffle
 ]
 
 
@@ -551,3 +552,55 @@ def test_fixations_is_an_attribution_method(lite0, cat):
     assert hook_count(lite0.module) == before
     with pytest.raises(ValueError, match="sigma"):
         cw.attribute(lite0, cat, "fixations", sigma=0.0)
+
+
+class ChannelsLast(nn.Module):
+    """ConvNeXt's pattern: permute to N×H×W×C, a linear layer over the channels, permute back."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = _set(nn.Linear(2, 2, bias=False), weight=[[1, 1], [0, 2]])
+        self.fc = _set(nn.Linear(6, 1, bias=False), weight=[[0, 0, 0, 0, 0, 1]])
+
+    def forward(self, x):
+        y = x.permute(0, 2, 3, 1)
+        z = self.lin(y)
+        return self.fc(z.permute(0, 3, 1, 2).flatten(1))
+
+
+def test_permute_and_linear_over_channels():
+    # x: 2 channels × 1 × 3, c0 = [1, 5, 2], c1 = [4, -1, 3]; z = lin over channels at each
+    # position = (c0 + c1, 2·c1); back to channels first: [[5, 4, 5], [8, -2, 6]]. fc reads
+    # only (c=1, w=2) = 6 → that point of z, i.e. (h=0, w=2, c=1) channels-last; there the
+    # inputs (2, 3) against weight row [0, 2] contribute (0, 6): input channel 1 → x (1, 0, 2)
+    x = torch.tensor([[[[1.0, 5.0, 2.0]], [[4.0, -1.0, 3.0]]]])
+    f = backtrack(ChannelsLast(), x, 0)
+    assert _trace(f, "lin") == [(1, 0, 2)]  # recorded as (channel, row, col)
+    assert _trace(f, "input") == [(1, 0, 2)]
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet's pattern: chunk into two branches, concatenate, shuffle the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = _set(nn.Conv2d(2, 2, 1, bias=False), weight=[[[[1.0]], [[0.0]]],
+                                                                    [[[0.0]], [[1.0]]]])
+        self.fc = _set(nn.Linear(4, 1, bias=False), weight=[[0, 1, 0, 0]])
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)  # 2 channels each
+        y = torch.cat([a, self.conv(b)], dim=1)  # 4 channels
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_chunk_and_channel_shuffle():
+    # shuffle of 4 channels in 2 groups: output channel 1 = input channel 2 (the first channel
+    # of the conv branch); fc keeps channel 1 → conv output channel 0 → (identity weights)
+    # its input channel 0 = chunk b's channel 0 = x's channel 2
+    x = torch.rand(1, 4, 2, 2) + 0.5
+    f = backtrack(Shuffle(), x, 0)
+    assert {c for c, _, _ in _trace(f, "conv")} == {0}
+    assert {c for c, _, _ in _trace(f, "input")} == {2}

@@ -41,7 +41,12 @@ Extensions the authors did not cover, made here (each also noted at its rule):
 
 * **batch norm** (and group/instance norm, frozen BN): passed through, as the authors ignore it.
 * **any elementwise activation** (ReLU6, hard-swish, SiLU, GELU, sigmoid…): passed through.
-* **stochastic depth** (torchvision's EfficientNet): the identity in eval mode, passed through.
+* **stochastic depth** (torchvision's EfficientNet, ConvNeXt): the identity in eval mode,
+  passed through; **layer norm** (ConvNeXt) passed through like batch norm.
+* **permute / transpose** (ConvNeXt's channels-last blocks, ShuffleNet's channel shuffle):
+  coordinates permuted back; a **linear layer over the last dimension of a map** is a 1×1
+  convolution and gets its rule; a piece of **chunk / split** shifts the point by the pieces
+  before it.
 * **grouped and depthwise convolution**: the candidate input channels of output channel c are
   those of c's group (``groups`` split by the *input* channels per group, not the output count,
   which is the bug in the public code).
@@ -213,6 +218,36 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     return _blur_matrix(h, sigma) @ image @ _blur_matrix(w, sigma).T
 
 
+def _channels_last(node, bt) -> bool:
+    """Whether ``node``'s 4-D value is a map with its channels last: made by
+    ``permute(0, 2, 3, 1)``, then only same-shape layers and linear layers over the last
+    dimension (ConvNeXt's blocks)."""
+    for _ in range(64):
+        v = bt.values.get(node)
+        if not isinstance(v, torch.Tensor) or v.dim() != 4 or not node.args:
+            return False
+        if (node.op == "call_method" and node.target == "permute") or (
+                node.op == "call_function" and node.target is torch.permute):
+            rest = list(node.args[1:])
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+            return [int(d) % 4 for d in dims] == [0, 2, 3, 1]
+        m = bt.modules.get(node.target) if node.op == "call_module" else None
+        same = (isinstance(m, _PASS_MODULES + (nn.Linear,))
+                or (node.op == "call_function" and node.target in _PASS_FUNCTIONS | {F.linear})
+                or (node.op == "call_method" and node.target in _PASS_METHODS))
+        if not same:
+            return False
+        node = node.args[0]
+    return False
+
+
+def _is_split(node) -> bool:
+    """Whether ``node`` is ``chunk`` / ``split`` of a tensor (its value: a tuple of pieces)."""
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_method" and node.target in ("chunk", "split"))
+        or (node.op == "call_function" and node.target in (torch.chunk, torch.split)))
+
+
 def _shape3(t: torch.Tensor) -> tuple:
     """One sample's shape padded to 3 dims: N×F → (F, 1, 1), N×C×H×W → (C, H, W)."""
     s = tuple(t.shape[1:])
@@ -260,7 +295,7 @@ _PASS_MODULES = (
     nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d,
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
     nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh,
-    nn.Softplus, nn.Identity, nn.modules.dropout._DropoutNd,
+    nn.Softplus, nn.Identity, nn.modules.dropout._DropoutNd, nn.LayerNorm,
 )
 _PASS_MODULE_NAMES = {"FrozenBatchNorm2d", "MemoryEfficientSwish", "Swish"}
 _RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
@@ -394,6 +429,8 @@ _PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp
                  "hardtanh_", "cpu", "cuda"}
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+_PERMUTE_FUNCTIONS = {torch.permute, torch.transpose, torch.swapaxes, torch.swapdims}
+_PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "swapdims"}
 _ADD = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
 _MUL = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div}
 _CAT = {torch.cat, torch.concat}
@@ -448,8 +485,9 @@ class _Backtrack:
         return UnsupportedOperationError(
             f"CNN Fixations has no backtracking rule for {_describe(node)} (graph node "
             f"{node.name!r}){': ' + why if why else ''}. Supported: linear, Conv2d, max/average/"
-            "adaptive pooling, mean over spatial dims, flatten/view/reshape, add, multiply by a "
-            "gate, cat, padding, batch norm, dropout, LRN and elementwise activations"
+            "adaptive pooling, mean over spatial dims, flatten/view/reshape, permute/transpose, add, "
+            "multiply by a gate, cat, padding, batch/layer norm, dropout, LRN and elementwise "
+            "activations"
         )
 
     # ---------------------------------------------------------------- dispatch
@@ -481,6 +519,8 @@ class _Backtrack:
                 return self.passthrough(node, idx)
             if t in _RESHAPE_FUNCTIONS:
                 return self.reshape(node, idx)
+            if t in _PERMUTE_FUNCTIONS:
+                return self.permute(node, idx)
             if t in _ADD:
                 return self.add(node, idx, negate_second=t in (operator.sub, operator.isub, torch.sub))
             if t in _MUL:
@@ -501,6 +541,8 @@ class _Backtrack:
                 return self.reduce(node, idx)
             if t is operator.getitem and isinstance(v.get(first), torch.Tensor):
                 return self.getitem(node, idx)
+            if t is operator.getitem and _is_split(first):
+                return self.piece(node, idx)
             raise self.unsupported(node)
         if node.op == "call_method":
             t = node.target
@@ -508,6 +550,8 @@ class _Backtrack:
                 return self.passthrough(node, idx)
             if t in _RESHAPE_METHODS:
                 return self.reshape(node, idx)
+            if t in _PERMUTE_METHODS:
+                return self.permute(node, idx)
             if t in ("add", "add_", "sub", "sub_"):
                 return self.add(node, idx, negate_second=t.startswith("sub"))
             if t in ("mul", "mul_", "div", "div_"):
@@ -534,15 +578,52 @@ class _Backtrack:
                 raise self.unsupported(node, "it mixes the batch dimension")
         self.send(src, idx)
 
+    def permute(self, node, idx):
+        """Permuted or transposed dimensions (extension; ConvNeXt's channels-last blocks): each
+        element keeps its value, at permuted coordinates. The batch dimension must stay first."""
+        src = node.args[0]
+        x, out = self.values[src], self.values[node]
+        nd = x.dim()
+        t = node.target
+        rest = [a for a in node.args[1:]] + list(node.kwargs.values())
+        if t in ("permute", torch.permute):
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+            order = [int(d) % nd for d in dims]
+        else:  # transpose / swapaxes / swapdims: two dimensions exchanged
+            a, b = (int(d) % nd for d in rest[:2])
+            order = list(range(nd))
+            order[a], order[b] = order[b], order[a]
+        if len(order) != nd or order[0] != 0:
+            raise self.unsupported(node, "it moves the batch dimension")
+        coords = torch.unravel_index(idx, tuple(out.shape[1:]))  # output dim k = input dim order[k]
+        ins = [None] * (nd - 1)
+        for k in range(1, nd):
+            ins[order[k] - 1] = coords[k - 1]
+        flat = torch.zeros_like(idx)
+        for c, n in zip(ins, x.shape[1:]):
+            flat = flat * n + c
+        self.send(src, flat)
+
     def linear(self, node, weight: torch.Tensor, idx):
         """Authors' linear rules; the mode is chosen by what the input was before flattening.
 
         *Vector input* (the previous layer is linear or a global pool): keep every input j with
         ``a_j W_ij > 0`` for some kept neuron i. *Flattened map* (VGG/AlexNet fc6): per neuron
         the single argmax of ``a_j W_ij``. Only the kept neurons' weight rows are read.
+        *A map with channels last* (extension; ConvNeXt's pointwise layers ``Linear`` over the
+        last dimension): a 1×1 convolution, so the convolution rule — at the same position, the
+        input channel whose contribution ``a_j W_ij`` is largest.
         """
         src = node.args[0]
         a = self.values[src]
+        if a.dim() > 2:
+            a = a[0].reshape(-1, a.shape[-1])  # positions × channels
+            cin, cout = a.shape[1], weight.shape[0]
+            pos, c = idx // cout, idx % cout
+            upos, inv = torch.unique(pos, return_inverse=True)
+            win = a.index_select(0, upos).index_select(0, inv)  # M×cin
+            score = win.mul_(weight.detach().index_select(0, c))
+            return self.send(src, pos * cin + score.argmax(1))
         if a.dim() != 2:
             raise self.unsupported(node, f"linear layers on {a.dim()}-D input are not supported")
         a = a[0]
@@ -867,6 +948,26 @@ class _Backtrack:
             flat = flat * n + cc
         self.send(src, flat)
 
+    def piece(self, node, idx):
+        """One piece of ``chunk`` / ``split`` (extension; ShuffleNet's two branches): the point
+        moves by the sizes of the pieces before it along the split dimension."""
+        split, k = node.args[0], node.args[1]
+        src = split.args[0]
+        x = self.values[src]
+        pieces = self.values[split]
+        dim = split.kwargs.get("dim", split.args[2] if len(split.args) > 2 else 0)
+        dim = int(dim) % x.dim()
+        if dim == 0 or not isinstance(k, int):
+            raise self.unsupported(node, "a split of the batch dimension")
+        k = k % len(pieces)
+        offset = sum(p.shape[dim] for p in pieces[:k])
+        coords = list(torch.unravel_index(idx, tuple(pieces[k].shape[1:])))
+        coords[dim - 1] = coords[dim - 1] + offset
+        flat = torch.zeros_like(idx)
+        for c, n in zip(coords, x.shape[1:]):
+            flat = flat * n + c
+        self.send(src, flat)
+
     def cat(self, node, idx):
         """Concatenation (Inception, DenseNet): the index along the concatenated dim selects
         the branch."""
@@ -1027,7 +1128,11 @@ def backtrack(
                     while f"{name}#{k}" in trace:
                         k += 1
                     name = f"{name}#{k}"
-                c, i, j = _decode(idx, shape)
+                if _channels_last(node, bt):  # N×H×W×C (ConvNeXt's block): record (c, h, w)
+                    i, j, c = _decode(idx, shape)
+                    shape = (shape[2], shape[0], shape[1])
+                else:
+                    c, i, j = _decode(idx, shape)
                 trace[name] = torch.stack([c, i, j], 1).cpu().numpy()
                 shapes[name] = shape
             if node.op == "placeholder":
