@@ -226,11 +226,9 @@ def _channels_last(node, bt) -> bool:
         v = bt.values.get(node)
         if not isinstance(v, torch.Tensor) or v.dim() != 4 or not node.args:
             return False
-        if (node.op == "call_method" and node.target == "permute") or (
-                node.op == "call_function" and node.target is torch.permute):
-            rest = list(node.args[1:])
-            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
-            return [int(d) % 4 for d in dims] == [0, 2, 3, 1]
+        if (node.op == "call_method" and node.target in _PERMUTE_METHODS) or (
+                node.op == "call_function" and node.target in _PERMUTE_FUNCTIONS):
+            return _permute_order(node, 4) == [0, 2, 3, 1]
         m = bt.modules.get(node.target) if node.op == "call_module" else None
         same = (isinstance(m, _PASS_MODULES + (nn.Linear,))
                 or (node.op == "call_function" and node.target in _PASS_FUNCTIONS | {F.linear})
@@ -239,6 +237,27 @@ def _channels_last(node, bt) -> bool:
             return False
         node = node.args[0]
     return False
+
+
+def _permute_order(node, nd: int) -> list:
+    """The dimension order of a ``permute`` / ``transpose`` / ``swapaxes`` node: output
+    dimension k is input dimension ``order[k]``."""
+    rest = list(node.args[1:]) + list(node.kwargs.values())
+    if node.target in ("permute", torch.permute):
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        return [int(d) % nd for d in dims]
+    a, b = (int(d) % nd for d in rest[:2])  # two dimensions exchanged
+    order = list(range(nd))
+    order[a], order[b] = order[b], order[a]
+    return order
+
+
+def _ravel(coords, shape) -> torch.Tensor:
+    """Flat indices of per-dimension coordinates in ``shape`` (one sample, no batch dim)."""
+    flat = torch.zeros_like(coords[0])
+    for c, n in zip(coords, shape):
+        flat = flat * n + c
+    return flat
 
 
 def _is_split(node) -> bool:
@@ -584,25 +603,14 @@ class _Backtrack:
         src = node.args[0]
         x, out = self.values[src], self.values[node]
         nd = x.dim()
-        t = node.target
-        rest = [a for a in node.args[1:]] + list(node.kwargs.values())
-        if t in ("permute", torch.permute):
-            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
-            order = [int(d) % nd for d in dims]
-        else:  # transpose / swapaxes / swapdims: two dimensions exchanged
-            a, b = (int(d) % nd for d in rest[:2])
-            order = list(range(nd))
-            order[a], order[b] = order[b], order[a]
+        order = _permute_order(node, nd)
         if len(order) != nd or order[0] != 0:
             raise self.unsupported(node, "it moves the batch dimension")
         coords = torch.unravel_index(idx, tuple(out.shape[1:]))  # output dim k = input dim order[k]
         ins = [None] * (nd - 1)
         for k in range(1, nd):
             ins[order[k] - 1] = coords[k - 1]
-        flat = torch.zeros_like(idx)
-        for c, n in zip(ins, x.shape[1:]):
-            flat = flat * n + c
-        self.send(src, flat)
+        self.send(src, _ravel(ins, x.shape[1:]))
 
     def linear(self, node, weight: torch.Tensor, idx):
         """Authors' linear rules; the mode is chosen by what the input was before flattening.
@@ -957,16 +965,15 @@ class _Backtrack:
         pieces = self.values[split]
         dim = split.kwargs.get("dim", split.args[2] if len(split.args) > 2 else 0)
         dim = int(dim) % x.dim()
-        if dim == 0 or not isinstance(k, int):
+        if dim == 0:
             raise self.unsupported(node, "a split of the batch dimension")
+        if not isinstance(k, int):
+            raise self.unsupported(node, f"a piece chosen by {k!r}")
         k = k % len(pieces)
         offset = sum(p.shape[dim] for p in pieces[:k])
         coords = list(torch.unravel_index(idx, tuple(pieces[k].shape[1:])))
         coords[dim - 1] = coords[dim - 1] + offset
-        flat = torch.zeros_like(idx)
-        for c, n in zip(coords, x.shape[1:]):
-            flat = flat * n + c
-        self.send(src, flat)
+        self.send(src, _ravel(coords, x.shape[1:]))
 
     def cat(self, node, idx):
         """Concatenation (Inception, DenseNet): the index along the concatenated dim selects
