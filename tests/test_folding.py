@@ -586,6 +586,7 @@ def test_score_cam_through_the_mixture_equals_masked_inputs(monkeypatch):
         return mix
 
     monkeypatch.setattr(core.Context, "mixture", spy)
+    before = snapshot(model.module)
     for layer in ("layer3", "layer4"):  # 4×4 and 2×2 maps: 16 and 4 unit maps
         mixed = cw.attribute(model, image, "score_cam", target=3, layer=layer, progress=False)
         monkeypatch.setattr(core.Context, "mixture", lambda self, count, parts: None)
@@ -594,3 +595,6 @@ def test_score_cam_through_the_mixture_equals_masked_inputs(monkeypatch):
         np.testing.assert_allclose(mixed.raw, masked.raw, rtol=1e-4,
                                    atol=1e-5 * np.abs(masked.raw).max())
     assert used == [True, True]
+    assert hook_count(model.module) == 0
+    assert_same_state(model.module, before)
+    assert not getattr(folding._CAPTURE, "given", {})  # nothing left given on this thread

@@ -229,14 +229,22 @@ def _channels_last(node, bt) -> bool:
         if (node.op == "call_method" and node.target in _PERMUTE_METHODS) or (
                 node.op == "call_function" and node.target in _PERMUTE_FUNCTIONS):
             return _permute_order(node, 4) == [0, 2, 3, 1]
-        m = bt.modules.get(node.target) if node.op == "call_module" else None
-        same = (isinstance(m, _PASS_MODULES + (nn.Linear,))
-                or (node.op == "call_function" and node.target in _PASS_FUNCTIONS | {F.linear})
-                or (node.op == "call_method" and node.target in _PASS_METHODS))
-        if not same:
+        linear = (node.op == "call_module" and isinstance(bt.modules.get(node.target), nn.Linear)
+                  or node.op == "call_function" and node.target is F.linear)
+        if not (linear or _passes(node, bt.modules)):
             return False
         node = node.args[0]
     return False
+
+
+def _passes(node, modules: dict) -> bool:
+    """Whether ``node`` is a same-shape layer the backtrack passes points through."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return isinstance(m, _PASS_MODULES) or type(m).__name__ in _PASS_MODULE_NAMES
+    if node.op == "call_function":
+        return node.target in _PASS_FUNCTIONS
+    return node.op == "call_method" and node.target in _PASS_METHODS
 
 
 def _permute_order(node, nd: int) -> list:
@@ -694,12 +702,7 @@ class _Backtrack:
             if is_reshape:
                 return v.dim() >= 3 and math.prod(v.shape[2:]) > 1
             same = v.shape == self.values[node].shape
-            passes = (
-                (node.op == "call_module" and (isinstance(self.modules[node.target], _PASS_MODULES)
-                                               or type(self.modules[node.target]).__name__ in _PASS_MODULE_NAMES))
-                or (node.op == "call_function" and node.target in _PASS_FUNCTIONS)
-                or (node.op == "call_method" and node.target in _PASS_METHODS)
-            )
+            passes = _passes(node, self.modules)
             if not (same and passes):
                 return False
             node = src

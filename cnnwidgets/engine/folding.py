@@ -32,7 +32,8 @@ sample. :class:`Head` (the twin's first layer) and :func:`head_of` give access t
 the parts' outputs once and each combination as one matrix product, and :meth:`Head.given`
 runs the rest of the twin on it. Score-CAM's masked copies are such combinations (each mask is
 an upsampled h×w channel, a combination of the h·w upsampled unit maps): on ResNet-18 at 224
-px, 49 terms per value instead of the 7×7 stem's 147 multiply-adds.
+px, ~16 terms per value (a unit map reaches only a band of rows) instead of the 7×7 stem's 147
+multiply-adds.
 
 **Packed convolutions.** Every other plain ``Conv2d`` of the twin, with the ReLU / ReLU6 after
 it, becomes a :class:`Packed` module: oneDNN's fused convolution (the operator PyTorch's own
@@ -288,9 +289,9 @@ class Mixture:
     The convolution is affine, ``conv(Σₖ cₖ pₖ) = Σₖ cₖ (conv(pₖ) − conv(0)) + conv(0)``, so
     its output for any coefficients is one matrix product with the parts' outputs, computed
     once. Score-CAM masks the input with bilinearly upsampled channels — combinations of the
-    h·w upsampled unit maps — so every masked copy's first layer becomes a product with h·w + 1
-    terms per value instead of the convolution (ResNet-18's stem: 147 multiply-adds per value,
-    against 50 for a 7×7 layer). The same values to float rounding.
+    h·w upsampled unit maps — so every masked copy's first layer becomes a product with at most
+    h·w + 1 terms per value instead of the convolution (ResNet-18's stem: 147 multiply-adds per
+    value; in bands of rows, ~16 terms for a 7×7 layer). The same values to float rounding.
 
     >>> mix = head.mixture(x * basis)     # basis: K×1×H×W, x: 1×3×H×W
     >>> z = mix(coeffs)                   # n×K → the convolution's n outputs

@@ -107,12 +107,13 @@ def _default_layer(model, fraction: float = 0.25) -> str:
     """A convolution a ``fraction`` of the way through the network, among the layers the
     layer menu lists (a 1×1 squeeze-excitation convolution or one run twice is not listed)."""
     listed = model.layers()
-    maps = [n for n in model.layers("conv") if n in set(listed)] or listed
+    known = set(listed)
+    maps = [n for n in model.layers("conv") if n in known] or listed
     return maps[min(len(maps) - 1, int(len(maps) * fraction))]
 
 
 def _listed(widget, name: str) -> str:
-    """Add a valid layer the menu does not list (``"name:input"``, a 1×1 map) to the menu."""
+    """Add a valid layer the menu does not list (a C×1×1 output, say) to the menu."""
     if name not in widget._layers:
         widget._layers = [*widget._layers, name]
         if getattr(widget, "_w_layer", None) is not None:
