@@ -78,3 +78,26 @@ def test_wait_applies_the_result_inside_the_same_cell():
         return got
 
     assert asyncio.run(cell()) == [42]
+
+
+def test_a_frame_before_the_front_end_is_ready_is_kept_as_a_data_url():
+    # ipympl keeps the last frame in `_data_url` for a front-end model created later; it must
+    # be a loadable data URL (ipympl itself stores bare base64, which the browser loads as a
+    # broken image and then fails on in drawImage)
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cnnwidgets.widgets.base import make_figure
+
+    fig, canvas = make_figure(2, 1.5, dpi=50)
+    fig.add_subplot().imshow(np.arange(12.0).reshape(3, 4))
+    assert canvas.syncing_data_url  # no front end here
+    canvas.draw()
+    url = canvas._data_url
+    prefix = "data:image/png;base64,"
+    assert isinstance(url, str) and url.startswith(prefix)
+    image = Image.open(io.BytesIO(base64.b64decode(url[len(prefix):])))
+    assert image.size == (100, 75)  # the whole figure: 2 × 1.5 in at 50 dpi

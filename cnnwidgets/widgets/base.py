@@ -22,7 +22,16 @@ def _canvas_class():
 
     matplotlib encodes each frame at zlib level 6; level 1 encodes about 2.5× faster for
     ~10% more bytes, which on a local kernel is the better trade for interactive redraws.
+
+    Until the front end says it is initialised, ipympl keeps the last frame in the synced
+    ``_data_url`` trait for a front-end model created later — but ipympl 0.9–0.10 stores the
+    bare base64 there, without ``data:image/png;base64,``. A model created from that state
+    loads a broken image, and its next resize throws in ``drawImage`` ("The HTMLImageElement
+    provided is in the 'broken' state"), which stops the figure from ever drawing: the
+    intermittent "figures never drew" of the browser tests when a widget's first frame came
+    before its front end was ready. The frame is kept here as a proper data URL.
     """
+    from base64 import b64encode
     from io import BytesIO
 
     import numpy as np
@@ -52,6 +61,16 @@ def _canvas_class():
                 Image.fromarray(rgba).save(buffer, format="png",
                                            compress_level=self.png_compress_level)
                 return buffer.getvalue()
+
+        def send_binary(self, data):
+            if not (getattr(self, "syncing_data_url", False) and hasattr(self, "_last_buff")):
+                return super().send_binary(data)
+            frame = self._last_buff.view(np.uint8).reshape(*self._last_buff.shape, 4)
+            with BytesIO() as png:
+                Image.fromarray(frame).save(png, format="png",
+                                            compress_level=self.png_compress_level)
+                self._data_url = "data:image/png;base64," + b64encode(png.getvalue()).decode()
+            self.send({"data": '{"type": "binary"}'}, buffers=[data])
 
     return FastCanvas
 
