@@ -208,6 +208,30 @@ def test_unknown_model_name_suggests():
         cw.load_model("resnet-18x")
 
 
+def test_every_entry_point_takes_a_module_and_says_what_to_do_with_a_name(cat):
+    """A plain nn.Module works wherever a cw.Model does (widgets included); a model *name*
+    where a model is expected, or a module given to load_model, is a short TypeError that
+    names the call to use (it used to be an AttributeError deep inside a widget, and
+    load_model(module) printed the module's whole repr as an 'unknown model')."""
+    from torchvision.models import resnet18
+
+    net = resnet18()
+    w = cw.AttributionExplorer(net, cat, method="saliency", background=False)
+    assert isinstance(w.model, cw.Model) and w.model.module is net
+    assert cw.FeatureVisualizer(net).model.module is net
+    assert cw.InversionExplorer(net, cat).model.module is net
+    for call in (lambda: cw.attribute("resnet18", cat, "saliency"),
+                 lambda: cw.AttributionExplorer("resnet18", cat),
+                 lambda: cw.FixationExplorer("resnet18", cat),
+                 lambda: cw.FeatureVisualizer("resnet18"),
+                 lambda: cw.metrics.deletion("resnet18", cat, "saliency")):
+        with pytest.raises(TypeError, match=r"cw.load_model\('resnet18'\)"):
+            call()
+    with pytest.raises(TypeError, match=r"cw.Model\(module\)") as err:
+        cw.load_model(net)
+    assert len(str(err.value)) < 200
+
+
 # ----------------------------------------------------------------------------- the offline model
 def test_lite0_classifies_sample_photos(lite0, cat):
     assert lite0.predict(cat, k=1)[0][1] == "Egyptian cat"

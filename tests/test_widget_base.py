@@ -101,3 +101,44 @@ def test_a_frame_before_the_front_end_is_ready_is_kept_as_a_data_url():
     assert isinstance(url, str) and url.startswith(prefix)
     image = Image.open(io.BytesIO(base64.b64decode(url[len(prefix):])))
     assert image.size == (100, 75)  # the whole figure: 2 × 1.5 in at 50 dpi
+
+
+def test_exit_stops_and_waits_for_background_work():
+    """The interpreter's exit asks each widget with live background work to stop, then waits
+    for its thread (a daemon thread still inside PyTorch at shutdown aborts the process)."""
+    from cnnwidgets.widgets import base
+
+    stop = threading.Event()
+    done = []
+
+    class Slow(_WidgetBase):
+        def cancel_background(self):
+            stop.set()
+
+    w = Slow()
+    w.submit(lambda: (stop.wait(30), done.append(True)), lambda _: None)
+    assert not done
+    base._finish_background(timeout=10)
+    assert done and not w._thread.is_alive() and not base._BACKGROUND
+
+
+def test_a_script_that_ends_while_an_explorer_computes_exits_cleanly(tmp_path):
+    """Regression: built an explorer, script ended mid-computation → "terminate called without
+    an active exception", exit status 134."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ends_early.py"
+    script.write_text(
+        "import time\n"
+        "import torchvision\n"
+        "import cnnwidgets as cw\n"
+        "m = cw.Model(torchvision.models.resnet18(), input_size=(96, 96))\n"
+        "w = cw.AttributionExplorer(m, cw.sample_image('cat'), method='score_cam')\n"
+        "time.sleep(1.0)\n"
+        "assert w._thread.is_alive(), 'the computation should still be running'\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "terminate called" not in run.stderr

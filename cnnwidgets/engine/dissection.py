@@ -42,10 +42,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from .hooks import capture, restored
-from .model import Model
+from .model import Model, as_model
 
 # ----------------------------------------------------------------------------- the protocol
 
@@ -669,11 +668,7 @@ class DissectionResult:
 
 
 def _as_model(model) -> Model:
-    if isinstance(model, Model):
-        return model
-    if isinstance(model, nn.Module):
-        return Model(model)
-    raise TypeError(f"dissect needs a cw.Model or torch.nn.Module, not {type(model).__name__}")
+    return as_model(model, "cw.dissect")
 
 
 def _fingerprint(model: Model, dataset, layers, quantile, iou_threshold, extra) -> str:

@@ -1009,13 +1009,9 @@ class _Backtrack:
 
 # ----------------------------------------------------------------------------- API
 def _resolve_model(model):
-    from .model import Model
+    from .model import as_model
 
-    if isinstance(model, Model):
-        return model
-    if isinstance(model, nn.Module):
-        return Model(model)
-    raise TypeError(f"fixations needs a cw.Model or torch.nn.Module, not {type(model).__name__}")
+    return as_model(model, "cw.fixations")
 
 
 def _trace_name(node: fx.Node, modules: dict) -> str | None:

@@ -26,7 +26,7 @@ from torch import nn
 
 from .attribution.core import Attribution, Context, attribute, input_only
 from .folding import folded
-from .model import Model
+from .model import Model, as_model
 
 BASELINES = ("black", "zeros", "blur")
 
@@ -108,8 +108,7 @@ def _substrate(model: Model, x: torch.Tensor, baseline) -> torch.Tensor:
 
 def _curve(kind, model, image, attribution, target, steps, baseline, score, batch_size,
            progress, cancel, params) -> Curve:
-    if not isinstance(model, Model):
-        model = Model(model)
+    model = as_model(model, f"cw.{kind}")
     steps = int(steps)
     if not 1 <= steps <= 100_000:
         raise ValueError(f"steps must be between 1 and 100000, not {steps}")
@@ -300,8 +299,7 @@ def sanity_check(model, image, method: str = "grad_cam", *, target=None, stages:
     computed again for the same target and compared with the original map by the Spearman
     rank correlation of the magnitudes. The user's model is not touched.
     """
-    if not isinstance(model, Model):
-        model = Model(model)
+    model = as_model(model, "cw.sanity_check")
     original = attribute(model, image, method, target=target, progress=False, **params)
     names = weighted_layers(model.module)
     top_first = names[::-1]

@@ -376,3 +376,17 @@ class Model:
                 self.cache.put((key, n), value)
                 found[n] = value
         return found[layer] if isinstance(layer, str) else found
+
+
+def as_model(model, who: str) -> Model:
+    """``model`` as a :class:`Model`: a ``Model`` as it is, a ``torch.nn.Module`` wrapped with
+    the ImageNet defaults (``Model(module)``); anything else is a ``TypeError`` that says what
+    to pass. ``who``: the function or widget, for the message."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, nn.Module):
+        return Model(model)
+    hint = (f"; cw.load_model({model!r}) loads a model by name" if isinstance(model, str)
+            else "")
+    raise TypeError(f"{who} needs a cw.Model or a torch.nn.Module, not "
+                    f"{type(model).__name__}{hint}")

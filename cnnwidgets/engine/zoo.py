@@ -30,8 +30,13 @@ def load_model(name: str = "efficientnet_lite0", pretrained: bool = True, device
     downloaded once into torchvision's cache; ``pretrained=False`` gives random weights and never
     touches the network. The model goes to CUDA when available, else the CPU (or ``device``).
     """
+    if not isinstance(name, str):
+        hint = (" — your own network: cw.Model(module) wraps it" if isinstance(name, torch.nn.Module)
+                else "")
+        raise TypeError(f"cw.load_model takes a model name such as 'efficientnet_lite0', not "
+                        f"{type(name).__name__}{hint} (cw.available_models() lists the names)")
     device = torch.device(device) if device is not None else default_device()
-    key = str(name).lower().replace("-", "_")
+    key = name.lower().replace("-", "_")
     if key == "efficientnet_lite0":
         module = _efficientnet_lite0(pretrained)
         model = Model(module, labels=imagenet_labels(), input_size=(224, 224),

@@ -18,6 +18,7 @@ import traitlets
 from ..engine.attribution import Cancelled, attribute, get_method, methods
 from ..engine.attribution.core import check_layer, default_layer
 from ..engine.metrics import deletion, insertion
+from ..engine.model import as_model
 from ..render.attribution import (
     COLORMAPS,
     DEFAULT_CMAP,
@@ -84,7 +85,7 @@ class AttributionExplorer(WidgetBase):
         super().__init__(**kwargs)
         from ..engine import load_image
 
-        self.model = model
+        self.model = model = as_model(model, "AttributionExplorer")
         self.image = load_image(image)
         self.background = background
         self.result = None  #: the last list of ``cw.Attribution`` shown
@@ -311,6 +312,9 @@ class AttributionExplorer(WidgetBase):
     # ------------------------------------------------------------------ computing
     def cancel(self) -> None:
         """Stop the running computation (it raises ``Cancelled`` between batches)."""
+        self._cancel.set()
+
+    def cancel_background(self) -> None:
         self._cancel.set()
 
     def refresh(self) -> None:

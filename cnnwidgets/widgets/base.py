@@ -6,11 +6,14 @@ Widgets are thin: they observe traitlets, call the public engine API, hand array
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import functools
 import html
 import threading
+import time
 import traceback
+import weakref
 from typing import Callable
 
 import ipywidgets as widgets
@@ -117,6 +120,51 @@ def _running_loop():
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+#: background threads of the widgets still running, with their widget (weakly)
+_BACKGROUND: "dict[threading.Thread, weakref.ref]" = {}
+_BACKGROUND_LOCK = threading.Lock()
+EXIT_WAIT = 10.0  #: seconds the interpreter's exit waits for the widgets' background threads
+
+
+def background_thread(owner: "WidgetBase", target: Callable) -> threading.Thread:
+    """Start ``target`` in a daemon thread that the interpreter's exit stops and waits for.
+
+    A daemon thread still inside PyTorch when the interpreter shuts down aborts the process
+    ("terminate called without an active exception", exit status 134): a script that builds
+    an explorer and ends while it computes, or a notebook kernel shut down mid-computation.
+    At exit, each widget is asked to stop (:meth:`WidgetBase.cancel_background`) and its
+    thread is waited for, up to :data:`EXIT_WAIT` seconds in all."""
+
+    def run():
+        try:
+            target()
+        finally:
+            with _BACKGROUND_LOCK:
+                _BACKGROUND.pop(threading.current_thread(), None)
+
+    thread = threading.Thread(target=run, daemon=True, name=f"cnnwidgets-{type(owner).__name__}")
+    with _BACKGROUND_LOCK:
+        _BACKGROUND[thread] = weakref.ref(owner)
+    thread.start()
+    return thread
+
+
+@atexit.register
+def _finish_background(timeout: float | None = None) -> None:
+    with _BACKGROUND_LOCK:
+        live = list(_BACKGROUND.items())
+    for _, ref in live:
+        owner = ref()
+        if owner is not None:
+            try:
+                owner.cancel_background()
+            except Exception:  # noqa: BLE001 - exiting: stopping is best effort
+                pass
+    deadline = time.monotonic() + (EXIT_WAIT if timeout is None else timeout)
+    for thread, _ in live:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class ErrorBox(widgets.HTML):
@@ -268,12 +316,15 @@ class WidgetBase(widgets.VBox):
             self.on_main(finish, result)
 
         if background:
-            thread = threading.Thread(target=run, daemon=True)
-            thread.start()
-            self._thread = thread
+            self._thread = background_thread(self, run)
         else:
             run()
         return generation
+
+    def cancel_background(self) -> None:
+        """Ask the running background work to stop at its next check (the interpreter's exit
+        calls it before waiting for the widget's threads). Widgets whose work can stop between
+        steps override it."""
 
     def wait(self, timeout: float | None = 60.0) -> None:
         """Block until the latest background task has finished and its result is shown

@@ -5,7 +5,7 @@ from importlib import import_module
 
 import ipywidgets as widgets
 
-from ..engine.model import Model
+from ..engine.model import Model, as_model
 from .base import WidgetBase
 
 #: (tab title, module, class, needs the image) in tab order
@@ -37,8 +37,7 @@ class Explorer(WidgetBase):
 
     def __init__(self, model: Model, image, *, dissection=None):
         super().__init__()
-        if not isinstance(model, Model):
-            model = Model(model)
+        model = as_model(model, "cw.Explorer")
         self.model = model
         self.image = image
         self._factories = []

@@ -8,7 +8,7 @@ import traitlets
 
 from ..engine.featuremaps import SORT_KEYS, feature_maps
 from ..engine.hooks import layer_not_found
-from ..engine.model import Model
+from ..engine.model import Model, as_model
 from ..render import feature_maps as draw
 from .base import WidgetBase, make_figure
 
@@ -44,8 +44,7 @@ class FeatureMapExplorer(WidgetBase):
     def __init__(self, model: Model, image, layer: str | None = None, *, layers=None,
                  prefetch: bool = True, width: float = 11.0, height: float = 4.6):
         super().__init__()
-        if not isinstance(model, Model):
-            model = Model(model)
+        model = as_model(model, "FeatureMapExplorer")
         self.model = model
         self.image = image
         _, self.display_image = model.prepare(image)

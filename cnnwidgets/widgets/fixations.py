@@ -6,7 +6,7 @@ import ipywidgets as widgets
 import traitlets
 
 from ..engine.fixations import Fixations, fixations
-from ..engine.model import Model
+from ..engine.model import as_model
 from ..render.fixations import (
     draw_fixations,
     draw_heatmap,
@@ -40,8 +40,7 @@ class FixationExplorer(WidgetBase):
     def __init__(self, model, image, target=None, *, sigma: float | None = None,
                  background: bool = True, **fixation_kwargs):
         super().__init__()
-        if not isinstance(model, Model):
-            model = Model(model)
+        model = as_model(model, "FixationExplorer")
         self.model = model
         self.image = image
         self.background = background

@@ -13,9 +13,10 @@ from typing import Callable
 import ipywidgets as widgets
 import traitlets
 
+from ..engine.model import as_model
 from ..engine.optvis import deconv, invert_steps, objectives, optimize
 from ..render import optvis as R
-from .base import WidgetBase, make_figure
+from .base import WidgetBase, background_thread, make_figure
 
 
 class _LiveRun:
@@ -98,9 +99,8 @@ class _LiveRun:
             self.thread = None
             loop()
         else:
-            self.thread = threading.Thread(target=loop, daemon=True)
+            self.thread = background_thread(self.owner, loop)
             self.owner._thread = self.thread  # so WidgetBase.wait() joins it
-            self.thread.start()
 
 
 def _default_layer(model, fraction: float = 0.25) -> str:
@@ -128,7 +128,7 @@ class _OptBase(WidgetBase):
 
     def __init__(self, model, **kwargs):
         super().__init__(**kwargs)
-        self.model = model
+        self.model = model = as_model(model, type(self).__name__)
         self._runner = _LiveRun(self)
         self._progress = widgets.IntProgress(value=0, min=0, max=1, description="",
                                              layout=widgets.Layout(width="260px"))
@@ -159,6 +159,9 @@ class _OptBase(WidgetBase):
     def stop(self) -> None:
         """Stop the running optimisation (the image keeps its last state)."""
         self._runner.stop()
+
+    def cancel_background(self) -> None:
+        self._runner.stop_event.set()
 
     def _draw(self) -> None:
         if self.figure is not None:
@@ -203,6 +206,7 @@ class FeatureVisualizer(_OptBase):
     def __init__(self, model, layer: str | None = None, channel: int = 0, *, steps: int = 128,
                  size: int = 128, preview_every: int = 4, **kwargs):
         super().__init__(model)
+        model = self.model
         self._layers = model.layers()
         self.result = None
         self.history: list = []
@@ -415,6 +419,7 @@ class InversionExplorer(_OptBase):
     def __init__(self, model, image, layer: str | None = None, *, steps: int = 200,
                  preview_every: int = 5, channel: int = -1):
         super().__init__(model)
+        model = self.model
         self.image = image
         self._display = model.prepare(image)[1]
         self._layers = model.layers()

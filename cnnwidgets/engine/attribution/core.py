@@ -23,7 +23,7 @@ from torch import nn
 
 from ..folding import batch_sum, folded, head_of
 from ..hooks import layer_not_found, resolve, restored, this_thread
-from ..model import Model
+from ..model import Model, as_model
 from .registry import get_method
 from ..relu_rules import relu_rule
 
@@ -440,11 +440,7 @@ def attribute(
     The model is put back exactly as it was, after success and after errors.
     """
     spec = get_method(method)
-    if not isinstance(model, Model):
-        if isinstance(model, nn.Module):
-            model = Model(model)
-        else:
-            raise TypeError(f"model must be a cw.Model (or torch.nn.Module), not {type(model).__name__}")
+    model = as_model(model, "cw.attribute")
     values = spec.resolve(params)
     if layer is not None and not spec.layer:
         raise ValueError(f"{spec.name} does not read a layer, so layer={layer!r} has no effect; "
