@@ -598,3 +598,17 @@ def test_score_cam_through_the_mixture_equals_masked_inputs(monkeypatch):
     assert hook_count(model.module) == 0
     assert_same_state(model.module, before)
     assert not getattr(folding._CAPTURE, "given", {})  # nothing left given on this thread
+
+
+def test_given_head_pools_before_the_activation_with_the_same_values():
+    """Given the convolution's output (Score-CAM's mixture), the head pools first and clamps the
+    pooled tensor: max-pooling and ReLU / ReLU6 commute, so the values are exactly those of
+    activation-then-pooling — at the image border (padding) too, and with ceil_mode."""
+    for act, pool in ((nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)),
+                      (nn.ReLU6(), nn.MaxPool2d(2, 2, ceil_mode=True))):
+        head = folding.Head(nn.Conv2d(3, 4, 3), act, pool, fresh=False)
+        z = torch.randn(2, 4, 9, 9) * 8  # negatives, values above 6
+        expected = pool(torch.clamp(z, 0.0, 6.0 if isinstance(act, nn.ReLU6) else None))
+        with torch.no_grad(), head.given(z.clone()):
+            got = head(torch.zeros(2, 3, 11, 11))
+        assert torch.equal(got, expected)
