@@ -220,11 +220,16 @@ def test_every_entry_point_takes_a_module_and_says_what_to_do_with_a_name(cat):
     assert isinstance(w.model, cw.Model) and w.model.module is net
     assert cw.FeatureVisualizer(net).model.module is net
     assert cw.InversionExplorer(net, cat).model.module is net
+    assert cw.deconv(net, cat, "layer2").shape[-1] == 3
     for call in (lambda: cw.attribute("resnet18", cat, "saliency"),
                  lambda: cw.AttributionExplorer("resnet18", cat),
                  lambda: cw.FixationExplorer("resnet18", cat),
                  lambda: cw.FeatureVisualizer("resnet18"),
-                 lambda: cw.metrics.deletion("resnet18", cat, "saliency")):
+                 lambda: cw.metrics.deletion("resnet18", cat, "saliency"),
+                 lambda: cw.visualize("resnet18", "layer2:0", steps=1),
+                 lambda: cw.invert("resnet18", cat, "layer2", steps=1),
+                 lambda: cw.deconv("resnet18", cat, "layer2"),
+                 lambda: cw.dissect("resnet18", cw.datasets.SyntheticConcepts(4, 32))):
         with pytest.raises(TypeError, match=r"cw.load_model\('resnet18'\)"):
             call()
     with pytest.raises(TypeError, match=r"cw.Model\(module\)") as err:

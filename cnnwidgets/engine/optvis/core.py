@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..hooks import resolve, restored, this_thread
+from ..model import as_model
 from ..relu_rules import relu_rule
 from . import objectives as obj
 from .param import make_param
@@ -161,6 +162,7 @@ def optimize(model, objective, *, steps: int = 256, param: str = "fft", size=128
     ``transforms=False`` switches it off), normalised as the model expects, and updated by Adam
     to minimise ``objective`` (see :mod:`cw.objectives`). Same seed → identical steps.
     """
+    model = as_model(model, "cw.engine.optvis.optimize")
     objective = obj.parse(objective, model)
     for n in objective.layers:
         if n != obj.LOGITS:
@@ -203,6 +205,7 @@ def visualize(model, objective, steps: int = 256, param: str = "fft", seed: int 
     """Maximise ``objective`` (``"layer:channel"``, a class index or label, or a
     ``cw.objectives`` object) and return a ``cw.Visualization`` (``.image`` H×W×3 in [0, 1],
     ``.history`` of losses). See :func:`optimize` for the method."""
+    model = as_model(model, "cw.visualize")
     objective = obj.parse(objective, model)
     gen = optimize(model, objective, steps=steps, param=param, size=size, batch=batch, lr=lr,
                    seed=seed, decorrelate=decorrelate, transforms=transforms)
@@ -236,6 +239,7 @@ def invert_steps(model, image, layer: str, *, steps: int = 200, seed: int = 0, l
     to ``decay × `` that by the last step. ``lambda_tv=None`` → :func:`tv_weight` (heavier for
     deeper layers).
     """
+    model = as_model(model, "cw.invert")
     info = model.check_layer(layer)
     del info
     x0, _ = model.prepare(image)
@@ -278,6 +282,8 @@ def invert(model, image, layer: str, steps: int = 200, seed: int = 0, *,
            progress: bool = True, **kwargs) -> Visualization:
     """Reconstruct ``image`` from ``layer``'s code (Mahendran & Vedaldi); ``.image`` is aligned
     with ``model.prepare(image)[1]``. Keyword arguments go to :func:`invert_steps`."""
+    model = as_model(model, "cw.invert")  # before the progress bar: a wrong model fails at once
+    model.check_layer(layer)
     last = None
     gen = invert_steps(model, image, layer, steps=steps, seed=seed, **kwargs)
     for last in _progress(gen, steps, f"invert {layer}", progress):
@@ -324,6 +330,7 @@ def deconv(model, image, layer: str, channel: int | None = None, top_k: int = 5,
     convolutions are what autograd's backward already does). Returns a
     :class:`DeconvProjection` (an H×W×3 image aligned with ``model.prepare(image)[1]``).
     """
+    model = as_model(model, "cw.deconv")
     model.check_layer(layer)
     x, _ = model.prepare(image)
     x = x.detach().requires_grad_(True)
