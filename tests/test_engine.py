@@ -229,7 +229,7 @@ def test_every_entry_point_takes_a_module_and_says_what_to_do_with_a_name(cat):
                  lambda: cw.visualize("resnet18", "layer2:0", steps=1),
                  lambda: cw.invert("resnet18", cat, "layer2", steps=1),
                  lambda: cw.deconv("resnet18", cat, "layer2"),
-                 lambda: cw.dissect("resnet18", cw.datasets.SyntheticConcepts(4, 32))):
+                 lambda: cw.dissect("resnet18", cw.datasets.SyntheticConcepts(4, 32), ["layer4"])):
         with pytest.raises(TypeError, match=r"cw.load_model\('resnet18'\)"):
             call()
     with pytest.raises(TypeError, match=r"cw.Model\(module\)") as err:
