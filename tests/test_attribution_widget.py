@@ -111,8 +111,18 @@ def test_compare_mode_shows_up_to_four_methods(widget):
 def test_errors_are_shown_in_the_widget(widget):
     widget.layer = "layer3"
     widget.compare = ["cam"]  # CAM needs the map fed to global pooling: its panel shows why
-    assert "error" in widget._panels[1]["title"].get_text()
+    title = widget._panels[1]["title"].get_text()
+    assert title == "cam: error"  # the reason goes inside the panel, not in the one-line title
+    message = widget._panels[1]["message"]
+    assert message.get_visible() and "global average pooling" in " ".join(
+        message.get_text().split())
+    assert max(len(line) for line in message.get_text().splitlines()) <= 30  # wrapped
     assert widget.errors.last_error is None
+    widget.compare = ["saliency", "cam"]  # the message moves with its method
+    assert not widget._panels[1]["message"].get_visible()
+    assert widget._panels[2]["message"].get_visible()
+    widget.compare = ["saliency"]  # a hidden panel hides its message too
+    assert not widget._panels[2]["message"].get_visible()
     widget.compare = []
     widget.method = "cam"  # now the main method fails: the error box says why
     assert "global average pooling" in str(widget.errors.last_error)

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 #: colour maps offered for overlays; signed maps default to a diverging one
@@ -75,6 +77,31 @@ def update_attribution(artists: dict, heat=None, image=None, *, alpha: float | N
     return artists
 
 
+def set_message(artists: dict, message: str = "", *, width: int = 30, lines: int = 9) -> None:
+    """A message over a panel made by :func:`draw_attribution` (a compared method's error),
+    wrapped to the panel's width and cut at ``lines`` lines; an empty message removes it. A
+    title cannot hold it: one line of a long error runs over the neighbouring panels."""
+    text = artists.get("message")
+    if not message:
+        if text is not None:
+            text.set_text("")
+            text.set_visible(False)
+        return
+    wrapped = textwrap.wrap(" ".join(str(message).split()), width) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = wrapped[-1][:width - 1] + "…"
+    if text is None:
+        ax = artists["image"].axes
+        text = artists["message"] = ax.text(
+            0.5, 0.5, "", ha="center", va="center", fontsize=8, color="#a40000",
+            transform=ax.transAxes, zorder=5,
+            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#e0a0a0",
+                  "alpha": 0.92})
+    text.set_text("\n".join(wrapped))
+    text.set_visible(True)
+
+
 def blank_panel(ax, message: str = "") -> dict:
     """An empty panel (no method selected) with an optional message."""
     ax.set_axis_off()
@@ -123,3 +150,5 @@ def show_panel(artists: dict, visible: bool) -> None:
     for key in ("image", "overlay", "title"):
         if key in artists:
             artists[key].set_visible(visible)
+    if "message" in artists:  # shown again only if it still says something
+        artists["message"].set_visible(visible and bool(artists["message"].get_text()))

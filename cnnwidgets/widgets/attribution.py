@@ -25,6 +25,7 @@ from ..render.attribution import (
     DEFAULT_SIGNED_CMAP,
     draw_attribution,
     draw_image,
+    set_message,
     show_panel,
     update_attribution,
 )
@@ -403,13 +404,14 @@ class AttributionExplorer(WidgetBase):
         blank = np.zeros(self.display.shape[:2], dtype=np.float32)
         for i, panel in enumerate(self._panels):
             if i < len(results) and isinstance(results[i], Exception):
-                update_attribution(panel, blank, fade=True, title=f"{self._names[i]}: error\n"
-                                   f"{str(results[i])[:60]}")
+                update_attribution(panel, blank, fade=True, title=f"{self._names[i]}: error")
+                set_message(panel, str(results[i]))
             elif i < len(results):
                 r = results[i]
                 update_attribution(panel, r.map, signed=r.signed, alpha=self.alpha,
                                    cmap=self._cmap_for(r.signed), title=r.title(),
                                    fade=r.signed or r.fine)
+                set_message(panel, "")
             show_panel(panel, i < len(results))
         self.compare_canvas.draw_idle()
 
