@@ -448,3 +448,25 @@ def test_engine_does_not_import_matplotlib():
     code = ("import sys, cnnwidgets as cw; cw.methods(); "
             "assert 'matplotlib' not in sys.modules and 'ipywidgets' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_automatic_progress_bar_shows_only_for_slow_runs(monkeypatch, capsys):
+    """progress=None: a batched run that lasts past PROGRESS_DELAY shows a bar (even with two
+    batches: SmoothGrad's 25 samples are 2 batches, seconds on a slow machine); a quick one
+    prints nothing; progress=False never shows one."""
+    import time
+
+    from cnnwidgets.engine.attribution import core
+
+    monkeypatch.setattr(core, "PROGRESS_DELAY", 0.2)
+    x = torch.zeros(1, 3, 8, 8)
+
+    def run(progress, pause):
+        ctx = core.Context(tiny(), x, 0, None, "demo", progress=progress)
+        for _ in ctx.batches(4, 2, "demo"):
+            time.sleep(pause)
+        return capsys.readouterr().err
+
+    assert "demo" in run(None, 0.3)
+    assert run(None, 0.0) == ""
+    assert run(False, 0.3) == ""

@@ -28,6 +28,10 @@ from .registry import get_method
 from ..relu_rules import relu_rule
 
 
+#: seconds a batched run lasts before its automatic progress bar shows
+PROGRESS_DELAY = 1.0
+
+
 class Cancelled(RuntimeError):
     """Raised when a computation is stopped through its ``cancel`` event or callable."""
 
@@ -154,11 +158,14 @@ class Context:
         n = math.ceil(total / batch_size)
         bar = None
         callback = self.progress if callable(self.progress) else None
-        show = self.progress is True or (self.progress is None and n >= 4)
+        show = self.progress is True or (self.progress is None and n >= 2)
         if show and callback is None:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, desc=desc or self.method, leave=False, mininterval=0.5)
+            # automatic (progress=None): the bar shows only once the run has lasted
+            # PROGRESS_DELAY seconds, so quick runs print nothing and slow ones always say so
+            bar = tqdm(total=total, desc=desc or self.method, leave=False, mininterval=0.5,
+                       delay=0.0 if self.progress is True else PROGRESS_DELAY)
         try:
             for i in range(n):
                 self.check_cancel()
@@ -435,8 +442,8 @@ def attribute(
     ``params``: the method's own parameters (``cw.methods()`` lists methods;
     ``cnnwidgets.engine.attribution.get_method(name).params`` their specs).
     ``cancel``: a ``threading.Event`` (or callable) that stops a running method between
-    batches with :class:`Cancelled`. ``progress``: ``None`` shows a tqdm bar for slow methods,
-    ``True``/``False`` force it, a callable ``f(done, total)`` receives progress instead.
+    batches with :class:`Cancelled`. ``progress``: ``None`` shows a tqdm bar once a batched
+    method has run for a second (:data:`PROGRESS_DELAY`), ``True``/``False`` force it, a callable ``f(done, total)`` receives progress instead.
     The model is put back exactly as it was, after success and after errors.
     """
     spec = get_method(method)
