@@ -470,3 +470,41 @@ def test_automatic_progress_bar_shows_only_for_slow_runs(monkeypatch, capsys):
     assert "demo" in run(None, 0.3)
     assert run(None, 0.0) == ""
     assert run(False, 0.3) == ""
+
+
+def test_batches_shrink_to_the_memory_available_and_results_do_not_change(monkeypatch):
+    """Where memory is short (a 2 GB Binder container), a batched method takes fewer images
+    per pass — at most half the available memory at the model's per-image upper bound — and
+    returns the same result; with memory to spare the batch size is the one asked for."""
+    from cnnwidgets.engine import memory
+
+    model = tiny()
+    per_image = model.image_bytes()
+    # Tiny at 2×2: conv 2×2×2, ReLU 2×2×2, pool 2×1×1, linear 2 → 4 bytes each
+    assert per_image == 4 * (8 + 8 + 2 + 2)
+    assert memory.fit_batch(16, per_image, available=10**12) == 16
+    assert memory.fit_batch(16, per_image, available=per_image * 6) == 3  # half of 6 images
+    assert memory.fit_batch(16, per_image, available=0) == 1
+    sizes = []
+    real = cw.engine.attribution.core.Context.batches
+
+    def spy(self, total, batch_size, desc=None):
+        for a, b in real(self, total, batch_size, desc):
+            sizes.append(b - a)
+            yield a, b
+
+    monkeypatch.setattr(cw.engine.attribution.core.Context, "batches", spy)
+    full = run("smoothgrad", n_samples=12, batch_size=16, progress=False)
+    assert sizes == [12]
+    sizes.clear()
+    monkeypatch.setattr(memory, "available_bytes", lambda: per_image * 8)  # room for 4
+    small = run("smoothgrad", n_samples=12, batch_size=16, progress=False)
+    assert sizes == [4, 4, 4]
+    np.testing.assert_allclose(small.raw, full.raw, rtol=1e-5, atol=1e-6)
+
+
+def test_available_memory_is_read_from_this_system():
+    from cnnwidgets.engine import memory
+
+    free = memory.available_bytes()  # Linux: /proc/meminfo and the container's limit
+    assert free is None or 0 < free < 1 << 50

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..folding import batch_sum, folded, head_of
 from ..hooks import layer_not_found, resolve, restored, this_thread
+from ..memory import fit_batch
 from ..model import Model, as_model
 from .registry import get_method
 from ..relu_rules import relu_rule
@@ -152,9 +153,12 @@ class Context:
 
     def batches(self, total: int, batch_size: int, desc: str | None = None) -> Iterator[tuple]:
         """``(start, stop)`` index pairs covering ``range(total)`` in equal chunks of at most
-        ``batch_size``, checking for cancellation before each chunk and showing progress when
-        it is slow."""
+        ``batch_size`` (fewer where memory is short: :func:`..memory.fit_batch`), checking for
+        cancellation before each chunk and showing progress when it is slow."""
         batch_size = max(1, int(batch_size))
+        if self.x.device.type == "cpu" and batch_size > 1:
+            # no more than half the memory left (a 2 GB Binder container, say): see ..memory
+            batch_size = fit_batch(batch_size, self.model.image_bytes())
         n = math.ceil(total / batch_size)
         bar = None
         callback = self.progress if callable(self.progress) else None
