@@ -667,10 +667,6 @@ class DissectionResult:
 # ----------------------------------------------------------------------------- dissect
 
 
-def _as_model(model) -> Model:
-    return as_model(model, "cw.dissect")
-
-
 def _fingerprint(model: Model, dataset, layers, quantile, iou_threshold, extra) -> str:
     h = hashlib.blake2b(digest_size=12)
     for name, t in model.module.state_dict().items():
@@ -722,7 +718,7 @@ def dissect(
     Under ``torch.distributed`` each rank takes a shard and the result (identical on all ranks)
     is merged across them.
     """
-    model = _as_model(model)
+    model = as_model(model, "cw.dissect")
     if isinstance(layers, str):
         layers = [layers]
     layers = list(dict.fromkeys(layers))

@@ -83,6 +83,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .hooks import MODEL_GATE, restored
+from .model import as_model
 
 __all__ = [
     "Fixations", "FixationTracer", "UnsupportedOperationError", "backtrack", "fixations",
@@ -1008,12 +1009,6 @@ class _Backtrack:
 
 
 # ----------------------------------------------------------------------------- API
-def _resolve_model(model):
-    from .model import as_model
-
-    return as_model(model, "cw.fixations")
-
-
 def _trace_name(node: fx.Node, modules: dict) -> str | None:
     """Name under which a node's points appear in ``Fixations.trace`` (None: not shown)."""
     if node.op == "placeholder":
@@ -1058,7 +1053,7 @@ def fixations(
     Raises :class:`UnsupportedOperationError` naming the operation when the backtrack reaches
     one without a rule. A model that returns a tuple is backtracked from its first element.
     """
-    model = _resolve_model(model)
+    model = as_model(model, "cw.fixations")
     x, _ = model.prepare(image)
     tgt = None if target is None else model.target_index(target)
     result = backtrack(model.module, x, tgt, position=position, leaf_modules=leaf_modules,

@@ -9,7 +9,7 @@ pass of 16 would be killed for memory, and the notebook with it.
 
 So each batched run takes at most as many images as fit in half of what is available, at an
 upper bound of the cost per image (the sum of every leaf module's output for one image, from
-the model's dry run: 1.3–2.3× the measured cost above). Results do not depend on the batch size
+the model's dry run: 1.5–2.3× the measured cost above). Results do not depend on the batch size
 (each method draws its noise / masks per image), so a smaller batch only means more passes.
 """
 from __future__ import annotations

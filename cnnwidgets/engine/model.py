@@ -277,8 +277,8 @@ class Model:
                 for d in layer.shape:
                     count *= int(d)
                 total += count * layer.calls
-            dtype = next((p.dtype for p in self.module.parameters()), torch.float32)
-            self._image_bytes = total * torch.empty((), dtype=dtype).element_size()
+            p = next(self.module.parameters(), None)
+            self._image_bytes = total * (p.element_size() if p is not None else 4)
         return self._image_bytes
 
     def layer_info(self, name: str | None = None):

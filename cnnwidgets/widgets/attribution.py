@@ -315,8 +315,7 @@ class AttributionExplorer(WidgetBase):
         """Stop the running computation (it raises ``Cancelled`` between batches)."""
         self._cancel.set()
 
-    def cancel_background(self) -> None:
-        self._cancel.set()
+    cancel_background = cancel  # the interpreter's exit stops a running computation too
 
     def refresh(self) -> None:
         """Recompute the shown methods in the background (a newer call supersedes this one)."""

@@ -447,7 +447,8 @@ def attribute(
     ``cnnwidgets.engine.attribution.get_method(name).params`` their specs).
     ``cancel``: a ``threading.Event`` (or callable) that stops a running method between
     batches with :class:`Cancelled`. ``progress``: ``None`` shows a tqdm bar once a batched
-    method has run for a second (:data:`PROGRESS_DELAY`), ``True``/``False`` force it, a callable ``f(done, total)`` receives progress instead.
+    method has run for a second (:data:`PROGRESS_DELAY`), ``True``/``False`` force it, a
+    callable ``f(done, total)`` receives progress instead.
     The model is put back exactly as it was, after success and after errors.
     """
     spec = get_method(method)
