@@ -397,19 +397,20 @@ class AttributionExplorer(WidgetBase):
             r = results[0]
             update_attribution(self._main_panel, r.map, signed=r.signed, alpha=self.alpha,
                                cmap=self._cmap_for(r.signed), title=r.title(),
-                               fade=r.signed or r.fine)
+                               fade=r.signed, fine=r.fine)
             self.single_canvas.draw_idle()
             return
         blank = np.zeros(self.display.shape[:2], dtype=np.float32)
         for i, panel in enumerate(self._panels):
             if i < len(results) and isinstance(results[i], Exception):
-                update_attribution(panel, blank, fade=True, title=f"{self._names[i]}: error")
+                update_attribution(panel, blank, fade=True, fine=False,
+                                   title=f"{self._names[i]}: error")
                 set_message(panel, str(results[i]))
             elif i < len(results):
                 r = results[i]
                 update_attribution(panel, r.map, signed=r.signed, alpha=self.alpha,
                                    cmap=self._cmap_for(r.signed), title=r.title(),
-                                   fade=r.signed or r.fine)
+                                   fade=r.signed, fine=r.fine)
                 set_message(panel, "")
             show_panel(panel, i < len(results))
         self.compare_canvas.draw_idle()
