@@ -45,25 +45,20 @@ _MODULE_TYPES: dict = {}    # nn.Module subclass → FixationRule
 _MODULE_NAMES: dict = {}    # class name → FixationRule
 _FUNCTIONS: dict = {}       # function → FixationRule
 _METHODS: dict = {}         # tensor method name → FixationRule
-#: module types ``FixationTracer`` keeps as single nodes (those with a rule, unless leaf=False)
-LEAF_TYPES: list = []
 
 
-def rule(*operations, shown: bool = False, leaf: bool = True):
+def rule(*operations, shown: bool = False):
     """Register the decorated function as the backtracking rule of ``operations``.
 
     ``shown``: the points at these nodes appear in ``Fixations.trace`` (under the module's
-    qualified name, or the graph node's name for a function or method). ``leaf=False``: a
-    module type registered here is still traced into by ``torch.fx`` (its rule then runs only
-    when the user keeps it whole with ``leaf_modules``).
+    qualified name, or the graph node's name for a function or method). A module type
+    registered here is kept whole by :class:`~.graph.FixationTracer` (one graph node).
     """
     def register(fn):
         entry = FixationRule(fn, shown)
         for op in operations:
             if isinstance(op, type) and issubclass(op, nn.Module):
                 table = _MODULE_TYPES
-                if leaf:
-                    LEAF_TYPES.append(op)
             elif isinstance(op, ClassName):
                 table, op = _MODULE_NAMES, op.name
             elif isinstance(op, str):
@@ -90,7 +85,7 @@ def module_rule(m: nn.Module) -> FixationRule | None:
 
 def is_leaf_type(m: nn.Module) -> bool:
     """Whether a module has a rule that expects it as one graph node."""
-    return isinstance(m, tuple(LEAF_TYPES)) or type(m).__name__ in _MODULE_NAMES
+    return isinstance(m, tuple(_MODULE_TYPES)) or type(m).__name__ in _MODULE_NAMES
 
 
 def rule_for(node: fx.Node, modules: dict) -> FixationRule | None:

@@ -17,10 +17,9 @@ from .shape import is_reshape
 _CHUNK = 1 << 21  # elements per gathered block (8 MB of float32)
 
 
-@rule(nn.modules.conv._ConvNd, leaf=False)
+@rule(nn.modules.conv._ConvNd)
 def other_convolution(walk, node, idx):
-    """Convolutions other than ``nn.Conv2d`` (1-D, 3-D, transposed): no rule. They are traced
-    into (their function then has no rule either) unless kept whole with ``leaf_modules``."""
+    """Convolutions other than ``nn.Conv2d`` (1-D, 3-D, transposed) have no rule."""
     raise walk.unsupported(node, "only 2-D convolutions are supported")
 
 
