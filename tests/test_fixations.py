@@ -133,6 +133,81 @@ def test_conv_with_stride_and_padding(position, expected):
     assert _trace(f, "input") == [expected]
 
 
+class PaddedCorner(nn.Module):
+    """3×3 convolution of ones, padding 1, 2 → 1 channels; the class reads its output (0, 0)."""
+
+    def __init__(self, padding_mode="zeros"):
+        super().__init__()
+        self.conv = _set(nn.Conv2d(2, 1, 3, padding=1, bias=False, padding_mode=padding_mode),
+                         weight=np.ones((1, 2, 3, 3)))
+        self.fc = _set(nn.Linear(9, 1, bias=False), weight=[[1, 0, 0, 0, 0, 0, 0, 0, 0]])
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1))
+
+
+def _corner_input():
+    x = torch.zeros(1, 2, 3, 3)
+    x[0, 0, 0, 0] = 1.0  # channel 0: the corner pixel, beside the padding on two sides
+    x[0, 1, 1, 1] = 1.5  # channel 1: inside the window, away from the padding
+    return x
+
+
+@pytest.mark.parametrize("position", ["centre", "argmax"])
+def test_conv_padding_counts_as_zero(position):
+    # output (0, 0): window rows and cols {−1, 0, 1}; five of its nine taps are padding.
+    # Zero padding: channel 0 sums to 1 (the corner, once), channel 1 to 1.5 → channel 1.
+    # Were the padded taps read from the nearest pixel (clamped / replicated), the corner
+    # would also fill (−1, −1), (−1, 0) and (0, −1): 4 > 1.5 → channel 0.
+    # centre of the window: (0, 0); channel 1's largest contribution: (1, 1).
+    f = backtrack(PaddedCorner(), _corner_input(), 0, position=position)
+    assert _trace(f, "conv") == [(0, 0, 0)]
+    assert _trace(f, "input") == [(1, 0, 0) if position == "centre" else (1, 1, 1)]
+
+
+def test_conv_with_replicate_padding_reads_the_replicated_border():
+    # padding_mode="replicate" makes the forward pass itself read the corner four times: the
+    # rule follows the forward pass, channel 0 (4 > 1.5) wins; the centre is (0, 0)
+    net = PaddedCorner("replicate")
+    with torch.no_grad():
+        assert net.conv(_corner_input())[0, 0, 0, 0].item() == pytest.approx(5.5)
+    f = backtrack(net, _corner_input(), 0, position="centre")
+    assert _trace(f, "input") == [(0, 0, 0)]
+
+
+class StaticSameCorner(nn.Module):
+    """EfficientNet's TensorFlow-style "same" convolution: 3×3 of ones, stride 2, on a 4×4
+    input; its ``static_padding`` pads one row below and one column right, (0, 1, 0, 1).
+    The class reads output (1, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+        self.conv = Conv2dStaticSamePadding(2, 1, 3, stride=2, image_size=4, bias=False)
+        assert tuple(self.conv.static_padding.padding) == (0, 1, 0, 1)
+        _set(self.conv, weight=np.ones((1, 2, 3, 3)))
+        self.fc = _set(nn.Linear(4, 1, bias=False), weight=[[0, 0, 0, 1]])
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1))
+
+
+@pytest.mark.parametrize("position", ["centre", "argmax"])
+def test_static_same_padding_counts_as_zero(position):
+    # output (1, 1): window rows and cols {2, 3, 4}; row 4 and column 4 are the padding.
+    # channel 0: the corner (3, 3), beside the padding, sums to 1 once; channel 1: 1.5 at
+    # (2, 2) → channel 1. Padding read as the nearest pixel would count the corner at
+    # (3, 4), (4, 3) and (4, 4) too: 4 > 1.5 → channel 0.
+    # centre: (2·1 − 0 + 1, same) = (3, 3); channel 1's largest contribution: (2, 2).
+    x = torch.zeros(1, 2, 4, 4)
+    x[0, 0, 3, 3] = 1.0
+    x[0, 1, 2, 2] = 1.5
+    f = backtrack(StaticSameCorner(), x, 0, position=position)
+    assert _trace(f, "conv") == [(0, 1, 1)]
+    assert _trace(f, "input") == [(1, 3, 3) if position == "centre" else (1, 2, 2)]
+
+
 class GroupedConv(nn.Module):
     def __init__(self):
         super().__init__()
