@@ -455,38 +455,52 @@ def test_efficientnet_lite0_structure(lite0):
     lite0.module.eval()
 
 
-def test_efficientnet_lite0_points_fall_on_the_cat(lite0):
-    f = cw.fixations(lite0, cw.sample_image("cat"))
-    assert "cat" in f.label
-    pts = f.points
-    assert len(pts) >= 30
-    # The 224 crop of chelsea is the cat's head; its face (eyes, nose, muzzle, cheeks) lies in
-    # x 20-215, y 35-224 (set by looking at model.prepare(cat)[1]); the background strip and
-    # ear tips are outside. Eyes at about (x 85, y 75) and (x 180, y 110), nose (x 140, y 175).
-    inside = (pts[:, 1] >= 20) & (pts[:, 1] <= 215) & (pts[:, 0] >= 35)
-    assert inside.mean() > 0.8
-    # the heatmap peaks on the face, not in the top background strip
-    r, c = np.unravel_index(np.argmax(f.heatmap()), f.image_size)
-    assert r >= 35 and 20 <= c <= 215
+CAT_CLASSES = range(281, 286)  # ImageNet's domestic cats: tabby … Egyptian cat
 
 
-def test_efficientnet_lite0_localises_a_small_cat(lite0):
-    """The cat's face shrunk to 128×128 in the top-left of a grey 256×256 canvas (the model's
-    preprocessing keeps the canvas' centre 224 crop, so the cat covers rows/cols 0–127 of the
-    network input: 33% of its area). The fixations of "Egyptian cat" must land on it."""
+def uniform_grid(size) -> np.ndarray:
+    """One point at the centre of every pixel: points spread uniformly over the image."""
+    h, w = size
+    rows, cols = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+    return np.stack([rows.ravel(), cols.ravel()], 1)
+
+
+@pytest.mark.parametrize("corner", ["top-left", "bottom-right"])
+def test_efficientnet_lite0_points_fall_on_the_cat(lite0, corner):
+    """The cat's face (the network's 224 crop of the photo) shrunk to 128×128 in one corner of
+    a grey 256×256 canvas: the preprocessing keeps the canvas' centre 224 crop, so the cat
+    covers a known 128×128 square of the network input. The fixations must land on it far
+    more often than points spread uniformly over the image would, and follow it when it
+    moves to the opposite corner."""
     from PIL import Image
 
     crop = lite0.prepare(cw.sample_image("cat"))[1]
     cat = Image.fromarray((crop * 255).astype(np.uint8)).resize((128, 128), Image.BILINEAR)
+    top = 16 if corner == "top-left" else 112  # canvas position of the cat
     canvas = np.full((256, 256, 3), 128, np.uint8)
-    canvas[16:144, 16:144] = np.asarray(cat)
-    f = cw.fixations(lite0, Image.fromarray(canvas), target="Egyptian cat")
+    canvas[top:top + 128, top:top + 128] = np.asarray(cat)
+    lo = top - 16  # the cat's square in network-input pixels: [lo, lo + 128)
+    assert lite0.prepare(Image.fromarray(canvas))[1].shape == (224, 224, 3)
+
+    f = cw.fixations(lite0, Image.fromarray(canvas))
+    assert f.target in CAT_CLASSES  # the top-1 class is a cat
+
+    def on_cat(pts):
+        return (pts >= lo).all(1) & (pts < lo + 128).all(1)
+
     pts = f.points
-    assert len(pts) >= 20
-    on_cat = (pts[:, 0] < 128) & (pts[:, 1] < 128)
-    assert on_cat.mean() > 0.65  # measured 0.77; uniformly spread points would give 0.33
+    n = len(pts)
+    uniform = on_cat(uniform_grid(f.image_size)).mean()
+    assert uniform == pytest.approx(128 ** 2 / 224 ** 2)  # a third of the image
+    # n uniformly spread points would put a fraction q ± √(q(1 − q)/n) on the cat; the
+    # fixations must beat q by four of those standard errors
+    assert on_cat(pts).mean() > uniform + 4 * np.sqrt(uniform * (1 - uniform) / n)
+    # they follow the cat: their centroid, the box's centre and the heatmap's peak lie in it
+    assert on_cat(pts.mean(0, keepdims=True))[0]
     x0, y0, x1, y1 = f.box()
-    assert x0 < 64 and y0 < 64  # the box starts on the cat
+    assert on_cat(np.array([[(y0 + y1) / 2, (x0 + x1) / 2]]))[0]
+    peak = np.unravel_index(np.argmax(f.heatmap()), f.image_size)
+    assert on_cat(np.array([peak]))[0]
 
 
 def test_no_hook_and_unchanged_after_exception():
