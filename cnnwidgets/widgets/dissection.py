@@ -29,7 +29,7 @@ class DissectionExplorer(WidgetBase):
 
     layer = traitlets.Unicode()
     unit = traitlets.Int(0)
-    sort = traitlets.Unicode("iou")
+    sort = traitlets.Enum(("iou", "unit"), default_value="iou")
     detectors_only = traitlets.Bool(False)
 
     def __init__(self, result, dataset=None, *, images: int | None = None, **kwargs):
@@ -105,12 +105,6 @@ class DissectionExplorer(WidgetBase):
         n = len(self.result.thresholds(self.layer)) if self.layer else 0
         if not 0 <= proposal["value"] < max(n, 1):
             raise traitlets.TraitError(f"unit must be between 0 and {n - 1} for layer {self.layer!r}")
-        return proposal["value"]
-
-    @traitlets.validate("sort")
-    def _valid_sort(self, proposal):
-        if proposal["value"] not in ("iou", "unit"):
-            raise traitlets.TraitError("sort must be 'iou' or 'unit'")
         return proposal["value"]
 
     @traitlets.observe("layer")

@@ -181,43 +181,31 @@ class FeatureMapExplorer(WidgetBase):
         self._draw_detail()
         self.canvas.draw_idle()
 
-    @traitlets.observe("sort")
-    def _sort_changed(self, change):
+    @traitlets.observe("sort", "page")
+    def _grid_changed(self, change):
         if self._busy or self._fm is None:
             return
-        self._order = self._fm.order(change["new"])
+        if change["name"] == "sort":
+            self._order = self._fm.order(change["new"])
         self._draw_grid()
         self.canvas.draw_idle()
 
-    @traitlets.observe("page")
-    def _page_changed(self, change):
+    @traitlets.observe("channel", "position")
+    def _detail_changed(self, change):
         if self._busy or self._fm is None:
             return
-        self._draw_grid()
-        self.canvas.draw_idle()
-
-    @traitlets.observe("channel")
-    def _channel_changed(self, change):
-        if self._busy or self._fm is None:
-            return
-        rank = int((self._order == change["new"]).nonzero()[0][0])
-        page = rank // self.page_size
-        if page != self.page:
-            self._busy = True
-            try:
-                self.set_trait("page", page)
-            finally:
-                self._busy = False
-            self._draw_grid()
-        else:
-            self._select_tile()
-        self._draw_detail()
-        self.canvas.draw_idle()
-
-    @traitlets.observe("position")
-    def _position_changed(self, change):
-        if self._busy or self._fm is None:
-            return
+        if change["name"] == "channel":  # the grid turns to the channel's page and marks it
+            rank = int((self._order == change["new"]).nonzero()[0][0])
+            page = rank // self.page_size
+            if page != self.page:
+                self._busy = True
+                try:
+                    self.set_trait("page", page)
+                finally:
+                    self._busy = False
+                self._draw_grid()
+            else:
+                self._select_tile()
         self._draw_detail()
         self.canvas.draw_idle()
 

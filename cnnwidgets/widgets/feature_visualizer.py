@@ -7,7 +7,7 @@ import traitlets
 from ..engine.optvis import objectives, optimize
 from ..render import optvis as R
 from .base import make_figure
-from .live import LiveOptimisation, _at_least_one, default_layer
+from .live import LiveOptimisation, at_least_one, default_layer
 
 
 def _target_key(target: str):
@@ -27,7 +27,6 @@ class FeatureVisualizer(LiveOptimisation):
 
     MODES = ("channel", "neuron", "class", "grid")
 
-    layer = traitlets.Unicode()
     channel = traitlets.Int(0)
     mode = traitlets.Enum(MODES, default_value="channel")
     target = traitlets.Unicode("")
@@ -57,7 +56,7 @@ class FeatureVisualizer(LiveOptimisation):
         self._build()
 
     # ------------------------------------------------------------------ validation
-    _positive_sizes = traitlets.validate("size", "grid", "batch")(_at_least_one)
+    _positive_sizes = traitlets.validate("size", "grid", "batch")(at_least_one)
 
     @traitlets.validate("layer")
     def _check_layer(self, proposal):

@@ -19,7 +19,6 @@ class InversionExplorer(LiveOptimisation):
     Start runs the Mahendran & Vedaldi inversion, refreshing every ``preview_every`` steps.
     """
 
-    layer = traitlets.Unicode()
     channel = traitlets.Int(-1)  # −1: the channel with the strongest activation
     top_k = traitlets.Int(5)
     seed = traitlets.Int(0)

@@ -63,7 +63,8 @@ def live_steps(steps, cancel, show: Callable, progress: Callable, every: int):
     return last, cancel.is_set()
 
 
-def _at_least_one(self, proposal):
+def at_least_one(self, proposal):
+    """A traitlets validator (``traitlets.validate(*names)(at_least_one)``): a count ≥ 1."""
     if proposal["value"] < 1:
         raise traitlets.TraitError(f"{proposal['trait'].name} must be at least 1")
     return proposal["value"]
@@ -72,17 +73,19 @@ def _at_least_one(self, proposal):
 class LiveOptimisation(WidgetBase):
     """Start / Stop, progress and the live loss curve of an optimisation widget.
 
-    A subclass builds its figure (an image artist it updates in :meth:`_show_step`, the loss
-    line ``self._line``), its controls (a layer menu ``self._w_layer`` bound with
-    :meth:`_menu_layer`, a channel control ``self._w_channel``), and says what to run in
-    :meth:`_optimisation`. ``result`` and ``history`` hold the last images and losses.
+    A subclass adds its ``channel`` traitlet, builds its figure (an image artist it updates in
+    :meth:`_show_step`, the loss line ``self._line``) and its controls (a layer menu
+    ``self._w_layer`` bound through :meth:`_menu_layer`, a channel control
+    ``self._w_channel``), and says what to run in :meth:`_optimisation`. ``result`` and
+    ``history`` hold the last images and losses.
     """
 
     running = traitlets.Bool(False, read_only=True).tag(sync=False)
+    layer = traitlets.Unicode()
     steps = traitlets.Int(128)
     preview_every = traitlets.Int(4)
 
-    _positive = traitlets.validate("steps", "preview_every")(_at_least_one)
+    _positive = traitlets.validate("steps", "preview_every")(at_least_one)
 
     def __init__(self, model, **kwargs):
         super().__init__(**kwargs)
