@@ -112,7 +112,7 @@ GRAD1 = np.array([[[0.5, 0.5], [0.75, 0.5]], [[1.0, 1.0], [0.75, 1.0]],
 def test_saliency():
     a = run("saliency", target=0)
     np.testing.assert_allclose(a.raw, np.abs(GRAD0), atol=1e-6)
-    # map: largest over channels = [[.75, .75], [.25, .75]], scaled by its 99.5th percentile (.75)
+    # map: largest over channels = [[.75, .75], [.25, .75]], divided by its maximum (.75)
     np.testing.assert_allclose(a.map, [[1, 1], [1 / 3, 1]], atol=1e-6)
     assert a.target == 0 and a.label == "zero" and a.layer is None and a.score == pytest.approx(3.75)
 

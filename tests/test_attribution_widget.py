@@ -10,6 +10,7 @@ import traitlets
 
 import cnnwidgets as cw
 from cnnwidgets.engine.hooks import hook_count
+from cnnwidgets.render.attribution import shown_heat
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def overlay(w, i=None):
 def test_first_view_shows_grad_cam_of_the_top1_class(widget, model):
     assert widget.method == "grad_cam" and widget.target == model.predict(cw.sample_image("cat"))[0][0]
     r = widget.result[0]
-    np.testing.assert_allclose(overlay(widget), r.map)
+    np.testing.assert_allclose(overlay(widget), shown_heat(r.map, r.fine))
     assert r.map.max() > 0 and widget.errors.last_error is None
     assert "grad_cam" in widget.figures.main["title"].get_text()
 
@@ -62,7 +63,7 @@ def test_a_pixel_map_then_a_layer_map(widget):
     assert np.ndim(widget.figures.main["overlay"].get_alpha()) == 2
     widget.method = "grad_cam"
     assert widget.errors.last_error is None
-    np.testing.assert_allclose(overlay(widget), widget.result[0].map)
+    np.testing.assert_allclose(overlay(widget), shown_heat(widget.result[0].map, widget.result[0].fine))
     np.testing.assert_allclose(widget.figures.main["overlay"].get_alpha(), widget.alpha)
     widget.alpha = 0.3
     np.testing.assert_allclose(widget.figures.main["overlay"].get_alpha(), 0.3)
@@ -98,7 +99,7 @@ def test_compare_mode_shows_up_to_four_methods(widget):
     assert widget.figure is widget.figures.compare_fig
     assert [r.method for r in widget.result] == ["grad_cam", "layer_cam", "saliency", "eigen_cam"]
     for i, r in enumerate(widget.result):
-        np.testing.assert_allclose(overlay(widget, i), r.map)
+        np.testing.assert_allclose(overlay(widget, i), shown_heat(r.map, r.fine))  # the display copy of the map
         assert all(r.target == widget.result[0].target for r in widget.result)
     widget.compare = ["saliency"]
     assert not widget.figures.panels[2]["overlay"].get_visible()
@@ -137,7 +138,7 @@ def test_background_stale_results_are_dropped_and_cancel_works(model):
     w.method = "saliency"
     w.wait()
     assert w.result[0].method == "saliency"
-    assert np.allclose(overlay(w), w.result[0].map)
+    assert np.allclose(overlay(w), shown_heat(w.result[0].map, w.result[0].fine))
     w.method = "rise"
     w.params = {"n_masks": 20000, "batch_size": 8}
     w.cancel_button.click()

@@ -72,7 +72,8 @@ class AttributionFigures:
         blank = np.zeros(self.display.shape[:2], dtype=np.float32)
         for i, panel in enumerate(self.panels):
             if i < len(results) and isinstance(results[i], Exception):
-                update_attribution(panel, blank, fade=True, title=f"{names[i]}: error")
+                update_attribution(panel, blank, fade=True, fine=False,
+                                   title=f"{names[i]}: error")
                 set_message(panel, str(results[i]))
             elif i < len(results):
                 self._draw(panel, results[i], alpha, cmap)
@@ -84,7 +85,7 @@ class AttributionFigures:
     def _draw(panel, r, alpha: float, cmap: str) -> None:
         update_attribution(panel, r.map, signed=r.signed, alpha=alpha,
                            cmap=_cmap_for(cmap, r.signed), title=r.title(),
-                           fade=r.signed or r.fine)
+                           fade=r.signed, fine=r.fine)
 
     def show_curves(self, curves) -> None:
         """Draw each map's ``(deletion, insertion)`` curves (None: a method that failed)."""
