@@ -54,6 +54,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .cache import weights_state
 from .hooks import MODEL_GATE
 from .relu_rules import backward_rule, watching
 
@@ -118,13 +119,6 @@ def _plain(conv: nn.Module) -> nn.Module:
         if same:
             return plain.train(conv.training)
     return conv
-
-
-def _state(*modules: nn.Module) -> tuple:
-    """What a folded convolution was built from: every tensor's storage and version."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device)
-                 for m in modules for d in (m._parameters, m._buffers) for t in d.values()
-                 if t is not None)
 
 
 def _fold_into(target: nn.Module, conv: nn.Module, bn: nn.Module) -> None:
@@ -506,9 +500,8 @@ class Packed(nn.Module):
         return "relu", []
 
     def _weight(self, x: torch.Tensor, reorder):
-        w, b = self.conv.weight, self.conv.bias
-        key = (w.data_ptr(), w._version, w.shape,
-               None if b is None else (b.data_ptr(), b._version))
+        w = self.conv.weight
+        key = weights_state(self.conv)
         cached = self._packed
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -681,7 +674,7 @@ def _build(module: nn.Module, structure) -> _Twin:
         src.target = name
         node.replace_all_uses_with(src)
         graph.erase_node(node)
-        pairs.append((conv, bn, fused, _state(conv, bn)))
+        pairs.append((conv, bn, fused, weights_state(conv, bn)))
     if not pairs:
         return _Twin(structure, None, [])
     _add_head(graph, named)
@@ -722,7 +715,7 @@ def folded(module: nn.Module) -> nn.Module:
         for i, (conv, bn, fused, state) in enumerate(twin.pairs):
             if _has_hooks(conv) or _has_hooks(bn):
                 return module
-            now = _state(conv, bn)
+            now = weights_state(conv, bn)
             if now != state:  # weights or statistics changed since: fold again
                 _fold_into(fused, conv, bn)
                 twin.pairs[i] = (conv, bn, fused, now)

@@ -328,7 +328,7 @@ def default_layer(model: Model) -> str:
     if model in _DEFAULT_LAYER:
         return _DEFAULT_LAYER[model]
     info = model.layer_info()
-    last = model.last_conv_layer()
+    last = model.last_map_layer()
     pools = [n for n, i in info.items() if i.calls == 1 and len(i.shape) == 3
              and tuple(i.shape[1:]) == (1, 1) and "pool" in i.type.lower()]
     choice = last

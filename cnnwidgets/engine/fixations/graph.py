@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..hooks import MODEL_GATE, restored
+from ..guard import guard
 from .registry import UnsupportedOperationError, is_leaf_type
 
 
@@ -45,9 +45,10 @@ def trace_graph(module: nn.Module, leaf_modules: Sequence = ()) -> fx.Graph:
     hit = _GRAPHS.get(module)
     if hit is not None and hit[0] == signature:
         return hit[1]
+    model_guard = guard(module)
     try:
-        # exclusive: fx patches nn.Module.__call__ for every thread while it traces
-        with MODEL_GATE.exclusive(), restored(module):
+        # every model's forward passes wait: fx patches nn.Module.__call__ while it traces
+        with model_guard.tracing(), model_guard.restored():
             graph = FixationTracer(leaf_modules).trace(module)
     except Exception as exc:  # noqa: BLE001 - explained to the user
         raise UnsupportedOperationError(

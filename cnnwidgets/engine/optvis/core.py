@@ -5,25 +5,24 @@ per iteration and does no display or I/O: the caller decides what to show (``vis
 ``invert`` just run it to the end; the widgets refresh a figure every few steps).
 
 Every step runs the network inside ``restored(model.module)`` (entered and left within the
-step, under a per-module lock) and differentiates with ``torch.autograd.grad`` with respect to
-the image only, so between steps (and after a run is stopped or fails) the model is exactly as it was: no hook,
-same training flags, same ``requires_grad``, no ``.grad``. The layers are read with forward hooks
-registered and removed inside each step (``layer_outputs``, in ``try/finally``); the forward
-pass stops at the deepest layer an objective needs (an exception raised from that hook), so
-early layers are cheap.
+step, under the network's optimisation lock) and differentiates with ``torch.autograd.grad``
+with respect to the image only, so between steps (and after a run is stopped or fails) the
+model is exactly as it was: no hook, same training flags, same ``requires_grad``, no ``.grad``.
+The layers are read with forward hooks registered and removed inside each step
+(``layer_outputs``, in ``try/finally``); the forward pass stops at the deepest layer an
+objective needs (an exception raised from that hook), so early layers are cheap.
 """
 from __future__ import annotations
 
 import contextlib
-import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from ..hooks import resolve, restored, this_thread
+from ..guard import guard
+from ..hooks import resolve, this_thread
 from ..model import as_model
 from ..relu_rules import relu_rule
 from . import objectives as obj
@@ -35,29 +34,17 @@ class _Stop(Exception):
     """Raised from a forward hook once the deepest needed layer has run."""
 
 
-_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(module) -> threading.RLock:
-    """One re-entrant lock per module: a step of a background run and a call from the notebook
-    never interleave their ``restored`` blocks (which would restore each other's flags)."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(module)
-        if lock is None:
-            lock = _LOCKS[module] = threading.RLock()
-        return lock
-
-
 @contextlib.contextmanager
 def _frozen(model):
-    """``restored`` (eval mode inside, flags restored after) holding the module's lock.
+    """``restored`` (eval mode inside, flags restored after) holding the network's optimisation
+    lock (:meth:`~cnnwidgets.engine.guard.ModelGuard.optimising`): a step of a background run
+    and a call from the notebook never interleave.
 
     Gradients are taken with ``torch.autograd.grad`` with respect to the image only, so the
     parameters never receive a ``.grad`` and their ``requires_grad`` is never touched — which
     also keeps a concurrent ``restored`` block elsewhere (``model.predict`` from the notebook
     while a widget optimises in the background) from saving and restoring a changed flag."""
-    with model_lock(model.module), restored(model.module) as module:
+    with guard(model.module).optimising() as module:
         yield module
 
 
