@@ -150,3 +150,20 @@ def test_install_tags_ipympl_canvases_on_every_draw():
         assert not any(c.startswith("cwax-i-") for c in canvas._dom_classes)
     finally:
         Figure.draw = draw
+
+
+def test_a_figure_appearing_or_going_away_is_no_change():
+    """Figures are matched by their figtags identity: only a figure shown before and after
+    can have changed."""
+    fig, _, image = image_figure()
+    first = shot(fig)
+    other = shot(curves_figure()[0])
+    assert first.key != other.key
+    assert bk.figure_change([first], [first, other]) == 0.0   # one appeared
+    assert bk.figure_change([first, other], [other]) == 0.0   # one went away
+    assert bk.figure_change([first], [other]) == 0.0          # replaced by another
+    image.set_data(np.random.default_rng(5).random((8, 8)))
+    changed = shot(fig)
+    assert changed.key == first.key
+    assert bk.figure_change([first], [changed, other]) > bk.CHANGED
+    assert bk.figure_change([first, other], [changed, other], key=other.key) == 0.0
