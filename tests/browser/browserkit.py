@@ -446,33 +446,30 @@ def _commonest(pixels: np.ndarray) -> np.ndarray:
     return pixels[codes == values[counts.argmax()]][0]
 
 
+_STEPS = {"i": SHADE_STEP, "p": INK_STEP}
+
+
+def _far_fraction(pixels: np.ndarray, step: int) -> float:
+    """The fraction of ``pixels`` further than ``step`` from their commonest colour."""
+    if len(pixels) == 0:
+        return 0.0
+    return float((np.abs(pixels - _commonest(pixels)).max(axis=1) > step).mean())
+
+
 def drawn_measures(shot: FigureShot) -> dict:
     """For each kind of axes in the figure: ``"image"``, the fraction of its pixels away from
     the commonest colour; ``"plot"``, the fraction of ink. Empty when the figure has no axes."""
     arr = png_array(shot.png)
-    out = {}
-    for kind, name, step in (("i", "image", SHADE_STEP), ("p", "plot", INK_STEP)):
-        if not any(k == kind for k, *_ in shot.regions):
-            continue
-        pixels = _region_pixels(arr, shot, kind)
-        if len(pixels) == 0:
-            out[name] = 0.0
-            continue
-        far = np.abs(pixels - _commonest(pixels)).max(axis=1) > step
-        out[name] = float(far.mean())
-    return out
+    return {name: _far_fraction(_region_pixels(arr, shot, kind), _STEPS[kind])
+            for kind, name in (("i", "image"), ("p", "plot"))
+            if any(k == kind for k, *_ in shot.regions)}
 
 
 def each_region_measure(shot: FigureShot) -> list:
-    """``drawn_measures`` of each axes alone (for tuning)."""
+    """``drawn_measures`` of each axes alone, as (kind, fraction) (an artefact for tuning)."""
     arr = png_array(shot.png)
-    out = []
-    for j, (kind, *_) in enumerate(shot.regions):
-        pixels = _region_pixels(arr, shot, kind, only=j)
-        step = SHADE_STEP if kind == "i" else INK_STEP
-        far = np.abs(pixels - _commonest(pixels)).max(axis=1) > step if len(pixels) else np.zeros(1)
-        out.append((kind, float(far.mean())))
-    return out
+    return [(kind, _far_fraction(_region_pixels(arr, shot, kind, only=j), _STEPS[kind]))
+            for j, (kind, *_) in enumerate(shot.regions)]
 
 
 def judge_drawn(shot: FigureShot) -> str | None:
