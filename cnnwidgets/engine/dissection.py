@@ -42,15 +42,18 @@ import math
 import os
 import shutil
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .datasets import item_image
+from .datasets import concept_number, item_image
 from .hooks import capture, restored
 from .model import Model, as_model
+from .progress import Progress, check_cancel, check_progress
 
 # ----------------------------------------------------------------------------- the protocol
 
@@ -114,10 +117,9 @@ def prepare_item(item, concept_index: dict, concept_cat: np.ndarray, category_in
 def _masks_from_dict(raw: dict, concept_index: dict, image_hw):
     """Masks given as {concept name or index: boolean mask} → (sorted concept indices,
     bool k×(h·w) masks, (h, w)); masks of one concept are or-ed."""
-    pairs = []
-    for key, mask in raw.items():
-        idx = concept_index[key] if isinstance(key, str) else int(key)
-        pairs.append((idx, np.asarray(mask, bool)))
+    concepts = list(concept_index)
+    pairs = [(concept_number(key, concepts, concept_index), np.asarray(mask, bool))
+             for key, mask in raw.items()]
     hw = pairs[0][1].shape if pairs else image_hw
     ids = sorted({i for i, _ in pairs})
     masks = np.zeros((len(ids), hw[0] * hw[1]), bool)
@@ -143,7 +145,9 @@ def _masks_from_label_maps(raw, n_concepts: int, image_hw):
     stack = np.stack(maps).reshape(len(maps), -1).astype(np.int64)
     ids = np.unique(stack[stack >= 0])
     if len(ids) and ids[-1] >= n_concepts:
-        raise ValueError(f"label map holds concept index {ids[-1]}; the data set has {n_concepts}")
+        raise ValueError(f"a label map holds concept index {ids[-1]}, out of range: the data "
+                         f"set has {n_concepts} concepts (indices 0–{n_concepts - 1}, "
+                         "dataset.concepts; −1 marks a pixel with none)")
     masks = np.zeros((len(ids), stack.shape[1]), bool)
     for m in stack:  # one vectorised comparison per label map, not per concept
         hit = m >= 0
@@ -639,8 +643,12 @@ class DissectionResult:
                "inter", "unit_area", "label_area", "map_shape")
 
     def save(self, path) -> Path:
-        """Write the result to ``path`` (``.npz``; the metadata travels inside as json)."""
+        """Write the result to ``path`` (``.npz``; the metadata travels inside as json) and
+        return where it went: ``.npz`` is added to a name without it, and a path that is an
+        existing folder gets a ``dissection.npz`` inside it."""
         path = Path(path)
+        if path.is_dir():
+            path = path / DEFAULT_FILE
         if path.suffix != ".npz":
             path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
         meta = {"format": 1, "layers": self.layers, "concepts": self.concepts,
@@ -659,16 +667,20 @@ class DissectionResult:
 
     @classmethod
     def load(cls, path) -> "DissectionResult":
+        """Read a result written by :meth:`save` (``path`` may omit ``.npz``, or be the folder it
+        was saved into). Everything is checked at load — the archive, the metadata, every
+        array's presence, type and shape — and a file that fails any check (corrupt, truncated,
+        written by something else) raises one :class:`DissectionFileError` naming the file and
+        what is wrong. Pickled objects are never loaded."""
         path = Path(path)
-        if not path.exists() and path.with_suffix(".npz").exists():
-            path = path.with_suffix(".npz")
-        with np.load(path) as z:
-            meta = json.loads(z["meta"].tobytes().decode())
-            data = {layer: {key: z[f"{i}/{key}"] for key in cls._ARRAYS}
-                    for i, layer in enumerate(meta["layers"])}
-        return cls(meta["layers"], meta["concepts"], meta["categories"], data,
+        if path.is_dir() and (path / DEFAULT_FILE).is_file():
+            path = path / DEFAULT_FILE
+        elif not path.exists() and path.with_suffix(path.suffix + ".npz").is_file():
+            path = path.with_suffix(path.suffix + ".npz")
+        meta, arrays = _read_result_file(path)
+        return cls(meta["layers"], meta["concepts"], meta["categories"], arrays,
                    quantile=meta["quantile"], iou_threshold=meta["iou_threshold"],
-                   n_images=meta["n_images"], dataset=meta["dataset"],
+                   n_images=meta["n_images"], dataset=meta.get("dataset") or {},
                    model_name=meta.get("model_name", ""))
 
     def equals(self, other: "DissectionResult") -> bool:
@@ -680,6 +692,139 @@ class DissectionResult:
                    for l in self.layers for k in self._ARRAYS)
 
 
+#: the file name :meth:`DissectionResult.save` uses inside a folder
+DEFAULT_FILE = "dissection.npz"
+#: the result file format :meth:`DissectionResult.save` writes (``meta["format"]``)
+FORMAT = 1
+
+
+class DissectionFileError(ValueError):
+    """A file that is not a readable dissection result: corrupt, truncated, or not written by
+    :meth:`DissectionResult.save`. The message names the file and what is wrong with it."""
+
+
+def _file_error(path: Path, what: str) -> DissectionFileError:
+    return DissectionFileError(
+        f"{str(path)!r} is not a readable dissection result: {what}. A result file is written "
+        "by result.save(path) after cw.dissect(...); run the dissection again to remake it")
+
+
+def _read_result_file(path: Path) -> tuple[dict, dict]:
+    """``(meta, layer → dict of arrays)`` of a saved result, every part checked
+    (:func:`_check_meta`, :func:`_check_arrays`)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no dissection result at {str(path)!r} (nor with .npz added)")
+    if path.is_dir():
+        raise _file_error(path, f"it is a folder without a {DEFAULT_FILE} inside")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise _file_error(path, "the file is empty")
+    if head[:2] != b"PK":
+        raise _file_error(path, f"it is not an .npz archive (it starts with {head!r}, not 'PK')")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = set(z.files)
+            if "meta" not in names:
+                raise _file_error(path, "it has no 'meta' entry, so it was not written by "
+                                  f"DissectionResult.save (it holds {sorted(names)[:6]})")
+            meta = _check_meta(path, z["meta"])
+            wanted = [f"{i}/{key}" for i in range(len(meta["layers"]))
+                      for key in DissectionResult._ARRAYS]
+            missing = [k for k in wanted if k not in names]
+            if missing:
+                raise _file_error(path, f"arrays {missing[:4]} are missing")
+            raw = {k: z[k] for k in wanted}
+    except DissectionFileError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc):  # numpy's "Object arrays cannot be loaded…": never loaded here
+            raise _file_error(path, "it holds pickled Python objects, which are never loaded "
+                              "(a result holds plain numeric arrays only)") from None
+        raise _file_error(path, f"the archive is damaged ({exc})") from None
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise _file_error(path, f"the archive is damaged or truncated "
+                          f"({type(exc).__name__}: {exc})") from None
+    return meta, _check_arrays(path, meta, raw)
+
+
+def _check_meta(path: Path, raw: np.ndarray) -> dict:
+    """The metadata json of a result file, its keys and types checked."""
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise _file_error(path, f"its 'meta' entry is a {raw.dtype} array of shape {raw.shape}, "
+                          "not the json text (uint8 bytes) save() writes")
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _file_error(path, f"its metadata is not valid json ({exc})") from None
+    if not isinstance(meta, dict):
+        raise _file_error(path, f"its metadata is a json {type(meta).__name__}, not an object")
+    if meta.get("format") != FORMAT:
+        newer = isinstance(meta.get("format"), int) and meta["format"] > FORMAT
+        raise _file_error(path, f"its format is {meta.get('format')!r}, this cnnwidgets reads "
+                          f"format {FORMAT}" + (" (the file is from a newer cnnwidgets: "
+                                                "upgrade it to read the file)" if newer else ""))
+    number = (int, float)
+    expected = {"layers": list, "concepts": list, "categories": dict, "quantile": number,
+                "iou_threshold": number, "n_images": int}
+    for key, kind in expected.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise _file_error(path, f"its metadata's {key!r} is {meta.get(key)!r}, not a "
+                              f"{kind.__name__ if isinstance(kind, type) else 'number'}")
+    if not all(isinstance(v, str) for v in meta["layers"] + meta["concepts"]):
+        raise _file_error(path, "its layers and concepts must be names (strings)")
+    if len(set(meta["layers"])) != len(meta["layers"]):
+        raise _file_error(path, f"its layers repeat: {meta['layers']}")
+    unknown = [c for c in meta["concepts"] if not isinstance(meta["categories"].get(c), str)]
+    if unknown:
+        raise _file_error(path, f"concepts {unknown[:5]} have no category")
+    return meta
+
+
+def _check_arrays(path: Path, meta: dict, raw: dict) -> dict:
+    """layer → dict of arrays, each array's type and shape checked against the metadata and
+    the layer's number of units (the length of its thresholds)."""
+    K = len(meta["concepts"])
+    n_cats = len(dict.fromkeys(meta["categories"][c] for c in meta["concepts"]))
+    data = {}
+    for i, layer in enumerate(meta["layers"]):
+        d = {key: raw[f"{i}/{key}"] for key in DissectionResult._ARRAYS}
+        # the sizes the other arrays are checked against
+        for key, ndim, what in (("threshold", 1, "one value per unit"),
+                                ("top_index", 2, "units × top images"),
+                                ("map_shape", 1, "(h, w)")):
+            if d[key].ndim != ndim:
+                raise _file_error(path, f"layer {layer!r}: {key!r} has shape "
+                                  f"{tuple(d[key].shape)}, not {ndim}-D ({what})")
+        C, n = d["threshold"].shape[0], d["top_index"].shape[1]
+        shape = d["map_shape"]
+        if shape.shape != (2,) or shape.dtype.kind not in "iu" or (shape <= 0).any():
+            raise _file_error(path, f"layer {layer!r}: map_shape {shape.tolist()} is not a "
+                              "positive (h, w)")
+        hw = int(shape[0]) * int(shape[1])
+        expected = {  # key: (shape, kinds of dtype, what the dimensions are)
+            "threshold": ((C,), "f", "units"), "minimum": ((C,), "f", "units"),
+            "iou": ((C, K), "f", "units × concepts"),
+            "top_index": ((C, n), "iu", "units × top images"),
+            "top_scores": ((C, n), "f", "units × top images"),
+            "top_maps": ((C, n, hw), "f", "units × top images × map pixels"),
+            "inter": ((C, K), "iu", "units × concepts"),
+            "unit_area": ((C, n_cats), "iu", "units × categories"),
+            "label_area": ((K,), "iu", "concepts"), "map_shape": ((2,), "iu", "(h, w)"),
+        }
+        for key, (want, kinds, what) in expected.items():
+            a = d[key]
+            if a.dtype.kind not in kinds:
+                raise _file_error(path, f"layer {layer!r}: {key!r} holds {a.dtype} values, not "
+                                  + ("integers" if kinds == "iu" else "floats"))
+            if tuple(a.shape) != want:
+                raise _file_error(path, f"layer {layer!r}: {key!r} has shape {tuple(a.shape)}, "
+                                  f"expected {want} ({what}: {C} units from its thresholds, "
+                                  f"{K} concepts and {n_cats} categories from the metadata)")
+        data[layer] = d
+    return data
+
+
 # ----------------------------------------------------------------------------- dissect: its parts
 
 
@@ -687,27 +832,28 @@ class _Shard:
     """This rank's shard of the data set, ``indices[rank::world_size]``, read in batches, and the
     model's forward pass to the dissected layers' feature maps (both passes use them)."""
 
-    def __init__(self, model: Model, dataset, layers, table, *, batch_size, num_workers, device,
-                 progress):
+    def __init__(self, model: Model, dataset, layers, table, *, batch_size, num_workers, device):
         self.model, self.dataset, self.layers, self.table = model, dataset, layers, table
         self.rank, world = _dist()
         self.indices = range(self.rank, len(dataset), world)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.device = torch.device(device) if device is not None else model.device
-        self.show = progress and self.rank == 0  # one progress bar, on rank 0
+        self.bar: Progress | None = None  # set by dissect: both passes' cancel and progress
 
     def batches(self, desc: str, with_images: bool, with_masks: bool):
-        """The shard's batches in index order (see :func:`_collate`), with a progress bar."""
+        """The shard's batches in index order (see :func:`_collate`); cancellation is checked
+        before each batch and progress counted in images after it (``self.bar``)."""
         items = _Items(self.dataset, self.indices, *self.table, with_masks=with_masks,
                        with_images=with_images)
         loader = torch.utils.data.DataLoader(items, batch_size=self.batch_size, shuffle=False,
                                              num_workers=self.num_workers, collate_fn=_collate)
-        if not self.show:
-            return loader
-        from tqdm.auto import tqdm
-
-        return tqdm(loader, total=math.ceil(len(self.indices) / self.batch_size), desc=desc,
-                    leave=False)
+        if self.bar is None:
+            yield from loader
+            return
+        self.bar.describe(desc)
+        for batch in self.bar.each(loader):
+            yield batch
+            self.bar.advance(len(batch["index"]))
 
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 N×3×H×W images → layer → its N×C×h×w feature maps (float32, on the CPU)."""
@@ -895,7 +1041,8 @@ def dissect(
     batch_size: int = 32,
     num_workers: int = 0,
     cache_dir=None,
-    progress: bool = True,
+    cancel=None,
+    progress=None,
     top_n: int = 8,
     max_values: int = 2**22,
     features: str = "disk",
@@ -913,10 +1060,18 @@ def dissect(
     ``top_n``: images kept per unit for the explorer. ``max_values``: bound on the number of
     top values kept per layer in pass 1. ``features``: ``"disk"`` (run the model once and stream
     the activations through a scratch file) or ``"recompute"`` (run it twice, write nothing).
-    Under ``torch.distributed`` each rank takes a shard and the result (identical on all ranks)
-    is merged across them.
+    ``cancel``: a ``threading.Event`` (or a callable returning True) that stops the run before
+    its next batch with :class:`cnnwidgets.Cancelled`; the model is left as it was and the
+    scratch file deleted. ``progress``: ``None`` shows a bar once the run has lasted a second,
+    ``True`` / ``False`` force it, a callable ``f(done, total)`` is called after each batch
+    instead, counting images over both passes (``total`` = 2 × the images of this rank's
+    shard). Under ``torch.distributed`` each rank takes a shard and the result (identical on
+    all ranks) is merged across them; only rank 0 shows a bar, and a ``cancel`` must be set on
+    every rank.
     """
     model = as_model(model, "cw.dissect")
+    check_cancel(cancel)
+    check_progress(progress)
     layers = _layer_list(model, layers)
     if not 0 < float(quantile) < 1:
         raise ValueError(f"quantile must be between 0 and 1, not {quantile}")
@@ -931,9 +1086,12 @@ def dissect(
         return DissectionResult.load(cache_file)
 
     shard = _Shard(model, dataset, layers, (concepts, cats, cat_names), batch_size=batch_size,
-                   num_workers=num_workers, device=device, progress=progress)
+                   num_workers=num_workers, device=device)
     scratch = _Scratch(layers, cache_dir) if features == "disk" else None
-    with scratch or contextlib.nullcontext(), restored(model.module), torch.no_grad():
+    shard.bar = Progress(2 * len(shard.indices), "dissect", cancel=cancel, progress=progress,
+                         what="dissect", show=shard.rank == 0)
+    with shard.bar, scratch or contextlib.nullcontext(), restored(model.module), \
+            torch.no_grad():
         state, thresholds = _threshold_pass(shard, scratch, quantile, max_values, top_n)
         tallies, label_area = _tally_pass(shard, scratch, state, thresholds, len(concepts),
                                           len(cat_names))

@@ -80,7 +80,8 @@ Extensions the authors did not cover, made here (each also noted at its rule):
 * **flatten / view / reshape / squeeze**: they keep the memory order, so a flat index is
   unchanged. **Basic indexing** (``x[:, 0]``, GoogLeNet's ``transform_input``) maps each point
   to the element it was read from.
-* **several outputs**: a model returning a tuple is backtracked from its first element.
+* **several outputs**: a model returning a tuple or dict is backtracked from the scores
+  ``cw.Model(output=...)`` picks (without it, from a tuple's first element).
 """
 from __future__ import annotations
 
@@ -123,13 +124,14 @@ def fixations(
     channel's contribution in the window, or ``"auto"`` (centre for stride 1, argmax for
     strided convolutions; see :func:`.rules.convolution.conv2d`). ``progress`` shows a progress bar.
     Raises :class:`UnsupportedOperationError` naming the operation when the backtrack reaches
-    one without a rule. A model that returns a tuple is backtracked from its first element.
+    one without a rule. The backtrack starts from the scores ``cw.Model(output=...)`` picks out
+    of a model that returns a tuple or dict (without ``output``, a tuple's first element).
     """
     model = as_model(model, "cw.fixations")
     x, _ = model.prepare(image)
     tgt = None if target is None else model.target_index(target)
     result = backtrack(model.module, x, tgt, position=position, leaf_modules=leaf_modules,
-                       progress=progress, outlier_removal=outlier_removal)
+                       progress=progress, outlier_removal=outlier_removal, output=model.output)
     result.label = model.label(result.target)
     return result
 

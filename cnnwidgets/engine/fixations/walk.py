@@ -155,10 +155,14 @@ def backtrack(
     leaf_modules: Sequence = (),
     progress: bool = False,
     outlier_removal: bool = True,
+    output=None,
 ) -> Fixations:
     """CNN Fixations of a prepared input ``x`` (1×C×H×W, or 1×F for a vector network) for the
     class index ``target`` (None: the top-1 score); the engine behind :func:`fixations`.
 
+    ``output``: the callable that picks the class scores out of what the module returns (a
+    ``cw.Model``'s ``output``, e.g. ``lambda out: out["logits"]``); ``None``: the module's
+    output itself, or the first element of a tuple.
     The model runs once inside ``restored(module)`` (eval mode; training flags and
     ``requires_grad`` put back after) under ``torch.no_grad``; no hook is registered.
     """
@@ -170,7 +174,7 @@ def backtrack(
     graph = trace_graph(module, leaf_modules)
     with restored(module), torch.no_grad():
         values, out = run_graph(graph, module, x)
-    logits_node = _scores_node(graph, values, out)
+    logits_node = _scores_node(graph, values, out, output)
     logits = values[logits_node]
     if logits.dim() != 2:
         raise ValueError(f"the model returned scores of shape {tuple(logits.shape)}, not N×K")
@@ -202,15 +206,42 @@ def backtrack(
     )
 
 
-def _scores_node(graph: fx.Graph, values: dict, out) -> fx.Node:
-    """The node of the class scores: the model's output, or the first element of a tuple."""
+def _scores_node(graph: fx.Graph, values: dict, out, output=None) -> fx.Node:
+    """The node of the class scores: the one whose value ``output(out)`` is when ``output`` is
+    given, else the model's output or the first element of a tuple."""
     out_node = next(n for n in graph.nodes if n.op == "output")
+    if output is not None:
+        return _picked_node(graph, values, out, output)
     node = out_node.args[0]
     while isinstance(node, (tuple, list)) and node:
         node = node[0]
     if not isinstance(node, fx.Node) or not isinstance(values.get(node), torch.Tensor):
         raise UnsupportedOperationError(
             "CNN Fixations backtracks from a tensor of class scores; the model's output is "
-            f"{type(out).__name__}"
+            f"{type(out).__name__}. Pass output=... to cw.Model to pick them, e.g. "
+            "cw.Model(net, output=lambda out: out['logits'])"
         )
     return node
+
+
+def _picked_node(graph: fx.Graph, values: dict, out, output) -> fx.Node:
+    """The graph node whose value is the very tensor ``output(out)`` returns: ``output`` must
+    pick the scores out of the model's output (indexing a tuple or dict), not compute new ones,
+    since the backtrack starts from a node of the traced graph."""
+    picked = output(out)
+    if isinstance(picked, torch.Tensor):
+        out_node = next(n for n in graph.nodes if n.op == "output")
+        returned: list = []
+        fx.node.map_arg(out_node.args[0], returned.append)
+        # the nodes the model returns first (a tensor may also be the value of a pass-through
+        # node before them), then any other node, latest first
+        for node in [*returned, *reversed(graph.nodes)]:
+            if values.get(node) is picked:
+                return node
+    raise UnsupportedOperationError(
+        "CNN Fixations backtracks from the class scores as a tensor the model computes; "
+        f"cw.Model's output=... returned {type(picked).__name__} that is not one of them "
+        "(it computed a new tensor). Give an output=... that only picks the scores out of the "
+        "model's output, e.g. output=lambda out: out['logits'] or lambda out: out[1], or end "
+        "the network's forward with the computation"
+    )

@@ -24,6 +24,7 @@ import torch
 from ..guard import guard
 from ..hooks import resolve, this_thread
 from ..model import as_model
+from ..progress import Progress, check_cancel, check_progress
 from ..relu_rules import relu_rule
 from . import objectives as obj
 from .param import make_param
@@ -178,27 +179,39 @@ def optimize(model, objective, *, steps: int = 256, param: str = "fft", size=128
         yield Step(i, steps, history[-1], history, image_param)
 
 
-def _progress(iterable, total, desc, show):
-    if not show:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False)
+def _run(gen: Iterator[Step], steps: int, desc: str, what: str, cancel, progress) -> Step:
+    """Run a step generator to its end and return its last :class:`Step`, checking ``cancel``
+    before each step and reporting each step to ``progress`` (:class:`..progress.Progress`).
+    A cancelled run raises :class:`Cancelled` between two steps, where the model is exactly
+    as it was (each step enters and leaves ``restored`` itself)."""
+    last = None
+    try:
+        with Progress(steps, desc, cancel=cancel, progress=progress, what=what) as bar:
+            for last in bar.each(gen):
+                bar.advance()
+    finally:
+        gen.close()
+    return last
 
 
 def visualize(model, objective, steps: int = 256, param: str = "fft", seed: int = 0,
               size=128, *, batch: int = 1, lr: float = 0.05, decorrelate: bool = True,
-              transforms: bool = True, progress: bool = True) -> Visualization:
+              transforms: bool = True, cancel=None, progress=None) -> Visualization:
     """Maximise ``objective`` (``"layer:channel"``, a class index or label, or a
     ``cw.objectives`` object) and return a ``cw.Visualization`` (``.image`` H×W×3 in [0, 1],
-    ``.history`` of losses). See :func:`optimize` for the method."""
+    ``.history`` of losses). See :func:`optimize` for the method.
+
+    ``cancel``: a ``threading.Event`` (or a callable returning True) that stops the run between
+    two steps with :class:`cnnwidgets.Cancelled`, the model as it was. ``progress``: ``None``
+    shows a bar once the run has lasted a second, ``True`` / ``False`` force it, a callable
+    ``f(step, steps)`` is called after each step instead (as in ``cw.attribute``)."""
     model = as_model(model, "cw.visualize")
+    check_cancel(cancel)
+    check_progress(progress)
     objective = obj.parse(objective, model)
     gen = optimize(model, objective, steps=steps, param=param, size=size, batch=batch, lr=lr,
                    seed=seed, decorrelate=decorrelate, transforms=transforms)
-    last = None
-    for last in _progress(gen, steps, f"visualize {objective.name}", progress):
-        pass
+    last = _run(gen, steps, f"visualize {objective.name}", "visualize", cancel, progress)
     images = last.images()
     return Visualization(images[0], list(last.history), images, objective.name,
                          dict(steps=steps, param=param, seed=seed, size=size, batch=batch, lr=lr,
@@ -266,15 +279,16 @@ def invert_steps(model, image, layer: str, *, steps: int = 200, seed: int = 0, l
 
 
 def invert(model, image, layer: str, steps: int = 200, seed: int = 0, *,
-           progress: bool = True, **kwargs) -> Visualization:
+           cancel=None, progress=None, **kwargs) -> Visualization:
     """Reconstruct ``image`` from ``layer``'s code (Mahendran & Vedaldi); ``.image`` is aligned
-    with ``model.prepare(image)[1]``. Keyword arguments go to :func:`invert_steps`."""
+    with ``model.prepare(image)[1]``. Keyword arguments go to :func:`invert_steps`.
+    ``cancel`` and ``progress`` as in :func:`visualize`."""
     model = as_model(model, "cw.invert")  # before the progress bar: a wrong model fails at once
     model.check_layer(layer)
-    last = None
+    check_cancel(cancel)
+    check_progress(progress)
     gen = invert_steps(model, image, layer, steps=steps, seed=seed, **kwargs)
-    for last in _progress(gen, steps, f"invert {layer}", progress):
-        pass
+    last = _run(gen, steps, f"invert {layer}", "invert", cancel, progress)
     img = last.image()
     return Visualization(img, list(last.history), img[None], f"invert {layer}",
                          dict(steps=steps, seed=seed, layer=layer, **kwargs))
