@@ -88,6 +88,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..checks import check_bool, check_progress
 from ..model import as_model
 from . import rules  # noqa: F401 - registers every rule
 from .graph import FixationTracer
@@ -126,6 +127,8 @@ def fixations(
     one without a rule. A model that returns a tuple is backtracked from its first element.
     """
     model = as_model(model, "cw.fixations")
+    outlier_removal = check_bool(outlier_removal, "outlier_removal", who="cw.fixations")
+    progress = check_progress(progress, who="cw.fixations")
     x, _ = model.prepare(image)
     tgt = None if target is None else model.target_index(target)
     result = backtrack(model.module, x, tgt, position=position, leaf_modules=leaf_modules,
