@@ -140,6 +140,24 @@ def _generator(seed: int) -> torch.Generator:
     return g
 
 
+def _run_settings(steps, seed, lr, who: str) -> tuple[int, int, float]:
+    """``steps``, ``seed`` and ``lr`` of an optimisation, checked (:mod:`..checks`)."""
+    return (check_int(steps, "steps", 1, None, who=who),
+            check_int(seed, "seed", 0, None, who=who),
+            check_float(lr, "lr", 0, None, low_open=True, who=who))
+
+
+def _size(size, who: str) -> tuple[int, int]:
+    """An image size: one side or ``(height, width)``, each 8 to 4096 pixels."""
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return (check_int(size[0], "size", 8, 4096, who=who),
+                check_int(size[1], "size", 8, 4096, who=who))
+    if isinstance(size, (tuple, list)):
+        raise ValueError(f"{who}: size must be one side or (height, width), not {size!r}")
+    side = check_int(size, "size", 8, 4096, who=who)
+    return side, side
+
+
 def optimize(model, objective, *, steps: int = 256, param: str = "fft", size=128, batch: int = 1,
              lr: float = 0.05, seed: int = 0, decorrelate: bool = True,
              transforms: bool = True) -> Iterator[Step]:
@@ -179,24 +197,6 @@ def optimize(model, objective, *, steps: int = 256, param: str = "fft", size=128
             opt.step()
         history.append(float(loss.detach()))
         yield Step(i, steps, history[-1], history, image_param)
-
-
-def _run_settings(steps, seed, lr, who: str) -> tuple[int, int, float]:
-    """``steps``, ``seed`` and ``lr`` of an optimisation, checked (:mod:`..checks`)."""
-    return (check_int(steps, "steps", 1, None, who=who),
-            check_int(seed, "seed", 0, None, who=who),
-            check_float(lr, "lr", 0, None, low_open=True, who=who))
-
-
-def _size(size, who: str) -> tuple[int, int]:
-    """An image size: one side or ``(height, width)``, each 8 to 4096 pixels."""
-    if isinstance(size, (tuple, list)) and len(size) == 2:
-        return (check_int(size[0], "size", 8, 4096, who=who),
-                check_int(size[1], "size", 8, 4096, who=who))
-    if isinstance(size, (tuple, list)):
-        raise ValueError(f"{who}: size must be one side or (height, width), not {size!r}")
-    side = check_int(size, "size", 8, 4096, who=who)
-    return side, side
 
 
 def _progress(iterable, total, desc, show):
