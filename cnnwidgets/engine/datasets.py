@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import check_int
+
 #: The eleven Broden colour terms, with the RGB value the synthetic set paints them in.
 COLORS = {
     "black": (0, 0, 0),
@@ -82,13 +84,10 @@ class SyntheticConcepts:
     """
 
     def __init__(self, n_images: int = 500, size: int = 112, seed: int = 0):
-        if int(n_images) < 1:
-            raise ValueError(f"n_images must be at least 1, not {n_images}")
-        if int(size) < 16:
-            raise ValueError(f"size must be at least 16 pixels, not {size}")
-        self.n_images = int(n_images)
-        self.size = int(size)
-        self.seed = int(seed)
+        who = "SyntheticConcepts"
+        self.n_images = check_int(n_images, "n_images", 1, None, who=who)
+        self.size = check_int(size, "size", 16, 4096, who=who)
+        self.seed = check_int(seed, "seed", 0, None, who=who)
         self.concepts = [*COLORS, *TEXTURES, *SHAPES]
         self.categories = {
             **{c: "color" for c in COLORS},
@@ -238,7 +237,7 @@ class Broden:
         if split is not None:
             rows = [r for r in rows if r.get("split") == split]
         if limit is not None:
-            rows = rows[: int(limit)]
+            rows = rows[: check_int(limit, "limit", 1, None, who="Broden")]
         self.rows = rows
         wanted = None if categories is None else set(categories)
         all_categories = [c for c in (*BRODEN_PIXEL, *BRODEN_IMAGE)

@@ -50,8 +50,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import check_float, check_int
 from .datasets import concept_number, item_image
 from .hooks import capture, restored
+from .images import to_uint8
 from .model import Model, as_model
 from .progress import Progress, check_cancel, check_progress
 
@@ -88,9 +90,7 @@ def prepare_item(item, concept_index: dict, concept_cat: np.ndarray, category_in
     image = item_image(item)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"item images must be H×W×3, not {image.shape}")
-    if image.dtype != np.uint8:
-        image = np.clip(np.asarray(image, np.float32) * (255.0 if image.max() <= 1 else 1.0),
-                        0, 255).round().astype(np.uint8)
+    image = to_uint8(image, "a data set image")  # floats in [0, 1], as cw.load_image
     raw = item.get("masks", [])
     if isinstance(raw, dict):
         ids, masks, hw = _masks_from_dict(raw, concept_index, image.shape[:2])
@@ -1071,10 +1071,15 @@ def dissect(
     """
     model = as_model(model, "cw.dissect")
     check_cancel(cancel)
-    check_progress(progress)
     layers = _layer_list(model, layers)
-    if not 0 < float(quantile) < 1:
-        raise ValueError(f"quantile must be between 0 and 1, not {quantile}")
+    who = "cw.dissect"
+    quantile = check_float(quantile, "quantile", 0, 1, low_open=True, high_open=True, who=who)
+    iou_threshold = check_float(iou_threshold, "iou_threshold", 0, 1, who=who)
+    batch_size = check_int(batch_size, "batch_size", 1, None, who=who)
+    num_workers = check_int(num_workers, "num_workers", 0, None, who=who)
+    top_n = check_int(top_n, "top_n", 1, None, who=who)
+    max_values = check_int(max_values, "max_values", 1, None, who=who)
+    progress = check_progress(progress, who=who)
     if features not in ("disk", "recompute"):
         raise ValueError(f"features must be 'disk' or 'recompute', not {features!r}")
     concepts, cats, cat_names = concept_table(dataset)

@@ -3,11 +3,24 @@
 ``load_image`` accepts a path, raw bytes, a numpy array, a torch tensor or a PIL image and
 returns an 8-bit RGB ``PIL.Image``. What can be converted is converted (greyscale, RGBA,
 palette, 16-bit, float); what cannot gets a ``ValueError`` that says what to pass instead.
+
+The rules (the README's "Inputs" section states them for users):
+
+* **Float pixels are in [0, 1]**, whatever the float type (float16, bfloat16, float32,
+  float64). Values at most :data:`FLOAT_TOLERANCE` outside (a resize overshoot, colour jitter)
+  are clipped to [0, 1]; values further out are refused with an error that says how to scale
+  (``image / 255`` for 0–255 floats, ``model.denormalize(x)`` for a normalised network input)
+  — never guessed, so a slightly bright image is never read as a 0–255 one.
+* Integers are 0–255 (uint16: 0–65535); booleans are black / white.
+* Files are checked before they are read: only regular files (no devices, pipes or sockets),
+  not empty, at most :data:`MAX_FILE_BYTES`; a file over :data:`SNIFF_BYTES` is only read
+  once its first bytes name an image format. URLs are not fetched (download first).
 """
 from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -21,6 +34,17 @@ MAX_PIXELS = 100_000_000
 MAX_SIDE = 4096
 #: Images smaller than this on either side are refused: a CNN cannot see anything in them.
 MIN_SIDE = 8
+#: Float images are in [0, 1]; values at most this far outside are clipped, further out refused.
+FLOAT_TOLERANCE = 0.1
+#: Image files larger than this are refused before reading (1 GiB).
+MAX_FILE_BYTES = 2**30
+#: Files up to this size are read whole and tried with every format PIL knows; larger ones are
+#: only opened when their first bytes name a format (a bounded read of the header).
+SNIFF_BYTES = 32 * 2**20
+_TENSOR_DTYPES = (torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16,
+                  torch.int32, torch.int64, torch.bool, torch.uint16)
+#: Prefixes of strings that are URLs, not paths.
+URL_SCHEMES = ("http://", "https://", "ftp://", "ftps://", "s3://", "gs://", "data:")
 
 _SAMPLES = {
     # name: (scikit-image data function, description)
@@ -55,13 +79,22 @@ def load_image(source) -> Image.Image:
     """Load ``source`` as an 8-bit RGB ``PIL.Image``.
 
     ``source`` may be a path (``str`` or ``Path``), ``bytes``, a numpy array (H×W, H×W×1,
-    H×W×3 or H×W×4; uint8, uint16 or float in [0, 1]), a torch tensor (the same layouts
-    channels-first, optionally with a leading batch dimension of 1) or a ``PIL.Image``.
+    H×W×3 or H×W×4; uint8, uint16 or float), a torch tensor (the same layouts channels-first,
+    optionally with a leading batch dimension of 1) or a ``PIL.Image``.
+
+    Value ranges: integers are 0–255 (uint16 0–65535); **floats (any precision) are 0–1**.
+    A float image up to 0.1 outside [0, 1] (a resize overshoot, colour jitter) is clipped;
+    one further outside is a ``ValueError`` saying how to scale it: divide 0–255 floats by
+    255, undo the normalisation of a network input (``model.denormalize(x)``).
+    Refused with a ``ValueError`` that says what to do: an empty array or string, a URL (it
+    is not fetched: download the file first), a path that is not a regular file (a folder,
+    a device such as ``/dev/zero``, a pipe), an empty file or one over 1 GiB, a file that is
+    not an image, NaN or infinite pixels, images under 8×8 or over 100 megapixels.
     """
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, (str, os.PathLike)):
-        image = _open_file(Path(source))
+        image = _open_file(_as_path(source))
     elif isinstance(source, (bytes, bytearray, memoryview)):
         image = _open_bytes(bytes(source), "the bytes given")
     elif isinstance(source, torch.Tensor):
@@ -76,19 +109,81 @@ def load_image(source) -> Image.Image:
     return _normalise(image)
 
 
+def _as_path(source) -> Path:
+    text = os.fspath(source)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not text.strip():
+        raise ValueError("an empty string is not an image path; pass the path of an image "
+                         "file (or cw.sample_image('cat') for a sample photo)")
+    if text.strip().lower().startswith(URL_SCHEMES):
+        raise ValueError(
+            f"{text[:80]!r} is a URL; URLs are not fetched. Download the file first, e.g. "
+            "urllib.request.urlretrieve(url, 'image.jpg'), and pass its path"
+        )
+    return Path(text).expanduser()
+
+
 def _open_file(path: Path) -> Image.Image:
-    if not path.exists():
-        raise ValueError(f"no such image file: {str(path)!r}")
-    if path.is_dir():
-        raise ValueError(f"{str(path)!r} is a folder; pass the path of one image file")
-    return _open_bytes(path.read_bytes(), repr(str(path)))
+    what = repr(str(path))
+    try:
+        info = path.stat()  # follows links: the file they name is what counts
+    except FileNotFoundError:
+        raise ValueError(f"no such image file: {what}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {what}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ValueError(f"{what} is a folder; pass the path of one image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{what} is not a regular file (a device, pipe or socket); "
+                         "pass the path of an image file")
+    if info.st_size == 0:
+        raise ValueError(f"{what} is empty (0 bytes); it holds no image")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ValueError(f"{what} is {info.st_size / 2**30:.1f} GiB, over the "
+                         f"{MAX_FILE_BYTES / 2**30:.0f} GiB limit for an image file; "
+                         "shrink or convert it first")
+    with open(path, "rb") as f:
+        if info.st_size <= SNIFF_BYTES:
+            return _open_bytes(f.read(SNIFF_BYTES + 1), what)
+        # a large file: only formats that its first bytes name, so that a large file that is
+        # no image is refused after reading its header, not read whole by a lenient decoder
+        return _open_stream(f, what, _formats_named_by(f.read(16)))
+
+
+def _formats_named_by(prefix: bytes) -> list[str]:
+    """The PIL formats whose signature check accepts these first bytes of a file (formats
+    without a signature, such as TGA, are left out)."""
+    Image.init()
+    found = []
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        if accept is None:
+            continue
+        try:
+            answer = accept(prefix)
+        except Exception:  # an odd plugin: skip it
+            continue
+        if answer and not isinstance(answer, str):  # a str is PIL's "maybe, with a warning"
+            found.append(name)
+    return found
 
 
 def _open_bytes(data: bytes, what: str) -> Image.Image:
+    if not data:
+        raise ValueError(f"{what} is empty; it holds no image")
+    return _open_stream(io.BytesIO(data), what)
+
+
+def _open_stream(stream, what: str, formats: list[str] | None = None) -> Image.Image:
+    if formats is not None and not formats:
+        raise ValueError(
+            f"{what} is not an image file PIL can read (PNG, JPEG, BMP, TIFF, WebP, …)"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(stream, formats=formats)
             w, h = image.size
             if w * h > MAX_PIXELS:
                 raise ValueError(
@@ -115,6 +210,14 @@ def _open_bytes(data: bytes, what: str) -> Image.Image:
 
 def _tensor_to_hwc(tensor: torch.Tensor) -> np.ndarray:
     t = tensor.detach().cpu()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()  # exact; numpy has no bfloat16
+    elif t.is_complex() or t.dtype not in _TENSOR_DTYPES:
+        raise ValueError(
+            f"cannot make an image from a tensor of dtype {t.dtype}; pass floats in [0, 1] "
+            "(float16, bfloat16, float32, float64) or integers in [0, 255] (uint8), e.g. "
+            "tensor.float() / 255 for other integer images"
+        )
     if t.ndim == 4:
         if t.shape[0] != 1:
             raise ValueError(
@@ -134,6 +237,9 @@ def _tensor_to_hwc(tensor: torch.Tensor) -> np.ndarray:
 
 def _from_array(array: np.ndarray) -> Image.Image:
     a = np.asarray(array)
+    if a.size == 0:
+        raise ValueError(f"the array is empty (shape {a.shape}); an image needs pixels, e.g. "
+                         "H×W×3 with H, W ≥ 8")
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
@@ -146,34 +252,60 @@ def _from_array(array: np.ndarray) -> Image.Image:
             f"an array of {a.shape[1]}×{a.shape[0]} pixels is over the {MAX_PIXELS:,}-pixel "
             "limit; shrink it first"
         )
-    if a.dtype == np.bool_:
-        a = a.astype(np.uint8) * 255
-    elif a.dtype == np.uint16:
-        a = (a >> 8).astype(np.uint8)
-    elif np.issubdtype(a.dtype, np.floating):
-        if not np.all(np.isfinite(a)):
-            raise ValueError("the image array holds NaN or infinite values")
-        lo, hi = float(a.min()), float(a.max())
-        if lo < 0.0 or hi > 1.0:
-            if lo >= 0.0 and hi <= 255.0:
-                a = a / 255.0  # float in [0, 255]
-            else:
-                raise ValueError(
-                    f"float image values span [{lo:.3g}, {hi:.3g}]; expected [0, 1] (or [0, 255]). "
-                    "If this is a normalised network input, undo the normalisation first"
-                )
-        a = np.round(a * 255.0).astype(np.uint8)
-    elif np.issubdtype(a.dtype, np.integer):
-        if a.min() < 0 or a.max() > 255:
-            raise ValueError(
-                f"integer image values span [{a.min()}, {a.max()}]; expected uint8 [0, 255] "
-                "or uint16"
-            )
-        a = a.astype(np.uint8)
-    else:
-        raise ValueError(f"cannot make an image from an array of dtype {a.dtype}")
+    a = to_uint8(a)
     mode = {2: "L", 3: "RGB", 4: "RGBA"}[a.shape[-1] if a.ndim == 3 else 2]
     return Image.fromarray(np.ascontiguousarray(a), mode=mode)
+
+
+def to_uint8(array, what: str = "the image") -> np.ndarray:
+    """Pixels of any numeric dtype as uint8 0–255, by the module's rules: bool → 0 / 255,
+    uint16 → the top 8 bits, other integers must be 0–255, floats are 0–1
+    (:func:`float_unit_range`). Anything else is a ``ValueError`` that says what to pass."""
+    a = np.asarray(array)
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if a.dtype == np.uint16:
+        return (a >> 8).astype(np.uint8)
+    if np.issubdtype(a.dtype, np.floating):
+        return np.round(float_unit_range(a, what) * 255.0).astype(np.uint8)
+    if np.issubdtype(a.dtype, np.integer):
+        if a.size and (a.min() < 0 or a.max() > 255):
+            raise ValueError(
+                f"integer pixel values must be in [0, 255] (uint16: [0, 65535]), but {what} "
+                f"spans [{a.min()}, {a.max()}]; rescale it, e.g. image.astype(float) / image.max()"
+            )
+        return a.astype(np.uint8)
+    raise ValueError(f"cannot make an image from an array of dtype {a.dtype}; pass uint8 "
+                     "(0–255), uint16 or floats in [0, 1]")
+
+
+def float_unit_range(a: np.ndarray, what: str = "the image") -> np.ndarray:
+    """A float image's pixels in [0, 1] (float32): values at most :data:`FLOAT_TOLERANCE`
+    outside are clipped; NaN, ±inf or values further outside are a ``ValueError`` that says
+    how to scale them. Floats are never guessed to be 0–255."""
+    a = np.asarray(a, dtype=np.float32)
+    finite = np.isfinite(a)
+    if not finite.all():
+        bad = int(a.size - finite.sum())
+        raise ValueError(f"{what} holds {bad} NaN or infinite value{'s' * (bad != 1)}; "
+                         "replace them first, e.g. np.nan_to_num(image)")
+    lo, hi = float(a.min()), float(a.max())
+    if lo >= -FLOAT_TOLERANCE and hi <= 1.0 + FLOAT_TOLERANCE:
+        return np.clip(a, 0.0, 1.0)
+    clip = "if they only overshoot [0, 1], clip them: np.clip(image, 0, 1)"
+    if lo >= 0.0 and hi <= 255.0 + FLOAT_TOLERANCE:
+        hint = f"if they are 0–255, divide by 255 (image / 255) or pass uint8; {clip}"
+    elif lo < 0.0 and hi <= 255.0:
+        hint = ("if this is a normalised network input, undo the normalisation: "
+                f"model.denormalize(x), i.e. x * std + mean; {clip}")
+    else:
+        hint = "rescale them to [0, 1], e.g. (image - image.min()) / (image.max() - image.min())"
+    raise ValueError(
+        f"float pixel values must be in [0, 1] (up to {FLOAT_TOLERANCE} outside is clipped), "
+        f"but {what} spans [{lo:.4g}, {hi:.4g}]; {hint}"
+    )
 
 
 def _normalise(image: Image.Image) -> Image.Image:
@@ -187,9 +319,8 @@ def _normalise(image: Image.Image) -> Image.Image:
         a = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
         image = Image.fromarray(np.clip(a / top * 255.0, 0, 255).astype(np.uint8), mode="L")
-    elif image.mode == "F":
-        a = np.asarray(image, dtype=np.float64)
-        image = _from_array(np.clip(a, 0, 1) if a.max() <= 1 else np.clip(a / 255.0, 0, 1))
+    elif image.mode == "F":  # 32-bit float pixels: the same [0, 1] rule as float arrays
+        image = _from_array(np.asarray(image, dtype=np.float32))
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attribution.core import Attribution, Context, attribute, input_only
+from .checks import check_float, check_int, check_progress
 from .folding import folded
 from .model import Model, as_model
 
@@ -90,8 +92,8 @@ def _map_for(model: Model, image, attribution, target, params) -> tuple[np.ndarr
 
 def _substrate(model: Model, x: torch.Tensor, baseline) -> torch.Tensor:
     """The image pixels are replaced with (network input space, 1×3×H×W)."""
-    if isinstance(baseline, (int, float)):
-        return torch.full_like(x, float(baseline))
+    if isinstance(baseline, numbers.Real) and not isinstance(baseline, (bool, np.bool_)):
+        return torch.full_like(x, check_float(baseline, "baseline"))
     if baseline == "black":
         return model.normalize(torch.zeros_like(x))
     if baseline == "zeros":
@@ -109,9 +111,10 @@ def _substrate(model: Model, x: torch.Tensor, baseline) -> torch.Tensor:
 def _curve(kind, model, image, attribution, target, steps, baseline, score, batch_size,
            progress, cancel, params) -> Curve:
     model = as_model(model, f"cw.{kind}")
-    steps = int(steps)
-    if not 1 <= steps <= 100_000:
-        raise ValueError(f"steps must be between 1 and 100000, not {steps}")
+    who = f"cw.metrics.{kind}"
+    steps = check_int(steps, "steps", 1, 100_000, who=who)
+    batch_size = check_int(batch_size, "batch_size", 1, None, who=who)
+    progress = check_progress(progress, who=who)
     if score not in ("probability", "logit"):
         raise ValueError(f"score must be 'probability' or 'logit', not {score!r}")
     heat, index, method = _map_for(model, image, attribution, target, params)
@@ -202,6 +205,7 @@ def pointing_game(attribution, box, *, tolerance: float = 15.0) -> PointingGame:
     the map's pixels (the crop the network sees, ``attribution.image``; ``x1``, ``y1``
     excluded) or a boolean H×W object mask.
     """
+    tolerance = check_float(tolerance, "tolerance", 0, None, who="cw.metrics.pointing_game")
     heat = np.asarray(attribution.map if isinstance(attribution, Attribution) else attribution,
                       dtype=np.float32)
     if heat.ndim != 2:
@@ -301,11 +305,15 @@ def sanity_check(model, image, method: str = "grad_cam", *, target=None, stages:
     rank correlation of the magnitudes. The user's model is not touched.
     """
     model = as_model(model, "cw.sanity_check")
+    who = "cw.metrics.sanity_check"
+    stages = check_int(stages, "stages", 1, None, who=who)
+    seed = check_int(seed, "seed", 0, None, who=who)
+    progress = check_progress(progress, who=who)
     original = attribute(model, image, method, target=target, progress=False, **params)
     names = weighted_layers(model.module)
     top_first = names[::-1]
     if layers is None:
-        stages = max(1, min(int(stages), len(names)))
+        stages = min(stages, len(names))
         # the classifier alone first (as Adebayo et al.), then evenly down to every layer
         n = len(names)
         cuts = sorted({n} if stages == 1 else
@@ -341,6 +349,8 @@ def sanity_check(model, image, method: str = "grad_cam", *, target=None, stages:
             sims.append(spearman(np.abs(original.map), np.abs(a.map)))
             if bar is not None:
                 bar.update(1)
+            elif callable(progress):
+                progress(len(sims), len(chosen))
     finally:
         if bar is not None:
             bar.close()

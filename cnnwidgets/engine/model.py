@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .activations import ActivationCache, map_bytes
+from .checks import check_int
 from .hooks import restored
 from .labels import class_index, default_labels, imagenet_labels, label_of
 from .layer_index import LayerIndex, LayerInfo
@@ -23,7 +24,8 @@ from .memory import image_bytes
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 # LayerInfo, imagenet_labels and the ImageNet statistics are importable from here as before
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LayerInfo", "Model", "as_model", "imagenet_labels"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LayerInfo", "Model", "as_model", "check_dtype",
+           "imagenet_labels"]
 
 
 class Model:
@@ -70,6 +72,7 @@ class Model:
                 "convolutional network sees, so wrap a CNN (e.g. cw.load_model('efficientnet_lite0'))"
             )
         self.module = module
+        cache_bytes = check_int(cache_bytes, "cache_bytes", 0, None, who="cw.Model")
         self._preprocess = Preprocess(transform, input_size, mean, std, crop)
         self.output = output
         self.name = name or type(module).__name__
@@ -104,6 +107,7 @@ class Model:
 
         The display image is the exact crop the network sees, so overlays line up.
         """
+        check_dtype(self.module)
         tensor, display = self._preprocess.prepare(image)
         return tensor.to(self.device, torch.float32), display
 
@@ -138,10 +142,11 @@ class Model:
 
     def predict(self, image, k: int = 5) -> list[tuple[int, str, float]]:
         """Top-``k`` classes as ``(index, label, probability)``."""
+        k = check_int(k, "k", 1, None, who="model.predict")
         x, _ = self.prepare(image)
         with restored(self.module), torch.no_grad():
             probs = self.scores(x).softmax(-1)[0]
-        k = max(1, min(int(k), probs.numel()))
+        k = min(k, probs.numel())
         values, indices = probs.topk(k)
         return [(int(i), self.label(int(i)), float(v)) for v, i in zip(values, indices)]
 
@@ -240,13 +245,33 @@ class Model:
         return found[layer] if isinstance(layer, str) else found
 
 
+def check_dtype(module: nn.Module, who: str = "") -> None:
+    """A ``TypeError`` unless every floating-point parameter and buffer of ``module`` is
+    float32: the network runs on float32 inputs, and half-precision gradients are too coarse
+    for attribution maps. The message says how to convert (``module.float()``)."""
+    for kind, tensors in (("parameters", module.parameters()), ("buffers", module.buffers())):
+        for t in tensors:
+            if t.is_floating_point() and t.dtype != torch.float32:
+                where = f"{who}: " if who else ""
+                raise TypeError(
+                    f"{where}the network's {kind} are {str(t.dtype).replace('torch.', '')}; "
+                    "cnnwidgets expects float32 (it feeds the network float32 images, and "
+                    "half-precision gradients are too coarse for attribution maps). Convert "
+                    "it with module.float(), e.g. cw.Model(net.float()); it can stay on its "
+                    "device"
+                )
+
+
 def as_model(model, who: str) -> Model:
     """``model`` as a :class:`Model`: a ``Model`` as it is, a ``torch.nn.Module`` wrapped with
     the ImageNet defaults (``Model(module)``); anything else is a ``TypeError`` that says what
-    to pass. ``who``: the function or widget, for the message."""
+    to pass. A network that is not float32 is a ``TypeError`` saying how to convert it
+    (:func:`check_dtype`). ``who``: the function or widget, for the message."""
     if isinstance(model, Model):
+        check_dtype(model.module, who)
         return model
     if isinstance(model, nn.Module):
+        check_dtype(model, who)
         return Model(model)
     hint = (f"; cw.load_model({model!r}) loads a model by name" if isinstance(model, str)
             else "")

@@ -7,10 +7,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checks import check_float, check_int
 from .images import load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _triple(values, name: str, low, who: str) -> tuple[float, float, float]:
+    """Per-channel statistics: three finite numbers (greater than ``low`` when given)."""
+    values = values.tolist() if hasattr(values, "tolist") else values  # a tensor or an array
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) != 3:
+        raise ValueError(f"{who}: {name} must be three numbers (red, green, blue), "
+                         f"not {values!r}")
+    return tuple(check_float(v, name, low, None, low_open=True, who=who) for v in values)
 
 
 class Preprocess:
@@ -19,13 +29,21 @@ class Preprocess:
     centre-crop to ``input_size`` and normalise with ``mean`` / ``std``."""
 
     def __init__(self, transform: Callable | None, input_size, mean, std, crop: float):
-        if isinstance(input_size, int):
+        who = "cw.Model"
+        if transform is not None and not callable(transform):
+            raise TypeError(f"{who}: transform must be a callable PIL image → 3×H×W tensor "
+                            f"(or None), not {type(transform).__name__}")
+        if not isinstance(input_size, (tuple, list)):
             input_size = (input_size, input_size)
+        if len(input_size) != 2:
+            raise ValueError(f"{who}: input_size must be (height, width) or one side, "
+                             f"not {input_size!r}")
         self.transform = transform
-        self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.mean = tuple(float(v) for v in mean)
-        self.std = tuple(float(v) for v in std)
-        self.crop = float(crop)
+        self.input_size = tuple(check_int(v, "input_size", 1, None, who=who)
+                                for v in input_size)
+        self.mean = _triple(mean, "mean", None, who)
+        self.std = _triple(std, "std", 0, who)
+        self.crop = check_float(crop, "crop", 0, 1, low_open=True, who=who)
 
     def prepare(self, image) -> tuple[torch.Tensor, np.ndarray]:
         """``(tensor 1×3×H×W, display image H×W×3 float in [0, 1])``; the display image is the

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Iterator
 
 from .attribution.core import PROGRESS_DELAY, Cancelled
+from .checks import check_progress
 
 __all__ = ["Cancelled", "PROGRESS_DELAY", "Progress", "check_cancel", "check_progress",
            "is_cancelled"]
@@ -29,18 +30,6 @@ def check_cancel(cancel) -> Any:
     raise TypeError(f"cancel must be a threading.Event or a callable returning True to stop, "
                     f"not {cancel!r} ({type(cancel).__name__}); e.g. stop = threading.Event(), "
                     "cancel=stop, then stop.set() from another thread")
-
-
-def check_progress(progress) -> Any:
-    """``progress`` if it is ``None``, a bool or a callable ``f(done, total)``; a ``TypeError``
-    that says what it accepts otherwise."""
-    if progress is None or callable(progress):
-        return progress
-    if type(progress).__name__ in ("bool", "bool_"):  # numpy's bool too
-        return bool(progress)
-    raise TypeError(f"progress must be None (a bar once the run lasts "
-                    f"{PROGRESS_DELAY:g} s), True, False or a callable f(done, total), not "
-                    f"{progress!r} ({type(progress).__name__})")
 
 
 def is_cancelled(cancel) -> bool:

@@ -1,10 +1,13 @@
 """``cw.Explorer``: every explorer for one model and image, as tabs built on first view."""
 from __future__ import annotations
 
+import os
 from importlib import import_module
+from pathlib import Path
 
 import ipywidgets as widgets
 
+from ..engine.dissection import DissectionResult
 from ..engine.model import Model, as_model
 from .base import WidgetBase
 
@@ -30,6 +33,20 @@ def _available():
     return found
 
 
+def _check_dissection(dissection) -> None:
+    """The dissection tab is built on first view: a wrong argument is refused now, not then."""
+    if isinstance(dissection, DissectionResult):
+        return
+    if isinstance(dissection, (str, os.PathLike)):
+        if not Path(dissection).is_file():
+            raise ValueError(f"cw.Explorer: dissection={str(dissection)!r} is not a file; pass "
+                             "a cw.DissectionResult or the path of one saved with result.save")
+        return
+    raise TypeError(f"cw.Explorer: dissection must be a cw.DissectionResult (from cw.dissect), "
+                    f"the path of a saved one, or None; not {type(dissection).__name__} "
+                    f"{dissection!r:.60}")
+
+
 class Explorer(WidgetBase):
     """All explorers as tabs. Each tab's widget is built the first time the tab is shown, so
     opening the explorer costs one widget, not all of them. ``dissection`` (a
@@ -46,6 +63,7 @@ class Explorer(WidgetBase):
             args = (model, image) if needs_image else (model,)
             self._factories.append((title, cls, args))
         if dissection is not None:
+            _check_dissection(dissection)
             from .dissection import DissectionExplorer
 
             self._factories.append(("Dissection", DissectionExplorer, (dissection,)))

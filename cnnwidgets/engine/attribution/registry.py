@@ -27,6 +27,8 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from ..checks import check_bool, check_number
+
 #: The families a method can belong to (the widget groups its selector by them).
 KINDS = ("gradient", "cam", "perturbation", "other")
 
@@ -44,28 +46,21 @@ class Param:
     step: float | None = None  #: slider step for the widget (numbers only)
 
     def validate(self, value, method: str = ""):
-        """``value`` converted to this parameter's type, or a ``ValueError`` saying why not."""
-        where = f"{method}: " if method else ""
+        """``value`` converted to this parameter's type; a ``TypeError`` for the wrong type and a
+        ``ValueError`` for NaN, ±inf or a value outside :attr:`range` / :attr:`choices`, each
+        naming the parameter and what it allows (:mod:`cnnwidgets.engine.checks`)."""
         if self.type is bool:
-            if isinstance(value, bool):
-                return value
-            raise ValueError(f"{where}{self.name} must be True or False, not {value!r}")
+            return check_bool(value, self.name, who=method)
         if self.type in (int, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                self.type is int and float(value) != int(value)
-            ):
-                raise ValueError(f"{where}{self.name} must be {self.type.__name__}, not {value!r}")
-            value = self.type(value)
-            if self.range is not None:
-                low, high = self.range
-                if (low is not None and value < low) or (high is not None and value > high):
-                    raise ValueError(
-                        f"{where}{self.name}={value} is out of range; allowed {low} to {high}"
-                    )
-            return value
+            low, high = self.range if self.range is not None else (None, None)
+            return check_number(value, self.name, integer=self.type is int, low=low, high=high,
+                                who=method)
         if self.type is str:
+            where = f"{method}: " if method else ""
             if not isinstance(value, str):
-                raise ValueError(f"{where}{self.name} must be a string, not {value!r}")
+                allowed = (f"one of {', '.join(map(repr, self.choices))}" if self.choices
+                           else "a string")
+                raise TypeError(f"{where}{self.name} must be {allowed}, not {value!r}")
             if self.choices is not None and value not in self.choices:
                 close = difflib.get_close_matches(value, self.choices, n=3, cutoff=0.4)
                 hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""

@@ -89,6 +89,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..checks import check_bool, check_progress
 from ..model import as_model
 from . import rules  # noqa: F401 - registers every rule
 from .graph import FixationTracer
@@ -128,6 +129,8 @@ def fixations(
     of a model that returns a tuple or dict (without ``output``, a tuple's first element).
     """
     model = as_model(model, "cw.fixations")
+    outlier_removal = check_bool(outlier_removal, "outlier_removal", who="cw.fixations")
+    progress = check_progress(progress, who="cw.fixations")
     x, _ = model.prepare(image)
     tgt = None if target is None else model.target_index(target)
     result = backtrack(model.module, x, tgt, position=position, leaf_modules=leaf_modules,

@@ -8,6 +8,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..checks import check_float
+
 
 @dataclass
 class Fixations:
@@ -66,9 +68,8 @@ class Fixations:
     def heatmap(self, sigma: float | None = None) -> np.ndarray:
         """H×W float32 in [0, 1]: the point mask blurred by a Gaussian of ``sigma`` pixels
         (default :meth:`default_sigma`), scaled to a maximum of 1 (all zero without points)."""
-        sigma = self.default_sigma() if sigma is None else float(sigma)
-        if not sigma >= 0:
-            raise ValueError(f"sigma must be a number ≥ 0, not {sigma!r}")
+        sigma = self.default_sigma() if sigma is None else check_float(
+            sigma, "sigma", 0, None, who="Fixations.heatmap")
         heat = gaussian_blur(self.mask(), sigma)
         top = float(heat.max())
         return (heat / top).astype(np.float32) if top > 0 else heat.astype(np.float32)

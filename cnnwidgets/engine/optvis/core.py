@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..checks import check_bool, check_float, check_int
 from ..guard import guard
 from ..hooks import resolve, this_thread
 from ..model import as_model
@@ -140,6 +141,24 @@ def _generator(seed: int) -> torch.Generator:
     return g
 
 
+def _run_settings(steps, seed, lr, who: str) -> tuple[int, int, float]:
+    """``steps``, ``seed`` and ``lr`` of an optimisation, checked (:mod:`..checks`)."""
+    return (check_int(steps, "steps", 1, None, who=who),
+            check_int(seed, "seed", 0, None, who=who),
+            check_float(lr, "lr", 0, None, low_open=True, who=who))
+
+
+def _size(size, who: str) -> tuple[int, int]:
+    """An image size: one side or ``(height, width)``, each 8 to 4096 pixels."""
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return (check_int(size[0], "size", 8, 4096, who=who),
+                check_int(size[1], "size", 8, 4096, who=who))
+    if isinstance(size, (tuple, list)):
+        raise ValueError(f"{who}: size must be one side or (height, width), not {size!r}")
+    side = check_int(size, "size", 8, 4096, who=who)
+    return side, side
+
+
 def optimize(model, objective, *, steps: int = 256, param: str = "fft", size=128, batch: int = 1,
              lr: float = 0.05, seed: int = 0, decorrelate: bool = True,
              transforms: bool = True) -> Iterator[Step]:
@@ -155,11 +174,13 @@ def optimize(model, objective, *, steps: int = 256, param: str = "fft", size=128
     for n in objective.layers:
         if n != obj.LOGITS:
             model.check_layer(n)
-    steps = int(steps)
-    if steps < 1:
-        raise ValueError("steps must be at least 1")
+    steps, seed, lr = _run_settings(steps, seed, lr, "cw.visualize")
+    batch = check_int(batch, "batch", 1, None, who="cw.visualize")
+    size = _size(size, "cw.visualize")
+    decorrelate = check_bool(decorrelate, "decorrelate", who="cw.visualize")
+    transforms = check_bool(transforms, "transforms", who="cw.visualize")
     gen = _generator(seed)
-    image_param = make_param(param, batch=int(batch), size=size, decorrelated=decorrelate,
+    image_param = make_param(param, batch=batch, size=size, decorrelated=decorrelate,
                              generator=gen).to(model.device)
     plan = LayerPlan(model, objective.layers)
     chain = Robustness() if transforms else identity
@@ -207,7 +228,8 @@ def visualize(model, objective, steps: int = 256, param: str = "fft", seed: int 
     ``f(step, steps)`` is called after each step instead (as in ``cw.attribute``)."""
     model = as_model(model, "cw.visualize")
     check_cancel(cancel)
-    check_progress(progress)
+    steps = _run_settings(steps, seed, lr, "cw.visualize")[0]
+    progress = check_progress(progress, who="cw.visualize")
     objective = obj.parse(objective, model)
     gen = optimize(model, objective, steps=steps, param=param, size=size, batch=batch, lr=lr,
                    seed=seed, decorrelate=decorrelate, transforms=transforms)
@@ -242,11 +264,15 @@ def invert_steps(model, image, layer: str, *, steps: int = 200, seed: int = 0, l
     model = as_model(model, "cw.invert")
     info = model.check_layer(layer)
     del info
+    who = "cw.invert"
+    steps, seed, lr = _run_settings(steps, seed, lr, who)
+    alpha = check_float(alpha, "alpha", 0, None, low_open=True, who=who)
+    beta = check_float(beta, "beta", 0, None, low_open=True, who=who)
+    lambda_alpha = check_float(lambda_alpha, "lambda_alpha", 0, None, who=who)
+    decay = check_float(decay, "decay", 0, None, low_open=True, who=who)
     x0, _ = model.prepare(image)
-    steps = int(steps)
-    if steps < 1:
-        raise ValueError("steps must be at least 1")
-    lam_tv = tv_weight(model, layer) if lambda_tv is None else float(lambda_tv)
+    lam_tv = tv_weight(model, layer) if lambda_tv is None else check_float(
+        lambda_tv, "lambda_tv", 0, None, who=who)
     with _frozen(model), torch.no_grad():
         target = layer_outputs(model, x0, [layer])[layer].detach()
     norm = target.pow(2).sum().clamp_min(1e-12)
@@ -286,7 +312,8 @@ def invert(model, image, layer: str, steps: int = 200, seed: int = 0, *,
     model = as_model(model, "cw.invert")  # before the progress bar: a wrong model fails at once
     model.check_layer(layer)
     check_cancel(cancel)
-    check_progress(progress)
+    steps = _run_settings(steps, seed, kwargs.get("lr", 0.05), "cw.invert")[0]
+    progress = check_progress(progress, who="cw.invert")
     gen = invert_steps(model, image, layer, steps=steps, seed=seed, **kwargs)
     last = _run(gen, steps, f"invert {layer}", "invert", cancel, progress)
     img = last.image()
@@ -333,6 +360,10 @@ def deconv(model, image, layer: str, channel: int | None = None, top_k: int = 5,
     """
     model = as_model(model, "cw.deconv")
     model.check_layer(layer)
+    if channel is not None:
+        channel = check_int(channel, "channel", 0, None, who="cw.deconv")
+    top_k = check_int(top_k, "top_k", 1, None, who="cw.deconv")
+    rank = check_int(rank, "rank", 0, None, who="cw.deconv")
     x, _ = model.prepare(image)
     x = x.detach().requires_grad_(True)
     with _frozen(model), relu_rule("deconvnet"):
@@ -347,6 +378,9 @@ def deconv(model, image, layer: str, channel: int | None = None, top_k: int = 5,
         if not 0 <= channel < C:
             raise ValueError(f"channel {channel} is out of range for {layer!r} (0–{C - 1})")
         flat = a[0, channel].detach().flatten()
+        if rank >= flat.numel():
+            raise ValueError(f"cw.deconv: rank={rank} is out of range; rank must be an integer "
+                             f"from 0 to {flat.numel() - 1} (the channel's {h}×{w} positions)")
         k = max(1, min(int(top_k), flat.numel()))
         vals, idx = flat.topk(max(k, int(rank) + 1))
         pos = [(int(j) // w, int(j) % w, float(v)) for v, j in zip(vals, idx)]
