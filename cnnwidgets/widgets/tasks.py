@@ -81,7 +81,7 @@ class Task:
         self.owner = owner
         self.generation = 0
         self.cancel_event = threading.Event()  #: the newest start's cancel event
-        self.thread: threading.Thread | None = None  #: the worker thread, while there is one
+        self.thread: threading.Thread | None = None  #: the last worker thread started
         self._lock = threading.Lock()
         self._busy = False  # a worker thread is running works (set and cleared under the lock)
         self._queued: Callable | None = None  # the newest start, waiting for the running work
