@@ -214,3 +214,153 @@ def test_converters_keep_and_unbind():
     assert k.level == 5
     k.level = 2
     assert k.level == 2 and menu.value == "1"
+
+
+# ----------------------------------------------------------------------------- bounded work
+def _workers():
+    return [t for t in threading.enumerate() if t.name.startswith("cnnwidgets-")]
+
+
+def _join_workers():
+    """Wait for every widget thread (also any a task lost track of)."""
+    for t in _workers():
+        t.join(10)
+
+
+class Jobs:
+    """Numbered works that record when they run, how many run at once and whether they were
+    cancelled; work 0 holds until ``gate`` opens (or, with ``on_cancel``, until cancelled)."""
+
+    def __init__(self, on_cancel: bool = False):
+        self.gate = threading.Event()
+        self.started = threading.Event()  # work 0 is running
+        self.on_cancel = on_cancel
+        self.log: list = []  # ("start" | "end", i)
+        self.cancelled: dict = {}  # i → whether its cancel was set when it ended
+        self.active = self.most = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, i):
+        def work(cancel):
+            with self._lock:
+                self.active += 1
+                self.most = max(self.most, self.active)
+                self.log.append(("start", i))
+            try:
+                if i == 0:
+                    self.started.set()
+                    (cancel if self.on_cancel else self.gate).wait(30)
+                return i
+            finally:
+                with self._lock:
+                    self.cancelled[i] = cancel.is_set()
+                    self.active -= 1
+                    self.log.append(("end", i))
+
+        return work
+
+    def ran(self):
+        return [i for kind, i in self.log if kind == "start"]
+
+
+def test_a_burst_of_starts_runs_the_running_work_and_the_newest_only():
+    """Sixty quick changes used to start sixty threads that all ran to the end at once: now
+    one runs, the newest waits, the ones in between never run."""
+    w = _WidgetBase()
+    jobs, shown = Jobs(), []
+    w.submit(jobs(0), shown.append)
+    assert jobs.started.wait(10)
+    for i in range(1, 51):
+        w.submit(jobs(i), shown.append)
+    assert len(_workers()) == 1 and w.task.running and w.task.queued
+    assert jobs.ran() == [0] and w.task.cancel_event.is_set() is False
+    jobs.gate.set()
+    w.wait()
+    _join_workers()
+    assert jobs.ran() == [0, 50] and jobs.most == 1
+    assert jobs.log.index(("end", 0)) < jobs.log.index(("start", 50))
+    assert jobs.cancelled == {0: True, 50: False}  # the superseded one was asked to stop
+    assert shown == [50] and not w.task.running and not w.task.queued and not _workers()
+
+
+def test_the_newest_work_applies_on_the_main_thread_after_a_burst():
+    seen = []
+
+    async def cell():
+        w = WidgetBase()
+        jobs = Jobs(on_cancel=True)
+        w.submit(jobs(0), lambda r: seen.append(("stale", r)))
+        assert jobs.started.wait(10)
+        for i in range(1, 20):
+            w.submit(jobs(i), lambda r: seen.append((threading.current_thread().name, r)))
+        w.wait()  # in the same cell: the results wait for the main thread, only the newest shows
+        _join_workers()
+        return jobs
+
+    jobs = asyncio.run(cell())
+    assert jobs.ran() == [0, 19] and jobs.most == 1
+    assert seen == [(threading.main_thread().name, 19)]
+
+
+def test_cancel_reaches_the_waiting_work():
+    """The Cancel button while a newer selection waits: it runs with its cancel set (and says
+    so in its ``done``) instead of computing in full."""
+    w = _WidgetBase()
+    jobs, shown = Jobs(), []
+    w.submit(jobs(0), shown.append)
+    assert jobs.started.wait(10)
+    w.submit(jobs(1), shown.append)
+    assert w.task.queued
+    w.task.cancel()
+    jobs.gate.set()
+    w.wait()
+    _join_workers()
+    assert jobs.ran() == [0, 1] and jobs.cancelled == {0: True, 1: True} and shown == [1]
+
+
+def test_a_foreground_start_waits_for_the_cancelled_work_and_drops_the_waiting_one():
+    w = _WidgetBase()
+    jobs, shown = Jobs(on_cancel=True), []
+    w.submit(jobs(0), shown.append)
+    assert jobs.started.wait(10)
+    w.submit(jobs(1), shown.append)  # waits for work 0
+    w.submit(jobs(2), shown.append, background=False)  # cancels 0, drops 1, runs here
+    _join_workers()
+    assert jobs.ran() == [0, 2] and jobs.most == 1
+    assert jobs.log.index(("end", 0)) < jobs.log.index(("start", 2))
+    assert shown == [2]
+
+
+def test_exit_drops_the_waiting_work():
+    from cnnwidgets.widgets import tasks
+
+    w = _WidgetBase()
+    jobs = Jobs(on_cancel=True)
+    w.submit(jobs(0), lambda _: None)
+    assert jobs.started.wait(10)
+    w.submit(jobs(1), lambda _: None)
+    tasks._finish_background(timeout=10)
+    _join_workers()
+    assert jobs.ran() == [0] and jobs.cancelled == {0: True}
+    assert not w.task.running and not tasks._BACKGROUND
+
+
+def test_a_failing_callback_does_not_stall_the_queue():
+    """A ``failed`` callback that raises (in the worker, outside a kernel) shows its error in
+    the widget, and the next works still run."""
+    w = _WidgetBase()
+    jobs, shown = Jobs(), []
+
+    def explode(result):
+        raise RuntimeError("a broken failed callback")
+
+    w.submit(lambda cancel: 1 / 0, lambda r: None, failed=explode)
+    w.wait()
+    assert isinstance(w.errors.last_error, RuntimeError)  # shown, not lost in the thread
+    w.submit(jobs(0), shown.append)
+    assert jobs.started.wait(10)
+    w.submit(jobs(1), shown.append)
+    jobs.gate.set()
+    w.wait()
+    _join_workers()
+    assert jobs.ran() == [0, 1] and shown == [1] and not w.task.running

@@ -325,15 +325,17 @@ class WidgetBase(widgets.VBox):
                failed: Callable | None = None) -> int:
         """Run ``work(cancel)`` (in a thread when ``background``), then ``done(result)`` on the
         kernel's main thread; see :meth:`.tasks.Task.start`. A newer submission cancels this
-        one and drops its result. Returns the generation number."""
+        one and drops its result; it runs once this one has ended, unless a still newer one
+        replaces it first. Returns the generation number."""
         if self._loop is None:
             self._loop = _running_loop()
         return self.task.start(work, done, background=background, failed=failed)
 
     def cancel_background(self) -> None:
-        """Ask the running background work to stop at its next check (the interpreter's exit
-        calls it before waiting for the widget's threads)."""
-        self.task.cancel()
+        """Ask the running background work to stop at its next check, and drop the work
+        waiting for it (the interpreter's exit calls it before waiting for the widget's
+        threads)."""
+        self.task.cancel(drop_queued=True)
 
     def wait(self, timeout: float | None = 60.0) -> None:
         """Block until the latest background task has finished and its result is shown

@@ -3,8 +3,10 @@ computations and the live optimisation runs.
 
 A task runs ``work(cancel)`` in a thread, then ``done(result)`` on the kernel's main thread. A
 new start supersedes the running work: its ``cancel`` event is set (work that checks it stops at
-its next check) and its result, arriving later, is dropped. The interpreter's exit asks every
-task still running to stop and waits for its thread.
+its next check) and its result, arriving later, is dropped. The new work waits for the old one
+to end, and only the newest waiting work ever runs: however many starts come, a widget runs one
+computation, with one more waiting. The interpreter's exit asks every task still running to
+stop, drops what waits, and waits for the threads.
 """
 from __future__ import annotations
 
@@ -67,23 +69,41 @@ class Task:
     owner's error box instead, then to ``failed``. Each start gets a generation number: a result
     or error that arrives after a newer start is dropped, so an old selection never overwrites a
     newer one.
+
+    The work is bounded, however fast the starts come: at most one work runs, in the task's
+    one worker thread, and at most one waits — the newest. A start while work runs sets the
+    running work's ``cancel`` (it stops at its next check) and queues itself in place of any
+    work still waiting, which then never runs; the worker takes the waiting work when the
+    running one ends. Sixty quick changes of a selection thus run the first and the last.
     """
 
     def __init__(self, owner):
         self.owner = owner
         self.generation = 0
-        self.cancel_event = threading.Event()
-        self.thread: threading.Thread | None = None
+        self.cancel_event = threading.Event()  #: the newest start's cancel event
+        self.thread: threading.Thread | None = None  #: the last worker thread started
         self._lock = threading.Lock()
+        self._busy = False  # a worker thread is running works (set and cleared under the lock)
+        self._queued: Callable | None = None  # the newest start, waiting for the running work
 
     @property
     def running(self) -> bool:
-        """Whether the latest background work is still running."""
-        return self.thread is not None and self.thread.is_alive()
+        """Whether background work is running or waiting."""
+        return self._busy
+
+    @property
+    def queued(self) -> bool:
+        """Whether a start is waiting for the running work to end."""
+        return self._queued is not None
 
     def start(self, work: Callable, done: Callable, *, background: bool = True,
               failed: Callable | None = None) -> int:
-        """Supersede the running work with ``work(cancel)``; returns the generation number."""
+        """Supersede the running work with ``work(cancel)``; returns the generation number.
+
+        In the background, ``work`` runs at once when nothing runs, else after the running
+        work (cancelled now) has ended — unless a newer start replaces it first. With
+        ``background=False`` it runs in the calling thread, after the running work has ended
+        (any waiting work is dropped)."""
         with self._lock:
             self.cancel_event.set()  # the superseded work stops at its next check
             cancel = self.cancel_event = threading.Event()
@@ -115,24 +135,59 @@ class Task:
                 return
             owner.on_main(finish, result)
 
-        if background:
-            self.thread = background_thread(owner, run)
-        else:
-            self.thread = None
+        if not background:
+            with self._lock:
+                self._queued = None
+                worker = self.thread
+            if worker is not None and worker is not threading.current_thread():
+                worker.join()  # one computation at a time: the cancelled one ends first
             run()
+            return generation
+        with self._lock:
+            if self._busy:
+                self._queued = run  # replaces (drops) any start still waiting
+                return generation
+            self._busy = True
+            previous = self.thread
+        if previous is not None and previous is not threading.current_thread():
+            previous.join()  # already past its last work: it is only ending
+        with self._lock:
+            self.thread = background_thread(owner, lambda: self._serve(run))
         return generation
+
+    def _serve(self, job: Callable) -> None:
+        """The worker thread: run ``job``, then whatever start is waiting, until none is."""
+        try:
+            while job is not None:
+                try:
+                    job()
+                except Exception as exc:  # noqa: BLE001 - a failing callback: shown, go on
+                    self.owner.on_main(self.owner.errors.show, exc)
+                with self._lock:
+                    job, self._queued = self._queued, None
+                    if job is None:
+                        self._busy = False
+        finally:
+            if job is not None:  # left by an exception that is not an Exception
+                with self._lock:
+                    self._queued, self._busy = None, False
 
     def superseded(self, cancel) -> bool:
         """Whether the work given ``cancel`` has been superseded by a newer start."""
         return cancel is not self.cancel_event
 
-    def cancel(self) -> None:
-        """Ask the running work to stop at its next check of ``cancel``."""
-        self.cancel_event.set()
+    def cancel(self, *, drop_queued: bool = False) -> None:
+        """Ask the newest work to stop at its next check of ``cancel`` (work still waiting
+        runs with its ``cancel`` set, so that its ``done`` says it stopped). ``drop_queued``:
+        the waiting work never runs (the interpreter's exit)."""
+        with self._lock:
+            self.cancel_event.set()
+            if drop_queued:
+                self._queued = None
 
     def wait(self, timeout: float | None = 60.0) -> None:
-        """Block until the latest work has finished (its result may still wait for the main
-        thread: ``WidgetBase.wait`` shows it)."""
+        """Block until the running and the waiting work have finished (their results may still
+        wait for the main thread: ``WidgetBase.wait`` shows them)."""
         thread = self.thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
