@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attribution.core import Attribution, Context, attribute, input_only
-from .folding import folded
+from .fast import folded
 from .model import Model, as_model
 
 BASELINES = ("black", "zeros", "blur")

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..folding import batch_sum, folded, head_of
+from .. import fast
+from ..fast import batch_sum, folded, head_of
 from ..hooks import layer_not_found, resolve, restored, this_thread
 from ..memory import fit_batch
 from ..model import Model, as_model
@@ -124,7 +125,7 @@ class Context:
         (:class:`..folding.Mixture`), or ``None`` where that does not pay or the network has
         no such layer. See :meth:`score_mixed`."""
         head = None if self._taps or self.net is None else head_of(self.net)
-        if head is None or not head.mixable(count, self.x):
+        if head is None or "mixture" not in fast.ENABLED or not head.mixable(count, self.x):
             return None
         return head.mixture(parts())
 
@@ -266,7 +267,8 @@ def fast_layout(batch: torch.Tensor) -> torch.Tensor:
     """The batch in channels-last memory layout when it holds several images: the same values,
     but oneDNN's CPU convolutions run markedly faster on it (measured ~1.5× on ResNet-18,
     batch 16). The model's weights are not touched."""
-    if batch.ndim == 4 and batch.shape[0] > 1 and batch.device.type == "cpu":
+    if batch.ndim == 4 and batch.shape[0] > 1 and batch.device.type == "cpu" \
+            and "channels_last" in fast.ENABLED:
         return batch.contiguous(memory_format=torch.channels_last)
     return batch
 

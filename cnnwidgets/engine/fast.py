@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import threading
 import weakref
 
@@ -60,6 +61,11 @@ from .relu_rules import backward_rule, watching
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 MIXTURE_BYTES = 256 << 20  #: the most memory a head's :class:`Mixture` may keep
+#: the speed tricks this module may use. Each can be switched off, for A/B measurements
+#: (``benchmarks/attribution.py --ab TRICK``): remove it from :data:`ENABLED`, or list it in
+#: the environment variable ``CNNWIDGETS_TRICKS_OFF`` (comma-separated) before import
+TRICKS = ("fold", "same_pad", "pack", "channels_last", "head", "mixture", "pool_first")
+ENABLED = set(TRICKS) - set(os.environ.get("CNNWIDGETS_TRICKS_OFF", "").split(","))
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
                "_backward_pre_hooks")
 
@@ -140,7 +146,7 @@ def _fold_into(target: nn.Module, conv: nn.Module, bn: nn.Module) -> None:
             shift = shift * bn.weight.double() + bn.bias.double()
         dtype = conv.weight.dtype
         weight = (w * scale.view(-1, *[1] * (w.ndim - 1))).to(dtype)
-        if weight.ndim == 4:  # channels-last weights make oneDNN answer in channels-last, as
+        if weight.ndim == 4 and "channels_last" in ENABLED:  # channels-last weights make oneDNN answer in channels-last, as
             # the packed convolutions do: a batch of one then stays in one layout (no copies
             # between layers; max-pooling ~8× faster) — measured 109 → 101 ms for a forward +
             # backward pass of ResNet-18 at batch 1
@@ -176,7 +182,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         given = getattr(_CAPTURE, "given", {}).get(id(self))
         if given is not None:  # the convolution's output, computed by a Mixture
-            if (self.act is not None and self.pool is not None
+            if (self.act is not None and self.pool is not None and "pool_first" in ENABLED
                     and not any(_has_hooks(m) for m in (self.act, self.pool))):
                 # max-pooling and a rising activation commute (the same values exactly): pool
                 # first, then clamp the 4× smaller pooled tensor in place (measured on
@@ -613,11 +619,12 @@ def _same_as_modules(packed: Packed) -> bool:
         return False
 
 
-def _add_packed(graph: fx.Graph, named: dict) -> None:
+def _add_packed(graph: fx.Graph, named: dict) -> bool:
     """Route every plain ``Conv2d`` of the twin (and the ReLU / ReLU6 that is its only user)
     through a :class:`Packed` module."""
+    changed = False
     if _PACK_OPS is None:
-        return
+        return changed
     for node in list(graph.nodes):
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             continue
@@ -635,6 +642,8 @@ def _add_packed(graph: fx.Graph, named: dict) -> None:
         if act_node is not None:
             act_node.replace_all_uses_with(node)
             graph.erase_node(act_node)
+        changed = True
+    return changed
 
 
 class _Twin:
@@ -644,7 +653,7 @@ class _Twin:
         self.pairs = pairs  # [(conv, bn, folded module, state)]
 
 
-_TWINS: "weakref.WeakKeyDictionary[nn.Module, _Twin]" = weakref.WeakKeyDictionary()
+_TWINS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
@@ -664,28 +673,16 @@ def _build(module: nn.Module, structure) -> _Twin:
     except RuntimeError as exc:  # the gate's timeout
         raise _Busy() from exc
     named = dict(module.named_modules())
-    pairs = []
-    for node in list(graph.nodes):
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            continue
-        src = node.args[0]
-        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
-            continue
-        conv, bn = named.get(src.target), named.get(node.target)
-        if conv is None or bn is None or not _foldable(conv, bn):
-            continue
-        fused = _plain(copy.deepcopy(conv))
-        _fold_into(fused, conv, bn)
-        name = f"cw_folded_{len(pairs)}"
-        named[name] = fused
-        src.target = name
-        node.replace_all_uses_with(src)
-        graph.erase_node(node)
-        pairs.append((conv, bn, fused, _state(conv, bn)))
-    if not pairs:
+    pairs = _fold(graph, named) if "fold" in ENABLED else []
+    changed = bool(pairs)
+    if "same_pad" in ENABLED:
+        changed |= _plain_convs(graph, named)
+    if "head" in ENABLED:
+        changed |= _add_head(graph, named)
+    if "pack" in ENABLED:
+        changed |= _add_packed(graph, named)
+    if not changed:
         return _Twin(structure, None, [])
-    _add_head(graph, named)
-    _add_packed(graph, named)
     targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
     root = {}
     for t in targets:
@@ -702,6 +699,47 @@ def _build(module: nn.Module, structure) -> _Twin:
     return _Twin(structure, gm, pairs)
 
 
+def _fold(graph: fx.Graph, named: dict) -> list:
+    """Merge every eval-mode batch norm into the convolution that is its only input."""
+    pairs = []
+    for node in list(graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        conv, bn = named.get(src.target), named.get(node.target)
+        if conv is None or bn is None or not _foldable(conv, bn):
+            continue
+        fused = copy.deepcopy(conv)
+        fused = _plain(fused) if "same_pad" in ENABLED else fused
+        _fold_into(fused, conv, bn)
+        name = f"cw_folded_{len(pairs)}"
+        named[name] = fused
+        src.target = name
+        node.replace_all_uses_with(src)
+        graph.erase_node(node)
+        pairs.append((conv, bn, fused, _state(conv, bn)))
+    return pairs
+
+
+def _plain_convs(graph: fx.Graph, named: dict) -> bool:
+    """Route every convolution subclass with static "same" padding through a plain
+    convolution sharing its parameters (see :func:`_plain`)."""
+    changed = False
+    for node in graph.nodes:
+        conv = named.get(node.target) if node.op == "call_module" else None
+        if conv is None or not isinstance(conv, nn.Conv2d) or type(conv) is nn.Conv2d:
+            continue
+        plain = _plain(conv)
+        if plain is not conv:
+            name = f"cw_plain_{sum(1 for k in named if str(k).startswith('cw_plain_'))}"
+            named[name] = plain
+            node.target = name
+            changed = True
+    return changed
+
+
 def folded(module: nn.Module) -> nn.Module:
     """``module`` with eval-mode batch norms folded into their convolutions (see the module
     docstring), or ``module`` itself when that is not possible. Only valid in eval mode:
@@ -709,14 +747,16 @@ def folded(module: nn.Module) -> nn.Module:
     if module.training or _has_hooks(module):
         return module
     structure = tuple(id(m) for m in module.modules())
+    tricks = frozenset(ENABLED)
     with _LOCK:
-        twin = _TWINS.get(module)
+        twins = _TWINS.setdefault(module, {})  # one twin per set of enabled tricks
+        twin = twins.get(tricks)
         if twin is None or twin.structure != structure:
             try:
                 twin = _build(module, structure)
             except _Busy:
                 return module
-            _TWINS[module] = twin
+            twins[tricks] = twin
         if twin.module is None:
             return module
         for i, (conv, bn, fused, state) in enumerate(twin.pairs):
