@@ -1,47 +1,55 @@
-"""An inference twin of a network: batch normalisation folded into the convolution before it.
+"""The speed behind the attribution primitives.
 
-In eval mode a ``BatchNorm`` that directly follows a convolution is an affine map per channel,
-so ``bn(conv(x)) = conv'(x)`` with ``w' = w · s`` and ``b' = (b − μ) · s + β`` where
-``s = γ / √(σ² + ε)``. :func:`folded` returns a ``torch.fx`` graph module that runs the network
-with those pairs merged: the same function (to float rounding, ~1e-6 relative), one pass over
-each activation tensor fewer, forward and backward. Gradient and perturbation attribution
-methods run hundreds of forward/backward passes that need no layer tap; on ResNet-18 on a CPU
-they run about 15% faster on the twin.
+Attribution methods ask their context (:class:`.attribution.core.Context`) for a few things:
+the class scores of a batch, the sum of input gradients over many inputs, the scores of the
+input under Score-CAM's masks. The context asks this module, which runs them on a *twin* of
+the network where one may run and on the network itself everywhere else. Nothing outside this
+module sees the twin.
 
-The twin shares every module with the original except the folded convolutions, which are
-new modules built from the current weights. Nothing on the original is changed. It is cached
-per network and refolded when a folded weight or statistic changes: an in-place update
-(optimiser step, ``load_state_dict``, ``nn.init``) bumps the tensor's version and assigning
-``.data`` replaces its storage, both seen at the next call; an in-place change made *through*
-``.data`` (``p.data.mul_(2)``) is invisible to both — call :func:`forget` after one. The twin is
-rebuilt when modules are replaced. :func:`folded` returns the original module itself
-when the network cannot be traced by ``torch.fx``, has nothing to fold, or carries hooks on
-the folded modules or the root (a hook someone registered must keep firing).
+The twin (:func:`twin`) is a ``torch.fx`` graph module that shares the network's modules and
+computes the same function (to float rounding) faster, with these tricks — each listed in
+:data:`TRICKS`, and each can be switched off (:data:`ENABLED`) to measure what it saves
+(``benchmarks/attribution.py --ab TRICK``; the README's table has the numbers):
 
-**The linear head.** When the network's input goes straight into a convolution and nowhere
-else, that first layer is affine in the input, so the gradient of any score with respect to the
-input is ``Wᵀ`` applied to the gradient at the layer's output. Methods that only need a
-weighted *sum* of input gradients over many inputs (SmoothGrad, Integrated Gradients) can add
-up the gradients at the head's output and apply ``Wᵀ`` once, instead of once per input: the
-head's backward pass — on ResNet-18 a 7×7 stride-2 convolution whose backward is the most
-expensive single operation of the network on a CPU — runs once per call instead of once per
-sample. :class:`Head` (the twin's first layer) and :func:`head_of` give access to it.
+``fold``
+    An eval-mode ``BatchNorm`` right after a convolution is an affine map per channel, so
+    ``bn(conv(x)) = conv'(x)`` with ``w' = w · s`` and ``b' = (b − μ) · s + β`` where
+    ``s = γ / √(σ² + ε)``: one pass over each activation fewer, forward and backward.
+``same_pad``
+    A convolution subclass that zero-pads its input symmetrically before a plain convolution
+    (EfficientNet's static "same" padding) becomes a plain convolution that pads as it goes,
+    instead of copying each input into a padded tensor first.
+``pack``
+    Plain convolutions, with the ReLU / ReLU6 right after them, run as oneDNN's fused
+    convolution with the weight reordered into oneDNN's layout once (:class:`Packed`) instead
+    of at every call.
+``channels_last``
+    Batches of several images, and folded weights, are laid out channels-last, the layout
+    oneDNN's CPU convolutions run fastest on.
+``head``
+    When the network's input goes into one convolution and nowhere else, that layer is affine
+    in the input, and a sum of input gradients over many inputs (SmoothGrad, Integrated
+    Gradients) is the layer's transpose applied once to the sum of the gradients at its output
+    (:class:`Head`): its backward pass runs once per call instead of once per input.
+``mixture``
+    Score-CAM's masks are bilinearly upsampled maps, combinations of the h·w upsampled unit
+    maps, so the first layer's output for every masked input is one matrix product with that
+    layer's outputs for the image times each unit map, computed once (:class:`Mixture`).
+``pool_first``
+    Given that product, the head max-pools before its ReLU (they commute) and clamps the
+    smaller pooled tensor.
 
-**Mixtures.** For the same reason the head's output for an input that is a combination
-``Σₖ cₖ pₖ`` of fixed inputs is ``Σₖ cₖ conv(pₖ)`` (plus the offset): :class:`Mixture` computes
-the parts' outputs once and each combination as one matrix product, and :meth:`Head.given`
-runs the rest of the twin on it. Score-CAM's masked copies are such combinations (each mask is
-an upsampled h×w channel, a combination of the h·w upsampled unit maps): on ResNet-18 at 224
-px, ~16 terms per value (a unit map reaches only a band of rows) instead of the 7×7 stem's 147
-multiply-adds.
+The user's hooks are part of the network: the twin never runs while a hook that fires on this
+thread is registered on any module of the network, at any depth, or for every module
+(:func:`..hooks.hooked`; hooks that :func:`..hooks.this_thread` binds to another thread do not
+count), and such a network is never traced. Nor does it run in training mode, for a network
+``torch.fx`` cannot trace, or where no trick applies.
 
-**Packed convolutions.** Every other plain ``Conv2d`` of the twin, with the ReLU / ReLU6 after
-it, becomes a :class:`Packed` module: oneDNN's fused convolution (the operator PyTorch's own
-CPU inference compiler uses) with the weight reordered once into oneDNN's layout instead of at
-every call. Same values (bit-identical on channels-last batches); measured 0.60× the time of
-Score-CAM and 0.83× of SmoothGrad on EfficientNet-Lite0, 0.93× of Score-CAM on ResNet-18 (its
-convolutions are large enough that the reorder matters only on the 512-channel layers). The
-reordered weights cost one more copy of the convolution weights in memory.
+The twin is cached per network and set of enabled tricks, and refolded when a folded weight or
+statistic changes: an in-place update (optimiser step, ``load_state_dict``, ``nn.init``) bumps
+the tensor's version and assigning ``.data`` replaces its storage, both seen at the next call;
+an in-place change made *through* ``.data`` (``p.data.mul_(2)``) is invisible to both — call
+:func:`forget` after one. It is rebuilt when modules are replaced.
 """
 from __future__ import annotations
 
@@ -53,21 +61,184 @@ import weakref
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
-from .hooks import MODEL_GATE
+from .hooks import MODEL_GATE, hooked
 from .relu_rules import backward_rule, watching
+
+#: the speed tricks of the twin (see the module docstring)
+TRICKS = ("fold", "same_pad", "pack", "channels_last", "head", "mixture", "pool_first")
+#: the tricks in use: all but those listed in the environment variable
+#: ``CNNWIDGETS_TRICKS_OFF`` (comma-separated) at import; benchmarks switch them here
+ENABLED = set(TRICKS) - set(os.environ.get("CNNWIDGETS_TRICKS_OFF", "").split(","))
+MIXTURE_BYTES = 256 << 20  #: the most memory a :class:`Mixture` may keep
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-MIXTURE_BYTES = 256 << 20  #: the most memory a head's :class:`Mixture` may keep
-#: the speed tricks this module may use. Each can be switched off, for A/B measurements
-#: (``benchmarks/attribution.py --ab TRICK``): remove it from :data:`ENABLED`, or list it in
-#: the environment variable ``CNNWIDGETS_TRICKS_OFF`` (comma-separated) before import
-TRICKS = ("fold", "same_pad", "pack", "channels_last", "head", "mixture", "pool_first")
-ENABLED = set(TRICKS) - set(os.environ.get("CNNWIDGETS_TRICKS_OFF", "").split(","))
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-               "_backward_pre_hooks")
+
+
+# ------------------------------------------------------------------ the primitives
+def logits(model, batch: torch.Tensor) -> torch.Tensor:
+    """Class scores N×K of a prepared batch for ``model`` (a ``cw.Model``), graph kept when
+    gradients are enabled: on the twin where it may run."""
+    return _run(model, twin(model.module), batch)
+
+
+def input_grad_sum(model, target: int, parts, like: torch.Tensor) -> torch.Tensor:
+    """``Σᵢ wᵢ ∂score/∂xᵢ`` (C×H×W) of the ``target``'s score over the inputs ``xᵢ`` of
+    ``parts``, an iterable of ``(batch N×C×H×W, weights N or None)`` (``None``: every weight
+    1). ``like``: an input (1×C×H×W), for the shape of an empty sum."""
+    net = twin(model.module)
+    head = _head_of(net) if "head" in ENABLED else None
+    total = None
+    for batch, weights in parts:
+        if head is None:
+            xb = batch.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(_run(model, net, xb)[:, target].sum(), xb)
+            part = batch_sum(g, weights)
+            total = part if total is None else total + part
+            continue
+        with torch.enable_grad(), head.capture() as box:
+            s = _run(model, net, batch.detach())[:, target]
+            if len(box) != 1:  # pragma: no cover - a traced graph runs each node once
+                raise RuntimeError(f"the network's first layer ran {len(box)} times in one "
+                                   "forward pass; expected once")
+            (g,) = torch.autograd.grad(s.sum(), box[0].value)
+        total = head.add(total, box[0], g, weights)
+    if total is None:
+        return torch.zeros_like(like[0])
+    return (total if head is None else head.transpose(total, like.shape))[0]
+
+
+def masked_scores(model, target: int, x: torch.Tensor, maps: torch.Tensor, chunks) -> torch.Tensor:
+    """Score-CAM's scores (n,): for each map ``m`` of ``maps`` (n×h×w), the ``target``'s score
+    for ``x ⊙ s(up(m))``, where ``up`` upsamples to ``x``'s size (bilinear, corners aligned)
+    and ``s`` scales to [0, 1] by ``(v − min) / (max − min + 1e-8)``. ``chunks``: the
+    ``(start, stop)`` ranges of maps scored together, in order."""
+    n, h, w = maps.shape
+    net = twin(model.module)
+    mix = _mixture(net, x, h, w) if "mixture" in ENABLED else None
+    scores = x.new_empty(n)
+    with torch.no_grad():
+        for lo, hi in chunks:
+            up = upsample(maps[lo:hi], x.shape[-2:])
+            low = up.amin(dim=(1, 2), keepdim=True)
+            high = up.amax(dim=(1, 2), keepdim=True)
+            if mix is None:
+                out = _run(model, net, x * ((up - low) / (high - low + 1e-8))[:, None])
+            else:  # the same masks, as combinations of the upsampled unit maps
+                coeffs = ((maps[lo:hi] - low) / (high - low + 1e-8)).reshape(hi - lo, h * w)
+                out = _run_mixed(model, net, mix, x, coeffs)
+            scores[lo:hi] = out[:, target]
+    return scores
+
+
+def upsample(maps: torch.Tensor, size) -> torch.Tensor:
+    """Maps n×h×w upsampled bilinearly to n×H×W (corners aligned, as Score-CAM's masks)."""
+    return F.interpolate(maps[None], size=tuple(size), mode="bilinear", align_corners=True)[0]
+
+
+def batch_sum(t: torch.Tensor, weights: "torch.Tensor | None" = None) -> torch.Tensor:
+    """``Σᵢ wᵢ t[i]`` (every ``wᵢ = 1`` when ``weights`` is None), with a batch dimension of 1.
+    Computed on the tensor's memory read as N rows, whatever its layout (PyTorch's own
+    ``sum(0)`` over the batch of a channels-last tensor is many times slower)."""
+    n = t.shape[0]
+    if t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        rows = t.permute(0, 2, 3, 1).reshape(n, -1)
+        r = rows.sum(0) if weights is None else weights.to(rows).reshape(1, n) @ rows
+        return r.view(1, t.shape[2], t.shape[3], t.shape[1]).permute(0, 3, 1, 2)
+    rows = t.reshape(n, -1)
+    r = rows.sum(0) if weights is None else weights.to(rows).reshape(1, n) @ rows
+    return r.view(1, *t.shape[1:])
+
+
+def _layout(batch: torch.Tensor) -> torch.Tensor:
+    """The batch channels-last when it holds several images on the CPU (``channels_last``)."""
+    if ("channels_last" in ENABLED and batch.ndim == 4 and batch.shape[0] > 1
+            and batch.device.type == "cpu"):
+        return batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def _run(model, net: "nn.Module | None", batch: torch.Tensor) -> torch.Tensor:
+    """Class scores N×K of ``batch`` on the twin ``net``, or on the model when ``None``."""
+    batch = _layout(batch)
+    if net is None:
+        return model.scores(batch)
+    out = net(batch)
+    return model.output(out) if model.output is not None else out
+
+
+def _mixture(net: "nn.Module | None", x: torch.Tensor, h: int, w: int) -> "Mixture | None":
+    """The twin's head's outputs for ``x`` times each upsampled unit map of an h×w grid, or
+    ``None`` where the twin has no head or a mixture does not pay."""
+    head = _head_of(net)
+    if head is None or not head.mixable(h * w, x):
+        return None
+    eye = torch.eye(h * w, dtype=x.dtype, device=x.device).view(h * w, h, w)
+    return Mixture(head, x * upsample(eye, x.shape[-2:])[:, None])
+
+
+def _run_mixed(model, net, mix: "Mixture", x: torch.Tensor, coeffs: torch.Tensor):
+    """Class scores for the inputs ``Σₖ coeffs[i, k] partsₖ`` of ``mix``."""
+    n = coeffs.shape[0]
+    with mix.head.given(mix(coeffs)):  # the input is not read: a view stands in for the batch
+        out = net(x.expand(n, *x.shape[1:]))
+    return model.output(out) if model.output is not None else out
+
+
+# ------------------------------------------------------------------ the twin
+class _Twin:
+    def __init__(self, structure, module, pairs):
+        self.structure = structure  # the network's modules it was built from
+        self.module = module  # the graph module, or None: run the network itself
+        self.pairs = pairs  # [(conv, bn, folded module, state it was folded from)]
+
+    def refold(self) -> None:
+        """Fold again the pairs whose weights or statistics changed since."""
+        for i, (conv, bn, fused, state) in enumerate(self.pairs):
+            now = _state(conv, bn)
+            if now != state:
+                _fold_into(fused, conv, bn)
+                self.pairs[i] = (conv, bn, fused, now)
+
+
+_TWINS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+class _Busy(Exception):
+    pass
+
+
+def twin(module: nn.Module) -> "nn.Module | None":
+    """The twin of ``module`` with the :data:`ENABLED` tricks, or ``None`` where the module
+    must run itself (see the module docstring). Only valid in eval mode: call it inside
+    :func:`~cnnwidgets.engine.hooks.restored`."""
+    if module.training or hooked(module):
+        return None
+    structure = tuple(id(m) for m in module.modules())
+    with _LOCK:
+        twins = _TWINS.setdefault(module, {})  # one per set of enabled tricks
+        found = twins.get(frozenset(ENABLED))
+        if found is None or found.structure != structure:
+            try:
+                found = _build(module, structure)
+            except _Busy:
+                return None
+            twins[frozenset(ENABLED)] = found
+        if found.module is not None:
+            found.refold()
+        return found.module
+
+
+def forget(module: nn.Module) -> None:
+    """Drop ``module``'s twins; the next call builds them again. Needed only after changing a
+    weight in place through ``.data``, which leaves no trace PyTorch exposes."""
+    with _LOCK:
+        _TWINS.pop(module, None)
 
 
 class _Tracer(fx.Tracer):
@@ -78,25 +249,117 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _CONVS + _NORMS) or super().is_leaf_module(m, qualname)
 
 
-def _has_hooks(m: nn.Module) -> bool:
-    return any(getattr(m, d, None) for d in _HOOK_DICTS)
+def _build(module: nn.Module, structure) -> _Twin:
+    try:
+        # fx patches nn.Module.__call__ for every thread while it traces: wait briefly for
+        # other threads' forward passes; if they go on, run the network itself this time
+        with MODEL_GATE.exclusive(timeout=0.5):
+            try:
+                graph = _Tracer().trace(module)
+            except Exception:  # noqa: BLE001 - any model fx cannot trace runs itself
+                return _Twin(structure, None, [])
+    except RuntimeError as exc:  # the gate's timeout
+        raise _Busy() from exc
+    named = dict(module.named_modules())
+    pairs = _fold(graph, named) if "fold" in ENABLED else []
+    if not pairs and "fold" in ENABLED:  # nothing to fold: the network runs itself
+        return _Twin(structure, None, [])
+    changed = bool(pairs)
+    if "same_pad" in ENABLED:
+        changed |= _plain_convs(graph, named)
+    if "head" in ENABLED or "mixture" in ENABLED:
+        changed |= _add_head(graph, named)
+    if "pack" in ENABLED:
+        changed |= _add_packed(graph, named)
+    if not changed:
+        return _Twin(structure, None, [])
+    root = {}
+    for t in {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}:
+        obj = named.get(t)
+        if obj is None:  # a parameter or buffer read with get_attr
+            obj = module
+            for part in str(t).split("."):
+                obj = getattr(obj, part)
+        root[t] = obj
+    try:
+        gm = fx.GraphModule(root, graph, class_name=f"Twin{type(module).__name__}").eval()
+    except Exception:  # noqa: BLE001
+        return _Twin(structure, None, [])
+    return _Twin(structure, gm, pairs)
 
 
+def _name(named: dict, prefix: str, module: nn.Module) -> str:
+    """Add ``module`` to the twin's modules under a new name starting with ``prefix``."""
+    name = f"{prefix}{sum(1 for k in named if str(k).startswith(prefix))}"
+    named[name] = module
+    return name
+
+
+# ------------------------------------------------------------------ fold, same_pad
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (isinstance(conv, _CONVS) and isinstance(bn, _NORMS)
             and bn.running_mean is not None and bn.running_var is not None
             and bn.num_features == conv.out_channels
-            and conv.weight.dtype in (torch.float32, torch.float64)
-            and not _has_hooks(conv) and not _has_hooks(bn))
+            and conv.weight.dtype in (torch.float32, torch.float64))
+
+
+def _fold(graph: fx.Graph, named: dict) -> list:
+    """Merge every eval-mode batch norm into the convolution that is its only input; returns
+    the pairs folded."""
+    pairs = []
+    for node in list(graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        conv, bn = named.get(src.target), named.get(node.target)
+        if conv is None or bn is None or not _foldable(conv, bn):
+            continue
+        fused = copy.deepcopy(conv)
+        fused = _plain(fused) if "same_pad" in ENABLED else fused
+        _fold_into(fused, conv, bn)
+        src.target = _name(named, "cw_folded_", fused)
+        node.replace_all_uses_with(src)
+        graph.erase_node(node)
+        pairs.append((conv, bn, fused, _state(conv, bn)))
+    return pairs
+
+
+def _state(*modules: nn.Module) -> tuple:
+    """What a folded convolution was built from: every tensor's storage and version."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device)
+                 for m in modules for d in (m._parameters, m._buffers) for t in d.values()
+                 if t is not None)
+
+
+def _fold_into(target: nn.Module, conv: nn.Module, bn: nn.Module) -> None:
+    """Set ``target``'s weight and bias to ``conv`` followed by ``bn`` (eval mode)."""
+    with torch.no_grad():
+        w = conv.weight.detach().double()
+        b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(
+            w.shape[0], dtype=torch.float64, device=w.device)
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        shift = -bn.running_mean.double() * scale
+        if bn.affine:
+            scale = scale * bn.weight.double()
+            shift = shift * bn.weight.double() + bn.bias.double()
+        dtype = conv.weight.dtype
+        weight = (w * scale.view(-1, *[1] * (w.ndim - 1))).to(dtype)
+        if weight.ndim == 4 and "channels_last" in ENABLED:
+            # oneDNN then answers in channels-last, as the packed convolutions do: a batch of
+            # one stays in one layout from layer to layer (no copies between layers)
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        target.weight = nn.Parameter(weight, requires_grad=False)
+        target.bias = nn.Parameter((b * scale + shift).to(dtype), requires_grad=False)
 
 
 def _plain(conv: nn.Module) -> nn.Module:
-    """``conv`` as a plain ``nn.Conv2d`` when it is a subclass that zero-pads its input
-    symmetrically before a plain convolution (EfficientNet's static "same" padding: a
-    ``ZeroPad2d`` child), else ``conv`` itself. The convolution then pads as it goes instead of
-    copying every input into a padded tensor first — forward and backward (measured ~7% of a
-    forward + backward pass of EfficientNet-Lite0). Kept only when it gives the same output on
-    random inputs of an odd and an even size (padding that depends on the input size fails)."""
+    """``conv`` as a plain ``nn.Conv2d`` sharing its parameters when it is a subclass that
+    zero-pads its input symmetrically before a plain convolution (EfficientNet's static
+    "same" padding: a ``ZeroPad2d`` child), else ``conv`` itself. Kept only when it gives the
+    same output on random inputs of an odd and an even size (padding that depends on the
+    input size fails)."""
     if type(conv) is nn.Conv2d or not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros" \
             or isinstance(conv.padding, str):
         return conv
@@ -126,48 +389,33 @@ def _plain(conv: nn.Module) -> nn.Module:
     return conv
 
 
-def _state(*modules: nn.Module) -> tuple:
-    """What a folded convolution was built from: every tensor's storage and version."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device)
-                 for m in modules for d in (m._parameters, m._buffers) for t in d.values()
-                 if t is not None)
+def _plain_convs(graph: fx.Graph, named: dict) -> bool:
+    """Route every convolution subclass with static "same" padding that is still in the graph
+    (not folded) through a plain convolution sharing its parameters (:func:`_plain`)."""
+    changed = False
+    for node in graph.nodes:
+        conv = named.get(node.target) if node.op == "call_module" else None
+        if isinstance(conv, nn.Conv2d) and type(conv) is not nn.Conv2d:
+            plain = _plain(conv)
+            if plain is not conv:
+                node.target = _name(named, "cw_plain_", plain)
+                changed = True
+    return changed
 
 
-def _fold_into(target: nn.Module, conv: nn.Module, bn: nn.Module) -> None:
-    """Set ``target``'s weight and bias to ``conv`` followed by ``bn`` (eval mode)."""
-    with torch.no_grad():
-        w = conv.weight.detach().double()
-        b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(
-            w.shape[0], dtype=torch.float64, device=w.device)
-        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-        shift = -bn.running_mean.double() * scale
-        if bn.affine:
-            scale = scale * bn.weight.double()
-            shift = shift * bn.weight.double() + bn.bias.double()
-        dtype = conv.weight.dtype
-        weight = (w * scale.view(-1, *[1] * (w.ndim - 1))).to(dtype)
-        if weight.ndim == 4 and "channels_last" in ENABLED:  # channels-last weights make oneDNN answer in channels-last, as
-            # the packed convolutions do: a batch of one then stays in one layout (no copies
-            # between layers; max-pooling ~8× faster) — measured 109 → 101 ms for a forward +
-            # backward pass of ResNet-18 at batch 1
-            weight = weight.contiguous(memory_format=torch.channels_last)
-        target.weight = nn.Parameter(weight, requires_grad=False)
-        target.bias = nn.Parameter((b * scale + shift).to(dtype), requires_grad=False)
-
-
+# ------------------------------------------------------------------ head, mixture
 class Head(nn.Module):
     """The twin's first layer: a convolution applied to the network's input and to nothing
-    else, hence affine in the input (see the module docstring), with the ReLU / ReLU6 and
-    max-pooling that directly follow it, when they do (ResNet's stem: conv → ReLU → max-pool).
+    else, hence affine in the input, with the ReLU / ReLU6 and max-pooling that directly follow
+    it, when they do (ResNet's stem: conv → ReLU → max-pool).
 
-    Outside :meth:`capture` it runs those modules as the network would. Inside it, on the
-    calling thread, a forward pass runs them without building a graph and records its output as
-    a leaf tensor (a :class:`Record`) the caller differentiates with respect to; :meth:`add`
-    takes a batch of gradients at that output back through the pooling and the activation and
-    adds them up at the convolution's output, and :meth:`transpose` takes the sum back to the
-    input, once. The pooling's and activation's backward passes then touch the small pooled
-    tensors instead of the convolution's large output, once per sample.
-    Only for the plain gradient: ReLU rules (:mod:`..relu_rules`) are not applied here."""
+    Outside :meth:`capture` and :meth:`given` it runs those modules as the network would.
+    Inside :meth:`capture`, on the calling thread, a forward pass runs them without building a
+    graph and records its output as a leaf tensor (a :class:`Record`) the caller
+    differentiates with respect to; :meth:`add` takes a batch of gradients at that output back
+    through the pooling and the activation and adds them up at the convolution's output, and
+    :meth:`transpose` takes the sum back to the input, once. Only for the plain gradient: ReLU
+    rules (:mod:`.relu_rules`) are not applied here."""
 
     def __init__(self, conv: nn.Module, act: "nn.Module | None", pool: "nn.Module | None",
                  fresh: bool):
@@ -182,37 +430,28 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         given = getattr(_CAPTURE, "given", {}).get(id(self))
         if given is not None:  # the convolution's output, computed by a Mixture
-            if (self.act is not None and self.pool is not None and "pool_first" in ENABLED
-                    and not any(_has_hooks(m) for m in (self.act, self.pool))):
-                # max-pooling and a rising activation commute (the same values exactly): pool
-                # first, then clamp the 4× smaller pooled tensor in place (measured on
-                # 16×64×112×112: 7.7 vs 12.2 ms)
+            if self.act is not None and self.pool is not None and "pool_first" in ENABLED:
+                # max-pooling and a rising activation commute (the same values exactly)
                 return self.pool(given).clamp_(0.0, _high(self.act))
-            y = self.act(given) if self.act is not None else given
-            return self.pool(y) if self.pool is not None else y
+            return self._after_conv(given)
         box = getattr(_CAPTURE, "boxes", {}).get(id(self))
         if box is None:
-            y = self.conv(x)
-            y = self.act(y) if self.act is not None else y
-            return self.pool(y) if self.pool is not None else y
-        # the activation's and pooling's own hooks must fire: then they run as modules, after
-        # the recorded convolution output
-        fused = not any(_has_hooks(m) for m in (self.act, self.pool) if m is not None)
+            return self._after_conv(self.conv(x))
         with torch.no_grad():
             z = self.conv(x)
             shape, indices = z.shape, None
-            if fused and self.act is not None:
+            if self.act is not None:
                 z = z.clamp_(0.0, _high(self.act))
-            if fused and self.pool is not None:
+            if self.pool is not None:
                 p = self.pool
                 z, indices = torch.ops.aten.max_pool2d_with_indices(
                     z, _pair(p.kernel_size), _pair(p.stride or p.kernel_size), _pair(p.padding),
                     _pair(p.dilation), p.ceil_mode)
         z.requires_grad_(True)
-        box.append(Record(z, shape, indices, fused and self.act is not None))
-        if fused:
-            return z + 0 if self.fresh else z
-        y = z + 0  # the modules may work in place; the recorded leaf must stay as it is
+        box.append(Record(z, shape, indices))
+        return z + 0 if self.fresh else z
+
+    def _after_conv(self, y: torch.Tensor) -> torch.Tensor:
         y = self.act(y) if self.act is not None else y
         return self.pool(y) if self.pool is not None else y
 
@@ -220,57 +459,36 @@ class Head(nn.Module):
     def capture(self):
         """Record the head's outputs (a list of :class:`Record`, one per forward pass) on this
         thread."""
-        boxes = _CAPTURE.__dict__.setdefault("boxes", {})
-        previous = boxes.get(id(self))
         box: list = []
-        boxes[id(self)] = box
-        try:
+        with _on_this_thread("boxes", id(self), box):
             yield box
-        finally:
-            if previous is None:
-                boxes.pop(id(self), None)
-            else:
-                boxes[id(self)] = previous
 
     @contextlib.contextmanager
     def given(self, output: torch.Tensor):
         """On this thread, forward passes inside take ``output`` as the convolution's output
         (the input is then not read) and run only the activation and pooling on it."""
-        given = _CAPTURE.__dict__.setdefault("given", {})
-        previous = given.get(id(self))
-        given[id(self)] = output
-        try:
+        with _on_this_thread("given", id(self), output):
             yield
-        finally:
-            if previous is None:
-                given.pop(id(self), None)
-            else:
-                given[id(self)] = previous
 
     def mixable(self, count: int, example: torch.Tensor, max_bytes: int = MIXTURE_BYTES) -> bool:
         """Whether a :class:`Mixture` of ``count`` parts shaped like ``example`` (1×C×H×W)
-        pays: not when a matrix product with ``count + 1`` terms per output value costs more
-        than the convolution itself (ResNet-18's 7×7 stem: 147 multiply-adds per value; a
-        product with 50 terms took a third of its time), when the ``count + 1`` outputs would
-        take more than ``max_bytes``, or when the convolution has hooks (they must fire)."""
+        pays: not when a matrix product with ``count + 1`` terms per output value costs about
+        as much as the convolution itself (its multiply-adds per value), nor when the
+        ``count + 1`` outputs would take more than ``max_bytes``."""
         c = self.conv
         terms = (c.in_channels // c.groups) * c.kernel_size[0] * c.kernel_size[1]
-        if _has_hooks(c) or terms < 1.5 * (count + 1):
+        if terms < 1.5 * (count + 1):
             return False
         with torch.no_grad():
             zero = c(torch.zeros_like(example[:1]))
         return (count + 1) * zero.numel() * zero.element_size() <= max_bytes
 
-    def mixture(self, parts: torch.Tensor) -> "Mixture":
-        """The convolution's outputs for ``parts`` (K×C×H×W), ready to be combined."""
-        return Mixture(self, parts)
-
     def add(self, total: "torch.Tensor | None", record: "Record", grad: torch.Tensor,
             weights: "torch.Tensor | None" = None) -> torch.Tensor:
         """``total`` (1×C×H×W at the convolution's output, or None) plus ``Σᵢ wᵢ grad[i]``
         taken back to the convolution's output through the activation and pooling."""
-        if record.act:  # 1[0 < f < t]: the output f is inside (0, t) exactly when the input is
-            f = record.value
+        if self.act is not None:  # 1[0 < f < t]: the output f is inside (0, t) exactly when
+            f = record.value  # the input is
             high = _high(self.act)
             grad = grad * ((f > 0) & (f < high) if high is not None else f > 0)
         if record.indices is None:
@@ -295,17 +513,43 @@ class Head(nn.Module):
         return gx
 
 
+class Record:
+    """One forward pass of a :class:`Head` inside :meth:`Head.capture`."""
+
+    def __init__(self, value, shape, indices):
+        self.value = value  #: the leaf the rest of the network ran on
+        self.shape = shape  #: the convolution's output shape
+        self.indices = indices  #: the max-pooling's indices (None: no pooling)
+
+
+_CAPTURE = threading.local()  # per thread: {id(head): list of records}, {id(head): output}
+
+
+@contextlib.contextmanager
+def _on_this_thread(table: str, key: int, value):
+    """``value`` under ``key`` in this thread's ``table`` of :data:`_CAPTURE` inside."""
+    entries = _CAPTURE.__dict__.setdefault(table, {})
+    previous = entries.get(key)
+    entries[key] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            entries.pop(key, None)
+        else:
+            entries[key] = previous
+
+
 class Mixture:
     """The head's convolution on inputs that are combinations ``Σₖ cₖ partsₖ`` of fixed parts.
 
     The convolution is affine, ``conv(Σₖ cₖ pₖ) = Σₖ cₖ (conv(pₖ) − conv(0)) + conv(0)``, so
     its output for any coefficients is one matrix product with the parts' outputs, computed
-    once. Score-CAM masks the input with bilinearly upsampled channels — combinations of the
-    h·w upsampled unit maps — so every masked copy's first layer becomes a product with at most
-    h·w + 1 terms per value instead of the convolution (ResNet-18's stem: 147 multiply-adds per
-    value; in bands of rows, ~16 terms for a 7×7 layer). The same values to float rounding.
+    once. Parts with local support (an upsampled unit map covers about two cells of its grid)
+    leave most output rows untouched: bands of output rows that the same parts reach are
+    products with those parts alone. The same values to float rounding.
 
-    >>> mix = head.mixture(x * basis)     # basis: K×1×H×W, x: 1×3×H×W
+    >>> mix = Mixture(head, x * basis)    # basis: K×1×H×W, x: 1×3×H×W
     >>> z = mix(coeffs)                   # n×K → the convolution's n outputs
     >>> with head.given(z):
     ...     logits = twin(x.expand(n, -1, -1, -1))   # the input itself is not read
@@ -315,22 +559,18 @@ class Mixture:
         self.head = head
         with torch.no_grad():
             zero = head.conv(torch.zeros_like(parts[:1]))  # the convolution's offset
-        c, h, w = zero.shape[1:]
-        self.shape = (c, h, w)
-        k = parts.shape[0]
-        # one row per part, channels-last (the layout the packed convolutions after it read)
-        self.rows = zero.new_empty((k + 1, h * w * c))
-        with torch.no_grad():
+            c, h, w = zero.shape[1:]
+            self.shape = (c, h, w)
+            self.width = h * w * c
+            k = parts.shape[0]
+            # one row per part, channels-last (the layout the packed convolutions after it read)
+            rows = zero.new_empty((k + 1, h * w * c))
             for lo in range(0, k, 16):
                 chunk = parts[lo:lo + 16].contiguous(memory_format=torch.channels_last)
-                z = self.head.conv(chunk) - zero
-                self.rows[lo:lo + len(chunk)].view(-1, h, w, c).copy_(z.permute(0, 2, 3, 1))
-            self.rows[k].view(h, w, c).copy_(zero[0].permute(1, 2, 0))
-            # Parts with local support (an upsampled unit map covers about two cells of the
-            # grid) leave most output rows untouched: bands of output rows that the same parts
-            # reach are products with those parts alone (exactly the terms that are not zero;
-            # Score-CAM on ResNet-18: ~15 of 50 terms per value)
-            reach = self.rows.view(k + 1, h, w * c).abs().amax(dim=2) > 0  # (K + 1)×h
+                z = head.conv(chunk) - zero
+                rows[lo:lo + len(chunk)].view(-1, h, w, c).copy_(z.permute(0, 2, 3, 1))
+            rows[k].view(h, w, c).copy_(zero[0].permute(1, 2, 0))
+            reach = rows.view(k + 1, h, w * c).abs().amax(dim=2) > 0  # (K + 1)×h
             reach[k] = True  # the offset reaches every row
             self.bands = []  # (first value, last value, parts that reach them, their rows)
             start = 0
@@ -338,10 +578,8 @@ class Mixture:
                 if r == h or not torch.equal(reach[:, r], reach[:, start]):
                     idx = reach[:, start].nonzero().flatten()
                     lo, hi = start * w * c, r * w * c
-                    self.bands.append((lo, hi, idx, self.rows[idx, lo:hi].contiguous()))
+                    self.bands.append((lo, hi, idx, rows[idx, lo:hi].contiguous()))
                     start = r
-        del self.rows  # the bands hold what is needed
-        self.width = h * w * c
         self._out = None  # reused between calls: a fresh tensor this large costs page faults
 
     def __call__(self, coeffs: torch.Tensor) -> torch.Tensor:
@@ -359,14 +597,10 @@ class Mixture:
         return out.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
-class Record:
-    """One forward pass of a :class:`Head` inside :meth:`Head.capture`."""
-
-    def __init__(self, value, shape, indices, act):
-        self.value = value  #: the leaf the rest of the network ran on
-        self.shape = shape  #: the convolution's output shape
-        self.indices = indices  #: the max-pooling's indices (None: not pooled here)
-        self.act = act  #: whether the activation was applied here
+def _head_of(net: "nn.Module | None") -> "Head | None":
+    """The :class:`Head` of a twin, or ``None``."""
+    head = getattr(net, "cw_head", None)
+    return head if isinstance(head, Head) else None
 
 
 def _pair(v):
@@ -375,29 +609,6 @@ def _pair(v):
 
 def _high(act: nn.Module):
     return 6.0 if isinstance(act, nn.ReLU6) else None
-
-
-def batch_sum(t: torch.Tensor, weights: "torch.Tensor | None" = None) -> torch.Tensor:
-    """``Σᵢ wᵢ t[i]`` (every ``wᵢ = 1`` when ``weights`` is None), with a batch dimension of 1.
-    Computed on the tensor's memory read as N rows: PyTorch's own ``sum(0)`` over the batch of
-    a channels-last tensor is ~25× slower (measured: 65 vs 2.4 ms on 13×64×112×112)."""
-    n = t.shape[0]
-    if t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        rows = t.permute(0, 2, 3, 1).reshape(n, -1)
-        r = rows.sum(0) if weights is None else weights.to(rows).reshape(1, n) @ rows
-        return r.view(1, t.shape[2], t.shape[3], t.shape[1]).permute(0, 3, 1, 2)
-    rows = t.reshape(n, -1)
-    r = rows.sum(0) if weights is None else weights.to(rows).reshape(1, n) @ rows
-    return r.view(1, *t.shape[1:])
-
-
-_CAPTURE = threading.local()  # per thread: {id(head): list of records}, {id(head): output}
-
-
-def head_of(net: nn.Module) -> "Head | None":
-    """The :class:`Head` of a twin returned by :func:`folded`, or ``None``."""
-    head = getattr(net, "cw_head", None)
-    return head if isinstance(head, Head) else None
 
 
 def _in_place(node: fx.Node, named: dict) -> bool:
@@ -438,7 +649,7 @@ def _only_user(node: fx.Node, named: dict, kinds: tuple) -> "fx.Node | None":
 
 def _add_head(graph: fx.Graph, named: dict) -> bool:
     """Route the input's one convolution — with the ReLU and max-pooling right after it, if
-    any — through a :class:`Head` (see the module docstring)."""
+    any — through a :class:`Head`."""
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         return False
@@ -472,7 +683,7 @@ def _add_head(graph: fx.Graph, named: dict) -> bool:
     return True
 
 
-# ------------------------------------------------------------------ packed convolutions
+# ------------------------------------------------------------------ pack
 def _pack_ops():
     """The oneDNN operators behind PyTorch's own CPU inference fusions, or None where this
     build of torch lacks them (they are internal: every use is checked and has a fallback)."""
@@ -489,11 +700,11 @@ class Packed(nn.Module):
     """A twin's convolution — and the ReLU / ReLU6 right after it, when there is one — run by
     oneDNN with the weight reordered once into oneDNN's own blocked layout and the activation
     applied as the convolution writes its output (what PyTorch's own CPU inference compiler
-    does). A plain ``conv2d`` call reorders the weight on every call: on ResNet-18's 512-channel
-    7×7 layers that costs about a third of the call (measured 41 → 28 ms at batch 16).
+    does). A plain ``conv2d`` call reorders the weight on every call, a sizeable share of the
+    call on layers with many channels and small maps.
 
-    Used where it computes the same values — on CPU float32, with no hook on the modules and
-    parameters that need no gradient; gradients to the input go through autograd's own rules
+    Used where it computes the same values — on CPU float32, with parameters that need no
+    gradient; gradients to the input go through autograd's own rules
     (or the active ReLU rule of :mod:`.relu_rules`) in :class:`_PackedGrad`. Anything else runs
     the modules as the network would. Checked against the modules when the twin is built."""
 
@@ -526,13 +737,12 @@ class Packed(nn.Module):
 
     def fast(self, x: torch.Tensor) -> bool:
         """Whether this call can take the packed path: CPU float32, parameters that need no
-        gradient, no hook on the modules (hooks must fire)."""
+        gradient."""
         c = self.conv
         return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 \
             and c.weight.dtype == torch.float32 and not (
                 torch.is_grad_enabled() and (c.weight.requires_grad
-                                             or (c.bias is not None and c.bias.requires_grad))) \
-            and not _has_hooks(c) and (self.act is None or not _has_hooks(self.act))
+                                             or (c.bias is not None and c.bias.requires_grad)))
 
     def packed_call(self, x: torch.Tensor) -> torch.Tensor:
         pointwise, reorder = _PACK_OPS
@@ -636,141 +846,9 @@ def _add_packed(graph: fx.Graph, named: dict) -> bool:
         packed = Packed(conv, act)
         if not _same_as_modules(packed):
             continue
-        name = f"cw_packed_{sum(1 for k in named if str(k).startswith('cw_packed_'))}"
-        named[name] = packed
-        node.target = name
+        node.target = _name(named, "cw_packed_", packed)
         if act_node is not None:
             act_node.replace_all_uses_with(node)
             graph.erase_node(act_node)
         changed = True
     return changed
-
-
-class _Twin:
-    def __init__(self, structure, graph_module, pairs):
-        self.structure = structure
-        self.module = graph_module  # None: use the original
-        self.pairs = pairs  # [(conv, bn, folded module, state)]
-
-
-_TWINS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
-
-
-class _Busy(Exception):
-    pass
-
-
-def _build(module: nn.Module, structure) -> _Twin:
-    try:
-        # fx patches nn.Module.__call__ for every thread while it traces: wait briefly for
-        # other threads' forward passes; if they go on, run unfolded this time
-        with MODEL_GATE.exclusive(timeout=0.5):
-            try:
-                graph = _Tracer().trace(module)
-            except Exception:  # noqa: BLE001 - any model fx cannot trace runs unfolded
-                return _Twin(structure, None, [])
-    except RuntimeError as exc:  # the gate's timeout
-        raise _Busy() from exc
-    named = dict(module.named_modules())
-    pairs = _fold(graph, named) if "fold" in ENABLED else []
-    changed = bool(pairs)
-    if "same_pad" in ENABLED:
-        changed |= _plain_convs(graph, named)
-    if "head" in ENABLED:
-        changed |= _add_head(graph, named)
-    if "pack" in ENABLED:
-        changed |= _add_packed(graph, named)
-    if not changed:
-        return _Twin(structure, None, [])
-    targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
-    root = {}
-    for t in targets:
-        obj = named.get(t)
-        if obj is None:  # a parameter or buffer read with get_attr
-            obj = module
-            for part in str(t).split("."):
-                obj = getattr(obj, part)
-        root[t] = obj
-    try:
-        gm = fx.GraphModule(root, graph, class_name=f"Folded{type(module).__name__}").eval()
-    except Exception:  # noqa: BLE001
-        return _Twin(structure, None, [])
-    return _Twin(structure, gm, pairs)
-
-
-def _fold(graph: fx.Graph, named: dict) -> list:
-    """Merge every eval-mode batch norm into the convolution that is its only input."""
-    pairs = []
-    for node in list(graph.nodes):
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            continue
-        src = node.args[0]
-        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
-            continue
-        conv, bn = named.get(src.target), named.get(node.target)
-        if conv is None or bn is None or not _foldable(conv, bn):
-            continue
-        fused = copy.deepcopy(conv)
-        fused = _plain(fused) if "same_pad" in ENABLED else fused
-        _fold_into(fused, conv, bn)
-        name = f"cw_folded_{len(pairs)}"
-        named[name] = fused
-        src.target = name
-        node.replace_all_uses_with(src)
-        graph.erase_node(node)
-        pairs.append((conv, bn, fused, _state(conv, bn)))
-    return pairs
-
-
-def _plain_convs(graph: fx.Graph, named: dict) -> bool:
-    """Route every convolution subclass with static "same" padding through a plain
-    convolution sharing its parameters (see :func:`_plain`)."""
-    changed = False
-    for node in graph.nodes:
-        conv = named.get(node.target) if node.op == "call_module" else None
-        if conv is None or not isinstance(conv, nn.Conv2d) or type(conv) is nn.Conv2d:
-            continue
-        plain = _plain(conv)
-        if plain is not conv:
-            name = f"cw_plain_{sum(1 for k in named if str(k).startswith('cw_plain_'))}"
-            named[name] = plain
-            node.target = name
-            changed = True
-    return changed
-
-
-def folded(module: nn.Module) -> nn.Module:
-    """``module`` with eval-mode batch norms folded into their convolutions (see the module
-    docstring), or ``module`` itself when that is not possible. Only valid in eval mode:
-    call it inside :func:`~cnnwidgets.engine.hooks.restored`."""
-    if module.training or _has_hooks(module):
-        return module
-    structure = tuple(id(m) for m in module.modules())
-    tricks = frozenset(ENABLED)
-    with _LOCK:
-        twins = _TWINS.setdefault(module, {})  # one twin per set of enabled tricks
-        twin = twins.get(tricks)
-        if twin is None or twin.structure != structure:
-            try:
-                twin = _build(module, structure)
-            except _Busy:
-                return module
-            twins[tricks] = twin
-        if twin.module is None:
-            return module
-        for i, (conv, bn, fused, state) in enumerate(twin.pairs):
-            if _has_hooks(conv) or _has_hooks(bn):
-                return module
-            now = _state(conv, bn)
-            if now != state:  # weights or statistics changed since: fold again
-                _fold_into(fused, conv, bn)
-                twin.pairs[i] = (conv, bn, fused, now)
-        return twin.module
-
-
-def forget(module: nn.Module) -> None:
-    """Drop ``module``'s folded twin; the next :func:`folded` call builds it again. Needed only
-    after changing a weight in place through ``.data``, which leaves no trace PyTorch exposes."""
-    with _LOCK:
-        _TWINS.pop(module, None)
