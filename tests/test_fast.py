@@ -192,7 +192,8 @@ def test_attribution_through_the_twin_matches_the_original(monkeypatch):
     model = cw.Model(_resnet_with_statistics(), input_size=(64, 64), labels=[str(i) for i in range(10)])
     image = cw.sample_image("cat")
     for method, kw in [("saliency", {}), ("integrated_gradients", {"steps": 4}),
-                       ("guided_backprop", {}), ("deconvnet", {})]:
+                       ("guided_backprop", {}), ("deconvnet", {}),
+                       ("score_cam", {"layer": "layer4", "progress": False})]:
         quick = cw.attribute(model, image, method, target=3, **kw).raw
         with monkeypatch.context() as m:
             m.setattr(fast, "twin", lambda module: None)
@@ -470,7 +471,7 @@ def test_packed_convolutions_gradients_hooks_and_rules():
     assert hook_count(net) == 0
 
 
-# ------------------------------------------------- in-place activations, mixtures
+# ------------------------------------------------- in-place activations
 class InPlaceAfterConv(nn.Module):
     """A convolution with no ReLU after it, then an in-place activation (torchvision's
     EfficientNet: Conv → BN → SiLU(inplace=True))."""
@@ -498,85 +499,6 @@ def test_in_place_activation_after_a_packed_convolution_keeps_gradients():
              for m, xg in ((twin, x.clone().requires_grad_(True)),
                            (net, x.clone().requires_grad_(True)))]
     assert torch.allclose(g[0], g[1], rtol=1e-4, atol=1e-6)
-
-
-def test_mixture_hand_worked():
-    # the head is conv(x) = 2x + 1 (1×1, BN folded away) then ReLU; for the parts p₁, p₂ the
-    # output for c₁p₁ + c₂p₂ is 2(c₁p₁ + c₂p₂) + 1, computed as a matrix product
-    net = _affine_stem()
-    twin = fast.twin(net)
-    head = fast._head_of(twin)
-    parts = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]], [[[0.0, 0.0], [3.0, 0.0]]]])
-    mix = fast.Mixture(head, parts)
-    # p₂ is zero on the first row: that row is a product with p₁ (and the offset) alone
-    assert [b[2].tolist() for b in mix.bands] == [[0, 2], [0, 1, 2]]
-    z = mix(torch.tensor([[1.0, 0.0], [0.5, 2.0]]))
-    expected = torch.tensor([[[[3.0, 1.0], [1.0, 5.0]]],     # 2·p₁ + 1
-                             [[[2.0, 1.0], [13.0, 3.0]]]])   # 2·(0.5p₁ + 2p₂) + 1
-    assert torch.allclose(z, expected)
-    # the rest of the network on a given first-layer output equals the network on the input
-    with torch.no_grad(), head.given(z):
-        given = twin(torch.zeros(2, 1, 2, 2))  # the input is not read
-    combined = torch.stack([parts[0], 0.5 * parts[0] + 2 * parts[1]])
-    with torch.no_grad():
-        assert torch.allclose(given, net(combined))
-        assert not torch.allclose(twin(torch.zeros(2, 1, 2, 2)), given)  # only inside given
-
-
-def test_mixture_only_where_it_pays():
-    stem = fast._head_of(fast.twin(_with_statistics(Stem(nn.Conv2d(3, 4, 7, 2, 3)))))
-    small = fast._head_of(fast.twin(_with_statistics(Stem(nn.Conv2d(3, 4, 3, 2, 1)))))
-    x = torch.zeros(1, 3, 32, 32)
-    assert stem.mixable(49, x)  # 147 multiply-adds per value against 50 terms
-    assert not small.mixable(49, x)  # 27 against 50: the convolution is cheaper
-    assert small.mixable(4, x)
-    assert not stem.mixable(49, x, max_bytes=50 * 4 * 16 * 16 * 4 - 1)  # one byte short
-    assert stem.mixable(49, x, max_bytes=50 * 4 * 16 * 16 * 4)
-
-
-def test_score_cam_through_the_mixture_equals_masked_inputs(monkeypatch):
-    import torchvision
-
-    torch.manual_seed(0)
-    model = cw.Model(_with_statistics(torchvision.models.resnet18(num_classes=10)),
-                     input_size=(64, 64))
-    image = np.random.default_rng(0).random((64, 64, 3))
-    used = []
-    real = fast._mixture
-
-    def spy(*args):
-        mix = real(*args)
-        used.append(mix is not None)
-        return mix
-
-    monkeypatch.setattr(fast, "_mixture", spy)
-    before = snapshot(model.module)
-    for layer in ("layer3", "layer4"):  # 4×4 and 2×2 maps: 16 and 4 unit maps
-        mixed = cw.attribute(model, image, "score_cam", target=3, layer=layer, progress=False)
-        with monkeypatch.context() as m:
-            m.setattr(fast, "ENABLED", fast.ENABLED - {"mixture"})
-            masked = cw.attribute(model, image, "score_cam", target=3, layer=layer,
-                                  progress=False)
-        np.testing.assert_allclose(mixed.raw, masked.raw, rtol=1e-4,
-                                   atol=1e-5 * np.abs(masked.raw).max())
-    assert used == [True, True]
-    assert hook_count(model.module) == 0
-    assert_same_state(model.module, before)
-    assert not getattr(fast._CAPTURE, "given", {})  # nothing left given on this thread
-
-
-def test_given_head_pools_before_the_activation_with_the_same_values():
-    """Given the convolution's output (Score-CAM's mixture), the head pools first and clamps the
-    pooled tensor: max-pooling and ReLU / ReLU6 commute, so the values are exactly those of
-    activation-then-pooling — at the image border (padding) too, and with ceil_mode."""
-    for act, pool in ((nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)),
-                      (nn.ReLU6(), nn.MaxPool2d(2, 2, ceil_mode=True))):
-        head = fast.Head(nn.Conv2d(3, 4, 3), act, pool, fresh=False)
-        z = torch.randn(2, 4, 9, 9) * 8  # negatives, values above 6
-        expected = pool(torch.clamp(z, 0.0, 6.0 if isinstance(act, nn.ReLU6) else None))
-        with torch.no_grad(), head.given(z.clone()):
-            got = head(torch.zeros(2, 3, 11, 11))
-        assert torch.equal(got, expected)
 
 
 # ------------------------------------------------------------------ the user's hooks

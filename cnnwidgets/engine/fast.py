@@ -31,13 +31,6 @@ computes the same function (to float rounding) faster, with these tricks — eac
     in the input, and a sum of input gradients over many inputs (SmoothGrad, Integrated
     Gradients) is the layer's transpose applied once to the sum of the gradients at its output
     (:class:`Head`): its backward pass runs once per call instead of once per input.
-``mixture``
-    Score-CAM's masks are bilinearly upsampled maps, combinations of the h·w upsampled unit
-    maps, so the first layer's output for every masked input is one matrix product with that
-    layer's outputs for the image times each unit map, computed once (:class:`Mixture`).
-``pool_first``
-    Given that product, the head max-pools before its ReLU (they commute) and clamps the
-    smaller pooled tensor.
 
 The user's hooks are part of the network: the twin never runs while a hook that fires on this
 thread is registered on any module of the network, at any depth, or for every module
@@ -68,11 +61,10 @@ from .hooks import MODEL_GATE, hooked
 from .relu_rules import backward_rule, watching
 
 #: the speed tricks of the twin (see the module docstring)
-TRICKS = ("fold", "same_pad", "pack", "channels_last", "head", "mixture", "pool_first")
+TRICKS = ("fold", "same_pad", "pack", "channels_last", "head")
 #: the tricks in use: all but those listed in the environment variable
 #: ``CNNWIDGETS_TRICKS_OFF`` (comma-separated) at import; benchmarks switch them here
 ENABLED = set(TRICKS) - set(os.environ.get("CNNWIDGETS_TRICKS_OFF", "").split(","))
-MIXTURE_BYTES = 256 << 20  #: the most memory a :class:`Mixture` may keep
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -117,21 +109,15 @@ def masked_scores(model, target: int, x: torch.Tensor, maps: torch.Tensor, chunk
     for ``x ⊙ s(up(m))``, where ``up`` upsamples to ``x``'s size (bilinear, corners aligned)
     and ``s`` scales to [0, 1] by ``(v − min) / (max − min + 1e-8)``. ``chunks``: the
     ``(start, stop)`` ranges of maps scored together, in order."""
-    n, h, w = maps.shape
     net = twin(model.module)
-    mix = _mixture(net, x, h, w) if "mixture" in ENABLED else None
-    scores = x.new_empty(n)
+    scores = x.new_empty(maps.shape[0])
     with torch.no_grad():
         for lo, hi in chunks:
             up = upsample(maps[lo:hi], x.shape[-2:])
             low = up.amin(dim=(1, 2), keepdim=True)
             high = up.amax(dim=(1, 2), keepdim=True)
-            if mix is None:
-                out = _run(model, net, x * ((up - low) / (high - low + 1e-8))[:, None])
-            else:  # the same masks, as combinations of the upsampled unit maps
-                coeffs = ((maps[lo:hi] - low) / (high - low + 1e-8)).reshape(hi - lo, h * w)
-                out = _run_mixed(model, net, mix, x, coeffs)
-            scores[lo:hi] = out[:, target]
+            masks = (up - low) / (high - low + 1e-8)
+            scores[lo:hi] = _run(model, net, x * masks[:, None])[:, target]
     return scores
 
 
@@ -168,24 +154,6 @@ def _run(model, net: "nn.Module | None", batch: torch.Tensor) -> torch.Tensor:
     if net is None:
         return model.scores(batch)
     out = net(batch)
-    return model.output(out) if model.output is not None else out
-
-
-def _mixture(net: "nn.Module | None", x: torch.Tensor, h: int, w: int) -> "Mixture | None":
-    """The twin's head's outputs for ``x`` times each upsampled unit map of an h×w grid, or
-    ``None`` where the twin has no head or a mixture does not pay."""
-    head = _head_of(net)
-    if head is None or not head.mixable(h * w, x):
-        return None
-    eye = torch.eye(h * w, dtype=x.dtype, device=x.device).view(h * w, h, w)
-    return Mixture(head, x * upsample(eye, x.shape[-2:])[:, None])
-
-
-def _run_mixed(model, net, mix: "Mixture", x: torch.Tensor, coeffs: torch.Tensor):
-    """Class scores for the inputs ``Σₖ coeffs[i, k] partsₖ`` of ``mix``."""
-    n = coeffs.shape[0]
-    with mix.head.given(mix(coeffs)):  # the input is not read: a view stands in for the batch
-        out = net(x.expand(n, *x.shape[1:]))
     return model.output(out) if model.output is not None else out
 
 
@@ -267,7 +235,7 @@ def _build(module: nn.Module, structure) -> _Twin:
     changed = bool(pairs)
     if "same_pad" in ENABLED:
         changed |= _plain_convs(graph, named)
-    if "head" in ENABLED or "mixture" in ENABLED:
+    if "head" in ENABLED:
         changed |= _add_head(graph, named)
     if "pack" in ENABLED:
         changed |= _add_packed(graph, named)
@@ -403,13 +371,13 @@ def _plain_convs(graph: fx.Graph, named: dict) -> bool:
     return changed
 
 
-# ------------------------------------------------------------------ head, mixture
+# ------------------------------------------------------------------ head
 class Head(nn.Module):
     """The twin's first layer: a convolution applied to the network's input and to nothing
     else, hence affine in the input, with the ReLU / ReLU6 and max-pooling that directly follow
     it, when they do (ResNet's stem: conv → ReLU → max-pool).
 
-    Outside :meth:`capture` and :meth:`given` it runs those modules as the network would.
+    Outside :meth:`capture` it runs those modules as the network would.
     Inside :meth:`capture`, on the calling thread, a forward pass runs them without building a
     graph and records its output as a leaf tensor (a :class:`Record`) the caller
     differentiates with respect to; :meth:`add` takes a batch of gradients at that output back
@@ -428,15 +396,11 @@ class Head(nn.Module):
         self.fresh = fresh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        given = getattr(_CAPTURE, "given", {}).get(id(self))
-        if given is not None:  # the convolution's output, computed by a Mixture
-            if self.act is not None and self.pool is not None and "pool_first" in ENABLED:
-                # max-pooling and a rising activation commute (the same values exactly)
-                return self.pool(given).clamp_(0.0, _high(self.act))
-            return self._after_conv(given)
         box = getattr(_CAPTURE, "boxes", {}).get(id(self))
         if box is None:
-            return self._after_conv(self.conv(x))
+            y = self.conv(x)
+            y = self.act(y) if self.act is not None else y
+            return self.pool(y) if self.pool is not None else y
         with torch.no_grad():
             z = self.conv(x)
             shape, indices = z.shape, None
@@ -451,37 +415,21 @@ class Head(nn.Module):
         box.append(Record(z, shape, indices))
         return z + 0 if self.fresh else z
 
-    def _after_conv(self, y: torch.Tensor) -> torch.Tensor:
-        y = self.act(y) if self.act is not None else y
-        return self.pool(y) if self.pool is not None else y
-
     @contextlib.contextmanager
     def capture(self):
         """Record the head's outputs (a list of :class:`Record`, one per forward pass) on this
         thread."""
+        boxes = _CAPTURE.__dict__.setdefault("boxes", {})
+        previous = boxes.get(id(self))
         box: list = []
-        with _on_this_thread("boxes", id(self), box):
+        boxes[id(self)] = box
+        try:
             yield box
-
-    @contextlib.contextmanager
-    def given(self, output: torch.Tensor):
-        """On this thread, forward passes inside take ``output`` as the convolution's output
-        (the input is then not read) and run only the activation and pooling on it."""
-        with _on_this_thread("given", id(self), output):
-            yield
-
-    def mixable(self, count: int, example: torch.Tensor, max_bytes: int = MIXTURE_BYTES) -> bool:
-        """Whether a :class:`Mixture` of ``count`` parts shaped like ``example`` (1×C×H×W)
-        pays: not when a matrix product with ``count + 1`` terms per output value costs about
-        as much as the convolution itself (its multiply-adds per value), nor when the
-        ``count + 1`` outputs would take more than ``max_bytes``."""
-        c = self.conv
-        terms = (c.in_channels // c.groups) * c.kernel_size[0] * c.kernel_size[1]
-        if terms < 1.5 * (count + 1):
-            return False
-        with torch.no_grad():
-            zero = c(torch.zeros_like(example[:1]))
-        return (count + 1) * zero.numel() * zero.element_size() <= max_bytes
+        finally:
+            if previous is None:
+                boxes.pop(id(self), None)
+            else:
+                boxes[id(self)] = previous
 
     def add(self, total: "torch.Tensor | None", record: "Record", grad: torch.Tensor,
             weights: "torch.Tensor | None" = None) -> torch.Tensor:
@@ -522,79 +470,7 @@ class Record:
         self.indices = indices  #: the max-pooling's indices (None: no pooling)
 
 
-_CAPTURE = threading.local()  # per thread: {id(head): list of records}, {id(head): output}
-
-
-@contextlib.contextmanager
-def _on_this_thread(table: str, key: int, value):
-    """``value`` under ``key`` in this thread's ``table`` of :data:`_CAPTURE` inside."""
-    entries = _CAPTURE.__dict__.setdefault(table, {})
-    previous = entries.get(key)
-    entries[key] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            entries.pop(key, None)
-        else:
-            entries[key] = previous
-
-
-class Mixture:
-    """The head's convolution on inputs that are combinations ``Σₖ cₖ partsₖ`` of fixed parts.
-
-    The convolution is affine, ``conv(Σₖ cₖ pₖ) = Σₖ cₖ (conv(pₖ) − conv(0)) + conv(0)``, so
-    its output for any coefficients is one matrix product with the parts' outputs, computed
-    once. Parts with local support (an upsampled unit map covers about two cells of its grid)
-    leave most output rows untouched: bands of output rows that the same parts reach are
-    products with those parts alone. The same values to float rounding.
-
-    >>> mix = Mixture(head, x * basis)    # basis: K×1×H×W, x: 1×3×H×W
-    >>> z = mix(coeffs)                   # n×K → the convolution's n outputs
-    >>> with head.given(z):
-    ...     logits = twin(x.expand(n, -1, -1, -1))   # the input itself is not read
-    """
-
-    def __init__(self, head: Head, parts: torch.Tensor):
-        self.head = head
-        with torch.no_grad():
-            zero = head.conv(torch.zeros_like(parts[:1]))  # the convolution's offset
-            c, h, w = zero.shape[1:]
-            self.shape = (c, h, w)
-            self.width = h * w * c
-            k = parts.shape[0]
-            # one row per part, channels-last (the layout the packed convolutions after it read)
-            rows = zero.new_empty((k + 1, h * w * c))
-            for lo in range(0, k, 16):
-                chunk = parts[lo:lo + 16].contiguous(memory_format=torch.channels_last)
-                z = head.conv(chunk) - zero
-                rows[lo:lo + len(chunk)].view(-1, h, w, c).copy_(z.permute(0, 2, 3, 1))
-            rows[k].view(h, w, c).copy_(zero[0].permute(1, 2, 0))
-            reach = rows.view(k + 1, h, w * c).abs().amax(dim=2) > 0  # (K + 1)×h
-            reach[k] = True  # the offset reaches every row
-            self.bands = []  # (first value, last value, parts that reach them, their rows)
-            start = 0
-            for r in range(1, h + 1):
-                if r == h or not torch.equal(reach[:, r], reach[:, start]):
-                    idx = reach[:, start].nonzero().flatten()
-                    lo, hi = start * w * c, r * w * c
-                    self.bands.append((lo, hi, idx, rows[idx, lo:hi].contiguous()))
-                    start = r
-        self._out = None  # reused between calls: a fresh tensor this large costs page faults
-
-    def __call__(self, coeffs: torch.Tensor) -> torch.Tensor:
-        """The convolution's outputs n×C×h×w (channels-last) for coefficients n×K. Valid until
-        the next call."""
-        n = coeffs.shape[0]
-        dtype = self.bands[0][3].dtype
-        aug = torch.cat([coeffs.to(dtype), coeffs.new_ones((n, 1), dtype=dtype)], dim=1)
-        if self._out is None or self._out.shape[0] < n:
-            self._out = aug.new_empty((n, self.width))
-        out = self._out[:n]
-        for lo, hi, idx, rows in self.bands:
-            torch.mm(aug[:, idx], rows, out=out[:, lo:hi])
-        c, h, w = self.shape
-        return out.view(n, h, w, c).permute(0, 3, 1, 2)
+_CAPTURE = threading.local()  # per thread: {id(head): list of records}
 
 
 def _head_of(net: "nn.Module | None") -> "Head | None":
