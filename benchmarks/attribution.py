@@ -1,25 +1,38 @@
 """Attribution speed: every method against the floor and against Captum / pytorch-grad-cam.
 
-    python benchmarks/attribution.py            # ResNet-18 (random weights) and efficientnet_lite0
-    python benchmarks/attribution.py --quick    # fast methods only (no Score-/Ablation-CAM,
-                                                # occlusion or RISE), one repeat
+    python benchmarks/attribution.py --out benchmarks/results/attribution-$(date +%F).txt
+    python benchmarks/attribution.py --quick    # smoke run: fast rows only (no Score-/
+                                                # Ablation-CAM, occlusion, RISE, nor SmoothGrad /
+                                                # IG on EfficientNet), one pair, no settling
     python benchmarks/attribution.py --ab fold  # one speed trick of cnnwidgets.engine.fast
                                                 # on / off in alternating pairs (see ab)
 
+Models: ResNet-18 with RANDOM weights (torchvision, ``weights=None``: nothing is downloaded)
+and EfficientNet-Lite0 with its trained weights (shipped, offline).
+
 Everything is measured in ONE run, at 224 px, batch 1, same target, same layer, same steps /
-samples / windows for both sides:
+samples / windows / upsampling for both sides (guided Grad-CAM: bilinear, as ours, where
+Captum's default is nearest):
 
-* floor: one forward plus one backward to the input (plain PyTorch, median of 5);
+* floor: one forward plus one backward to the input (plain PyTorch; one warm-up call, then the
+  median of 5);
 * ours: ``cw.attribute(...)``; peer: the same method in Captum or pytorch-grad-cam;
-* ratios: ours / floor and ours / peer (< 1 means we are faster); ours and the peer run
-  alternately, so that drifts in the machine's speed fall on both, and ours / peer is the
-  median of the ratios of each (ours, peer) pair.
+* ratios: ours / floor and ours / peer (< 1 means we are faster).
 
-Medians of ``--repeats`` runs (default 5) for SmoothGrad and Integrated Gradients, of
-``--single-repeats`` (default 15) for the one-pass methods; the slow ones (Score-CAM,
-Ablation-CAM, occlusion, RISE, and Integrated Gradients / SmoothGrad on EfficientNet) run
-``--slow-repeats`` times (default 1; Score-CAM, whose aim is tight, ``--score-cam-repeats``,
-default 3) to keep the whole run near ten minutes on two CPU cores.
+Protocol, the same for every row: one untimed warm-up call of each side (one-time costs such as
+building the folded twin or a peer's hooks), then at least three (ours, peer) pairs whose order
+alternates — ours then peer, peer then ours, ours then peer… — so that drifts in the machine's
+speed fall on both sides and neither always runs second. ours / peer is the median of the
+ratios of the pairs; the seconds are medians over the pairs.
+
+Pairs: ``--repeats`` (default 5) for SmoothGrad and Integrated Gradients, ``--single-repeats``
+(default 15) for the one-pass methods, ``--slow-repeats`` (default 3) for the slow ones
+(Ablation-CAM, occlusion, RISE, and Integrated Gradients / SmoothGrad on EfficientNet),
+``--score-cam-repeats`` (default 3) for Score-CAM, whose aim is tight. Fewer than three is
+refused except with ``--quick``, which is a smoke test (one pair, no settling pause), not a
+measurement.
+``--out FILE`` writes everything printed to FILE as well: the raw output behind a README table
+is committed beside it, in ``benchmarks/results/``.
 On a shared, contended machine the absolute seconds move a lot between runs; the ratios, taken
 in the same run under the same load, move much less.
 """
@@ -27,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import io
 import os
 import statistics
@@ -38,6 +52,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import cnnwidgets as cw  # noqa: E402
+from _output import tee  # noqa: E402  (benchmarks/, the script's own folder)
 
 TARGET = 281  # tabby cat (any fixed class: random-weight models have no meaningful top-1)
 SLOW = {"score_cam", "ablation_cam", "occlusion", "rise"}
@@ -52,6 +67,7 @@ PARAMS = {
 
 
 SETTLE = 0.3  # seconds of quiet before each timed call (see _once)
+MIN_PAIRS = 3  # the protocol's least number of (ours, peer) pairs per row
 
 
 def _once(fn):
@@ -67,28 +83,34 @@ def _once(fn):
 
 
 def timed(fn, repeats):
+    _once(fn)  # warm-up
     return statistics.median(_once(fn) for _ in range(repeats))
 
 
-def timed_pair(ours, peer, repeats, warm):
-    """Median seconds of ``ours`` and ``peer`` and the median of the ratios of each pair, run
-    alternately (ours, peer, ours, peer…) so that both see the same machine: on a shared machine
-    the speed drifts by tens of per cent within minutes (measured here: the same SmoothGrad call
-    took 0.70–1.28 s within one minute), and back-to-back blocks would put that drift into the
-    ratio; a pair's ratio is taken under nearly the same conditions, and its median over the
-    pairs is what the table reports. ``warm``: one untimed call of each first (one-time costs
-    such as building the folded twin)."""
-    if warm:
-        _once(ours)
-        if peer is not None:
-            _once(peer)
+def timed_pair(ours, peer, pairs):
+    """Median seconds of ``ours`` and ``peer`` and the per-pair ratios ours / peer.
+
+    One untimed call of each side first (one-time costs such as building the folded twin), then
+    ``pairs`` pairs whose order alternates (ours, peer), (peer, ours), (ours, peer)…: on a shared
+    machine the speed drifts by tens of per cent within minutes (measured here: the same
+    SmoothGrad call took 0.70–1.28 s within one minute), and back-to-back blocks would put that
+    drift into the ratio; a pair's ratio is taken under nearly the same conditions, and a fixed
+    order would always give one side the other's leftovers (caches, spinning threads)."""
+    _once(ours)
+    if peer is not None:
+        _once(peer)
     a, b = [], []
-    for _ in range(repeats):
-        a.append(_once(ours))
-        if peer is not None:
+    for i in range(pairs):
+        if peer is None:
+            a.append(_once(ours))
+        elif i % 2 == 0:
+            a.append(_once(ours))
             b.append(_once(peer))
-    ratio = statistics.median(x / y for x, y in zip(a, b)) if b else None
-    return statistics.median(a), (statistics.median(b) if b else None), ratio
+        else:
+            b.append(_once(peer))
+            a.append(_once(ours))
+    ratios = [x / y for x, y in zip(a, b)]
+    return statistics.median(a), (statistics.median(b) if b else None), ratios
 
 
 def floor_fn(net, x):
@@ -123,8 +145,10 @@ def peers(net, x, layer_name, sigma):
             x, target=TARGET))
         out["deconvnet"] = ("Captum Deconvolution", lambda: ca.Deconvolution(net).attribute(
             x, target=TARGET))
-        out["guided_grad_cam"] = ("Captum GuidedGradCam", lambda: ca.GuidedGradCam(net, layer).attribute(
-            x, target=TARGET))
+        # Captum upsamples the Grad-CAM map nearest-neighbour by default; ours is bilinear
+        # (align_corners=False, as Captum's F.interpolate call): the same upsampling on both sides
+        out["guided_grad_cam"] = ("Captum GuidedGradCam (bilinear)", lambda: ca.GuidedGradCam(
+            net, layer).attribute(x, target=TARGET, interpolate_mode="bilinear"))
         out["occlusion"] = ("Captum Occlusion", lambda: ca.Occlusion(net).attribute(
             x, sliding_window_shapes=(3, 32, 32), strides=(3, 16, 16), baselines=0.0, target=TARGET,
             perturbations_per_eval=32))
@@ -162,30 +186,33 @@ def bench(model_name, args):
     floor = timed(floor_fn(net, x), 5)
     sigma = 0.15 * float(x.max() - x.min())
     theirs = peers(net, x, layer, sigma)
-    print(f"\n## {model_name} at 224 px, batch 1 — floor (forward + backward to the input): "
-          f"{floor * 1000:.0f} ms")
-    print(f"{'method':22} {'ours s':>8} {'×floor':>8} {'peer s':>8} {'ours/peer':>10} {'aim':>7}  peer")
+    weights = "trained weights" if model_name == "efficientnet_lite0" else "RANDOM weights"
+    print(f"\n## {model_name} ({weights}) at 224 px, batch 1 — floor (forward + backward to the "
+          f"input): {floor * 1000:.0f} ms")
+    print(f"{'method':22} {'ours s':>8} {'×floor':>8} {'peer s':>8} {'ours/peer':>10} {'aim':>7} "
+          f"{'pairs':>5} {'pair ratios':>11}  peer")
     rows = []
     for method in args.methods or cw.methods():
-        if args.quick and method in SLOW:
-            continue
         slow = method in SLOW or (method in SAMPLING and model_name == "efficientnet_lite0")
+        if args.quick and slow and not args.methods:
+            continue
         single = not slow and method not in SAMPLING  # one pass, ~0.1 s: noise needs repeats
         repeats = args.slow_repeats if slow else max(args.repeats, args.single_repeats) \
             if single else args.repeats
         if method == "score_cam":  # a tight aim (≤ 0.80): one pair's ratio moves ±0.1 here
-            repeats = max(repeats, args.score_cam_repeats)
+            repeats = args.score_cam_repeats
         params = dict(PARAMS.get(method, {}))
         spec = cw.engine.attribution.get_method(method)
         kw = {"layer": layer} if spec.layer else {}
         peer_name, peer_fn = theirs.get(method, ("—", None))
-        ours, peer, pair_ratio = timed_pair(lambda: cw.attribute(model, image, method, target=TARGET,
-                                                     progress=False, **kw, **params),
-                                peer_fn, repeats, warm=not slow)
-        ratio = f"{pair_ratio:10.2f}" if peer else f"{'—':>10}"
+        ours, peer, ratios = timed_pair(lambda: cw.attribute(model, image, method, target=TARGET,
+                                                             progress=False, **kw, **params),
+                                        peer_fn, repeats)
+        ratio = f"{statistics.median(ratios):10.2f}" if peer else f"{'—':>10}"
+        spread = f"{min(ratios):.2f}–{max(ratios):.2f}" if peer else "—"
         peer_s = f"{peer:8.2f}" if peer else f"{'—':>8}"
-        print(f"{method:22} {ours:8.2f} {ours / floor:8.1f} {peer_s} {ratio} {aim(method) if peer else '':>7}  "
-              f"{peer_name}", flush=True)
+        print(f"{method:22} {ours:8.2f} {ours / floor:8.1f} {peer_s} {ratio} "
+              f"{aim(method) if peer else '':>7} {repeats:5d} {spread:>11}  {peer_name}", flush=True)
         rows.append((method, ours, peer))
     return rows
 
@@ -234,33 +261,59 @@ def ab(model_name, trick, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fast methods only, one repeat")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run, not a measurement: one pair per row, no settling "
+                             "pause, and without --methods the fast rows only")
     parser.add_argument("--models", nargs="*", default=["resnet18", "efficientnet_lite0"])
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--repeats", type=int, default=5,
-                        help="repeats of the sampling methods (SmoothGrad, Integrated Gradients)")
-    parser.add_argument("--slow-repeats", type=int, default=1)
+                        help="pairs of the sampling methods (SmoothGrad, Integrated Gradients)")
+    parser.add_argument("--slow-repeats", type=int, default=3,
+                        help="pairs of the slow methods (Ablation-CAM, occlusion, RISE, and "
+                             "SmoothGrad / Integrated Gradients on EfficientNet)")
     parser.add_argument("--score-cam-repeats", type=int, default=3,
-                        help="repeats of Score-CAM (its aim is tight; single pairs measured "
+                        help="pairs of Score-CAM (its aim is tight; single pairs measured "
                              "0.71-0.97 on ResNet-18 within one afternoon)")
     parser.add_argument("--single-repeats", type=int, default=15,
-                        help="repeats of single-pass methods (~0.1 s each: on a shared two-core "
+                        help="pairs of single-pass methods (~0.1 s each: on a shared two-core "
                              "machine five repeats leave ±15%% of noise)")
     parser.add_argument("--ab", metavar="TRICK", default=None,
                         help="time one speed trick of cnnwidgets.engine.fast on and off "
                              "(TRICKS there) instead of the comparison with the peers")
     parser.add_argument("--ab-pairs", type=int, default=5, help="on / off pairs per method")
+    parser.add_argument("--out", default=None,
+                        help="also write everything printed to this file (the raw output to "
+                             "commit beside a README table, e.g. benchmarks/results/"
+                             "attribution-<date>.txt)")
     args = parser.parse_args()
+    counts = ("repeats", "single_repeats", "slow_repeats", "score_cam_repeats")
     if args.quick:
-        args.repeats = args.single_repeats = 1
+        global SETTLE
+        SETTLE = 0.0
+        for name in counts:
+            setattr(args, name, 1)
+    elif min(getattr(args, name) for name in counts) < MIN_PAIRS:
+        parser.error(f"every row needs at least {MIN_PAIRS} pairs (use --quick for a smoke run)")
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"load average {os.getloadavg()[0]:.1f} (the machine is shared: absolute times vary)")
-    for name in args.models:
-        if args.ab:
-            ab(name, args.ab, args)
-        else:
-            bench(name, args)
+    with tee(args.out):
+        print(f"# {' '.join(['python'] + sys.argv)}")
+        print(f"# {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; torch "
+              f"{torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+              f"load average {os.getloadavg()[0]:.1f} (the machine is shared: absolute times vary)")
+        if args.quick:
+            print("# --quick: a smoke run (one pair per row, no settling pause); not a measurement")
+        print(f"# protocol: every row one warm-up call per side, then pairs in alternating order "
+              f"(ours-peer, peer-ours, ...); pairs: single-pass {args.single_repeats}, "
+              f"SmoothGrad / IG {args.repeats}, slow {args.slow_repeats}, "
+              f"Score-CAM {args.score_cam_repeats}")
+        start = time.perf_counter()
+        for name in args.models:
+            if args.ab:
+                ab(name, args.ab, args)
+            else:
+                bench(name, args)
+        print(f"\n# {time.perf_counter() - start:.0f} s in all; load average at the end "
+              f"{os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -12,23 +12,129 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
+from pathlib import Path
+
+PROG = "cnnwidgets"
 
 
+# ----------------------------------------------------------------------------- argument types
+def _int_at_least(low: int, what: str = ""):
+    """An argparse ``type``: an integer ≥ ``low`` (``what`` says why, in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small: give at least {low}"
+                                             + (f" ({what})" if what else ""))
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _fraction(*, open_low: bool, open_high: bool):
+    """An argparse ``type``: a number between 0 and 1 (each end in or out)."""
+    low, high = ("(" if open_low else "["), (")" if open_high else "]")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        ok = math.isfinite(value) and (0 < value if open_low else 0 <= value) \
+            and (value < 1 if open_high else value <= 1)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a number in "
+                                             f"{low}0, 1{high}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+def _device(text: str) -> str:
+    """An argparse ``type``: a torch device that exists on this machine."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: give cpu, cuda, cuda:N or "
+                                         "mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine "
+                                             "(no GPU, or torch built without CUDA); use cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA "
+                                             f"device(s), cuda:0–cuda:{count - 1}")
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; "
+                                             "use cpu")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: cnnwidgets runs on cpu, cuda or mps")
+    return text
+
+
+def _folder(text: str) -> str:
+    """An argparse ``type``: an existing folder."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder (give the root of a local "
+                                         "Broden copy, the folder with index.csv)")
+    return text
+
+
+def _out_path(text: str) -> Path:
+    """Where ``--out`` writes: inside it when it names a folder (an existing one, or a path
+    ending in a separator, made when the result is saved), else that file with ``.npz`` added
+    when missing. Checked before the dissection starts, so a bad place fails at once."""
+    from .engine.dissection import DEFAULT_FILE
+
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        path = path / DEFAULT_FILE
+    elif path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    folder = path.parent
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"--out {text!r}: {str(existing)!r} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise ValueError(f"--out {text!r}: cannot write in {str(existing)!r} (permission "
+                         "denied); pick another place")
+    return path
+
+
+# ----------------------------------------------------------------------------- the command
 def _load_model(spec: str, pretrained: bool):
     from .engine import Model, load_model
 
     if ":" in spec:  # "package.module:factory" returning an nn.Module or a cw.Model
         module_name, attr = spec.split(":", 1)
-        obj = getattr(importlib.import_module(module_name), attr)
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except ImportError as exc:
+            raise ValueError(f"--model {spec!r}: cannot import {module_name!r} ({exc}); the "
+                             "module must be importable from here (on PYTHONPATH)") from exc
+        except AttributeError:
+            raise ValueError(f"--model {spec!r}: {module_name!r} has no {attr!r}") from None
         obj = obj() if callable(obj) and not hasattr(obj, "forward") else obj
         return obj if isinstance(obj, Model) else Model(obj)
     return load_model(spec, pretrained=pretrained)
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="cnnwidgets", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("dissect", help="network dissection of some layers, saved to a file")
     d.add_argument("--model", default="efficientnet_lite0",
@@ -37,29 +143,37 @@ def _parser():
                    help="random weights (pretrained=False) for a torchvision model")
     d.add_argument("--layers", nargs="+", required=True, help="layer names (model.layers())")
     data = d.add_mutually_exclusive_group()
-    data.add_argument("--synthetic", type=int, default=1000, metavar="N",
+    data.add_argument("--synthetic", type=_int_at_least(1), default=1000, metavar="N",
                       help="dissect on N SyntheticConcepts images (default)")
-    data.add_argument("--broden", metavar="ROOT", help="dissect on a local Broden copy")
-    d.add_argument("--size", type=int, default=112, help="synthetic image size in pixels")
+    data.add_argument("--broden", type=_folder, metavar="ROOT",
+                      help="dissect on a local Broden copy")
+    d.add_argument("--size", type=_int_at_least(16, "the synthetic images' side in pixels"),
+                   default=112, help="synthetic image size in pixels (at least 16)")
     d.add_argument("--seed", type=int, default=0, help="synthetic data set seed")
-    d.add_argument("--quantile", type=float, default=0.005)
-    d.add_argument("--iou-threshold", type=float, default=0.04)
-    d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    d.add_argument("--quantile", type=_fraction(open_low=True, open_high=True), default=0.005,
+                   help="top fraction of each unit's activations that counts as on, in (0, 1)")
+    d.add_argument("--iou-threshold", type=_fraction(open_low=False, open_high=False),
+                   default=0.04, help="IoU a detector reaches, in [0, 1]")
+    d.add_argument("--batch-size", type=_int_at_least(1), default=32)
+    d.add_argument("--workers", type=_int_at_least(0), default=0, help="DataLoader workers")
     d.add_argument("--features", choices=["disk", "recompute"], default="disk")
-    d.add_argument("--device", default=None, help="e.g. cuda; default: where the model is")
-    d.add_argument("--out", required=True, help="where to save the result (.npz)")
+    d.add_argument("--device", type=_device, default=None,
+                   help="cpu, cuda, cuda:N or mps; default: where the model is")
+    d.add_argument("--out", required=True,
+                   help="where to save the result (.npz); a folder gets a dissection.npz inside")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
     return parser
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def _dissect(args) -> int:
     import torch.distributed as dist
 
     from .engine.datasets import Broden, SyntheticConcepts
     from .engine.dissection import dissect
 
+    out = _out_path(args.out)
     started = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if (args.device or "").startswith("cuda") else "gloo"
@@ -81,7 +195,7 @@ def main(argv=None) -> int:
                          progress=not args.quiet, features=args.features)
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:
-            path = result.save(args.out)
+            path = result.save(out)
             print(f"saved {result!r} to {path}")
             for layer, counts in result.summary().items():
                 print(f"  {layer}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -89,6 +203,25 @@ def main(argv=None) -> int:
         if started:
             dist.destroy_process_group()
     return 0
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0: done, 1: an error, printed in one line
+    on stderr — ``--debug`` shows its traceback —, 130: interrupted). Wrong arguments exit
+    with status 2 and argparse's usage message."""
+    args = _parser().parse_args(argv)
+    try:
+        return _dissect(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user; --debug for the rest
+        if args.debug:
+            raise
+        message = str(exc) or type(exc).__name__
+        print(f"{PROG} {args.command}: error: {message}\n(run with --debug for the full "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ GRAD1 = np.array([[[0.5, 0.5], [0.75, 0.5]], [[1.0, 1.0], [0.75, 1.0]],
 def test_saliency():
     a = run("saliency", target=0)
     np.testing.assert_allclose(a.raw, np.abs(GRAD0), atol=1e-6)
-    # map: largest over channels = [[.75, .75], [.25, .75]], scaled by its 99.5th percentile (.75)
+    # map: largest over channels = [[.75, .75], [.25, .75]], divided by its maximum (.75)
     np.testing.assert_allclose(a.map, [[1, 1], [1 / 3, 1]], atol=1e-6)
     assert a.target == 0 and a.label == "zero" and a.layer is None and a.score == pytest.approx(3.75)
 
@@ -177,6 +177,59 @@ def test_guided_backprop_and_deconvnet_apply_to_every_relu_like_unit(activation)
     np.testing.assert_allclose(run("deconvnet", 1, model).raw, np.full((3, 2, 2), 0.75), atol=1e-6)
 
 
+# The same network on an input whose activations pass ReLU6's cap of 6:
+#   R = [[4, 8], [1, 2]],  G = [[0, 1], [4, 0]],  B = [[3, 0], [0, −5]]
+#   z0 = R + G + B = [[7, 9], [5, −3]]  → A0 = [[6, 6], [5, 0]],  inside (0, 6): [[0, 0], [1, 0]]
+#   z1 = R − G     = [[4, 7], [−3, 2]]  → A1 = [[4, 6], [0, 2]],  inside (0, 6): [[1, 0], [0, 1]]
+#   p = (17/4, 12/4), y = (p0 + 2·p1, 3·p0 − p1) = (10.25, 9.75)
+# A capped unit (z > 6) passes no gradient, as one below 0 (ALGORITHMS.md, relu_rules):
+#   plain   1[0 < f < 6]·R,   guided 1[0 < f < 6]·1[R > 0]·R,   DeconvNet relu(R) (no mask).
+X6 = torch.tensor([[[4.0, 8.0], [1.0, 2.0]], [[0.0, 1.0], [4.0, 0.0]], [[3.0, 0.0], [0.0, -5.0]]])
+INSIDE0 = np.array([[0.0, 0.0], [1.0, 0.0]])
+INSIDE1 = np.array([[1.0, 0.0], [0.0, 1.0]])
+CAPPED = ["relu6", "hardtanh", "F.relu6", "clamp"]
+
+
+def tiny6(activation):
+    return cw.Model(Tiny(activation), transform=lambda pil: X6.clone(), labels=["zero", "one"],
+                    input_size=(2, 2), mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def from_z(g0, g1):
+    """Input gradient (∂/∂R, ∂/∂G, ∂/∂B) from the gradients at z0 = R+G+B and z1 = R−G."""
+    return np.stack([g0 + g1, g0 - g1, g0])
+
+
+@pytest.mark.parametrize("activation", CAPPED)
+def test_guided_backprop_and_deconvnet_at_the_relu6_cap(activation):
+    model = tiny6(activation)
+    with torch.no_grad():
+        assert torch.allclose(model.module(X6[None])[0], torch.tensor([10.25, 9.75]))
+    # target 1: ∂y1/∂A = (3/4, −1/4) at every position.
+    # plain: z0 passes at (1, 0) only (7 and 9 are capped, −3 is cut), z1 at (0, 0) and (1, 1)
+    plain1 = from_z(0.75 * INSIDE0, -0.25 * INSIDE1)
+    np.testing.assert_allclose(run("saliency", 1, model).raw, np.abs(plain1), atol=1e-6)
+    # guided: −1/4 into A1 is stopped everywhere, 3/4 into A0 passes at (1, 0) only — not at
+    # the capped (0, 0) and (0, 1), where a rule without the cap would let it through
+    guided1 = from_z(0.75 * INSIDE0, 0 * INSIDE1)
+    np.testing.assert_allclose(run("guided_backprop", 1, model).raw, guided1, atol=1e-6)
+    # target 0: ∂y0/∂A = (1/4, 1/2), all positive: guided = plain, the cap still applies
+    guided0 = from_z(0.25 * INSIDE0, 0.5 * INSIDE1)
+    np.testing.assert_allclose(run("guided_backprop", 0, model).raw, guided0, atol=1e-6)
+    # DeconvNet ignores the forward pass: relu(1/4), relu(1/2) reach every position, capped
+    # or cut alike: ∂/∂R = 3/4, ∂/∂G = −1/4, ∂/∂B = 1/4 everywhere
+    deconv0 = from_z(np.full((2, 2), 0.25), np.full((2, 2), 0.5))
+    np.testing.assert_allclose(run("deconvnet", 0, model).raw, deconv0, atol=1e-6)
+    # target 1: relu(−1/4) = 0 into A1, 3/4 into A0, capped positions included
+    np.testing.assert_allclose(run("deconvnet", 1, model).raw, np.full((3, 2, 2), 0.75), atol=1e-6)
+    # guided Grad-CAM at the cap: guided1 × Grad-CAM, whose weights are the mean gradient at
+    # A, (3/4, −1/4) (the cap zeroes ∂A/∂z, not ∂y/∂A) → relu(.75·A0 − .25·A1)
+    #   = [[4.5 − 1, 4.5 − 1.5], [3.75 − 0, 0 − .5 → 0]] = [[3.5, 3], [3.75, 0]]
+    cam = np.array([[3.5, 3.0], [3.75, 0.0]])
+    np.testing.assert_allclose(run("grad_cam", 1, model).raw, cam, atol=1e-6)
+    np.testing.assert_allclose(run("guided_grad_cam", 1, model).raw, guided1 * cam, atol=1e-6)
+
+
 def test_a_rule_patching_only_nn_relu_returns_the_plain_gradient_on_relu6():
     """Why we differ from Captum: its GuidedBackprop hooks nn.ReLU modules only, so on a ReLU6
     network (like EfficientNet-Lite) it silently returns the plain gradient."""
@@ -237,6 +290,33 @@ def test_grad_cam_pp():
 def test_xgrad_cam():
     # weights Σ_ij g·A_k/ΣA_k: for target 0 = (1/4·9/9, 1/2·3/3) = (1/4, 1/2) → as Grad-CAM
     np.testing.assert_allclose(run("xgrad_cam", 0).raw, [[1, 1.25], [0.25, 1.25]], atol=1e-5)
+
+
+class SquaredHead(Tiny):
+    """Tiny with a non-linear head: the activations are squared before the pooling, so
+    y0 = mean(A0²) + 2·mean(A1²), y1 = 3·mean(A0²) − mean(A1²) and ∂y/∂A varies with A."""
+
+    def forward(self, x):
+        return self.fc(self.pool(self.act(self.conv(x)) ** 2).flatten(1))
+
+
+def test_xgrad_cam_differs_from_grad_cam_with_a_non_linear_head():
+    model = cw.Model(SquaredHead(), transform=lambda pil: X.clone(), labels=["zero", "one"],
+                     input_size=(2, 2), mean=(0, 0, 0), std=(1, 1, 1))
+    # target 1: ∂y1/∂A0 = 3·2·A0/4 = 1.5·A0,  ∂y1/∂A1 = −2·A1/4 = −0.5·A1
+    #   (ΣA0 = 9, ΣA0² = 23, ΣA1 = ΣA1² = 3)
+    # Grad-CAM weights, the mean gradient: (1.5·9/4, −0.5·3/4) = (3.375, −0.375)
+    grad = np.maximum(3.375 * A0 - 0.375 * A1, 0)  # [[6.375, 9.75], [3.375, 9.75]]
+    # XGrad-CAM weights Σ g·A / ΣA: (1.5·23/9, −0.5·3/3) = (23/6, −1/2)
+    xgrad = np.maximum(23 / 6 * A0 - 0.5 * A1, 0)  # [[43/6, 11], [23/6, 11]]
+    np.testing.assert_allclose(run("grad_cam", 1, model, layer="act").raw, grad, rtol=1e-5)
+    np.testing.assert_allclose(run("xgrad_cam", 1, model, layer="act").raw, xgrad, rtol=1e-5)
+    assert not np.allclose(grad, xgrad, rtol=0.05)
+    # target 0: ∂y0/∂A0 = 0.5·A0, ∂y0/∂A1 = A1: Grad-CAM (9/8, 3/4), XGrad-CAM (23/18, 1)
+    np.testing.assert_allclose(run("grad_cam", 0, model, layer="act").raw,
+                               9 / 8 * A0 + 0.75 * A1, rtol=1e-5)
+    np.testing.assert_allclose(run("xgrad_cam", 0, model, layer="act").raw,
+                               23 / 18 * A0 + A1, rtol=1e-5)
 
 
 def test_layer_cam():
@@ -324,6 +404,62 @@ def test_rise():
     a = run("rise", 1, model, n_masks=3000, cells=2, batch_size=500)
     assert a.raw.shape == (2, 2)
     np.testing.assert_allclose(a.raw, 0.5, atol=0.03)
+
+
+class Halves(nn.Module):
+    """8×8 input; logit 0 = 4·mean of the red channel over the left half (columns 0–3),
+    logit 1 = 4·mean of the red channel over the right half (columns 4–7)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        red = self.conv(x)[:, 0]
+        return 4 * torch.stack([red[:, :, :4].mean((1, 2)), red[:, :, 4:].mean((1, 2))], 1)
+
+
+def halves():
+    """Halves behind mean 0.5 / std 0.5: a white pixel is +1 in the network, black −1."""
+    return cw.Model(Halves(), input_size=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, crop=1.0,
+                    labels=["left", "right"])
+
+
+WHITE = np.full((8, 8, 3), 255, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("target", [0, 1])
+def test_rise_weighs_each_mask_by_the_targets_probability(target):
+    """RISE (Petsiuk et al. 2018): Σ_i P_target(I ⊙ M_i) · M_i / (N · p), the masked copies
+    showing the black baseline where M_i = 0. On the white image a pixel is +1 and black −1
+    in the network, so the copy for mask M is 2M − 1 and the logits are 4·mean(2M − 1) over
+    each half: the target's probability is σ(±8·(mean_right(M) − mean_left(M))). The same
+    seeded masks (``rise_masks`` draws them as ``rise`` does) give the expected map."""
+    n, cells, p, seed = 64, 2, 0.5, 3
+    masks = rise_masks(n, (8, 8), cells, p, torch.Generator().manual_seed(seed)).double()
+    right_minus_left = masks[:, :, 4:].mean((1, 2)) - masks[:, :, :4].mean((1, 2))
+    sign = 1.0 if target == 1 else -1.0
+    prob = torch.sigmoid(sign * 8 * right_minus_left)
+    expected = (prob[:, None, None] * masks).sum(0) / (n * p)
+    a = cw.attribute(halves(), WHITE, "rise", target=target, n_masks=n, cells=cells, p=p,
+                     seed=seed, batch_size=16)
+    np.testing.assert_allclose(a.raw, expected.numpy(), rtol=1e-5, atol=1e-6)
+    # the masks and the target matter: the map is brighter on the target's half
+    own, other = (a.raw[:, 4:], a.raw[:, :4]) if target == 1 else (a.raw[:, :4], a.raw[:, 4:])
+    assert own.mean() > other.mean()
+
+
+def test_integrated_gradients_default_black_baseline_is_normalised():
+    # the default baseline is a black image as the network sees it: (0 − 0.5)/0.5 = −1, not 0.
+    # Halves is linear: IG = (x − x′)·∂y1/∂x = (1 − (−1))·4/32 = 1/4 on the red channel of the
+    # right half, 0 elsewhere; it sums to y1(white) − y1(black) = 4 − (−4) = 8
+    a = cw.attribute(halves(), WHITE, "integrated_gradients", target=1, steps=4)
+    expected = np.zeros((3, 8, 8))
+    expected[0, :, 4:] = 0.25
+    np.testing.assert_allclose(a.raw, expected, atol=1e-6)
+    assert a.raw.sum() == pytest.approx(8.0, rel=1e-5)
 
 
 def test_rise_is_reproducible_and_batching_invariant():

@@ -10,6 +10,7 @@ import traitlets
 
 import cnnwidgets as cw
 from cnnwidgets.engine.hooks import hook_count
+from cnnwidgets.render.attribution import shown_heat
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +27,16 @@ def widget(model):
 
 
 def overlay(w, i=None):
-    panel = w._main_panel if i is None else w._panels[i]
+    panel = w.figures.main if i is None else w.figures.panels[i]
     return np.asarray(panel["overlay"].get_array())
 
 
 def test_first_view_shows_grad_cam_of_the_top1_class(widget, model):
     assert widget.method == "grad_cam" and widget.target == model.predict(cw.sample_image("cat"))[0][0]
     r = widget.result[0]
-    np.testing.assert_allclose(overlay(widget), r.map)
+    np.testing.assert_allclose(overlay(widget), shown_heat(r.map, r.fine))
     assert r.map.max() > 0 and widget.errors.last_error is None
-    assert "grad_cam" in widget._main_panel["title"].get_text()
+    assert "grad_cam" in widget.figures.main["title"].get_text()
 
 
 def test_method_change_rebuilds_parameter_controls_from_the_spec(widget):
@@ -59,13 +60,13 @@ def test_a_pixel_map_then_a_layer_map(widget):
     # a pixel-level map's overlay fades with its magnitude (a per-pixel alpha); going back to
     # a CAM method sets one opacity again, which matplotlib refused after a per-pixel alpha
     widget.method = "saliency"
-    assert np.ndim(widget._main_panel["overlay"].get_alpha()) == 2
+    assert np.ndim(widget.figures.main["overlay"].get_alpha()) == 2
     widget.method = "grad_cam"
     assert widget.errors.last_error is None
-    np.testing.assert_allclose(overlay(widget), widget.result[0].map)
-    np.testing.assert_allclose(widget._main_panel["overlay"].get_alpha(), widget.alpha)
+    np.testing.assert_allclose(overlay(widget), shown_heat(widget.result[0].map, widget.result[0].fine))
+    np.testing.assert_allclose(widget.figures.main["overlay"].get_alpha(), widget.alpha)
     widget.alpha = 0.3
-    np.testing.assert_allclose(widget._main_panel["overlay"].get_alpha(), 0.3)
+    np.testing.assert_allclose(widget.figures.main["overlay"].get_alpha(), 0.3)
 
 
 def test_target_and_layer(widget, model):
@@ -84,9 +85,9 @@ def test_target_and_layer(widget, model):
 def test_opacity_and_colour_map_restyle_without_recomputing(widget):
     result = widget.result
     widget.alpha_slider.value = 0.8
-    assert widget._main_panel["overlay"].get_alpha() == pytest.approx(0.8)
+    assert widget.figures.main["overlay"].get_alpha() == pytest.approx(0.8)
     widget.cmap = "viridis"
-    assert widget._main_panel["overlay"].get_cmap().name == "viridis"
+    assert widget.figures.main["overlay"].get_cmap().name == "viridis"
     assert widget.cmap_select.value == "viridis"
     assert widget.result is result
     with pytest.raises(traitlets.TraitError):
@@ -95,34 +96,34 @@ def test_opacity_and_colour_map_restyle_without_recomputing(widget):
 
 def test_compare_mode_shows_up_to_four_methods(widget):
     widget.compare = ["layer_cam", "saliency", "eigen_cam"]
-    assert widget.figure is widget.compare_fig
+    assert widget.figure is widget.figures.compare_fig
     assert [r.method for r in widget.result] == ["grad_cam", "layer_cam", "saliency", "eigen_cam"]
     for i, r in enumerate(widget.result):
-        np.testing.assert_allclose(overlay(widget, i), r.map)
+        np.testing.assert_allclose(overlay(widget, i), shown_heat(r.map, r.fine))  # the display copy of the map
         assert all(r.target == widget.result[0].target for r in widget.result)
     widget.compare = ["saliency"]
-    assert not widget._panels[2]["overlay"].get_visible()
+    assert not widget.figures.panels[2]["overlay"].get_visible()
     with pytest.raises(traitlets.TraitError, match="at most 3"):
         widget.compare = ["saliency", "cam", "rise", "occlusion"]
     widget.compare = []
-    assert widget.figure is widget.single_fig
+    assert widget.figure is widget.figures.single_fig
 
 
 def test_errors_are_shown_in_the_widget(widget):
     widget.layer = "layer3"
     widget.compare = ["cam"]  # CAM needs the map fed to global pooling: its panel shows why
-    title = widget._panels[1]["title"].get_text()
+    title = widget.figures.panels[1]["title"].get_text()
     assert title == "cam: error"  # the reason goes inside the panel, not in the one-line title
-    message = widget._panels[1]["message"]
+    message = widget.figures.panels[1]["message"]
     assert message.get_visible() and "global average pooling" in " ".join(
         message.get_text().split())
     assert max(len(line) for line in message.get_text().splitlines()) <= 30  # wrapped
     assert widget.errors.last_error is None
     widget.compare = ["saliency", "cam"]  # the message moves with its method
-    assert not widget._panels[1]["message"].get_visible()
-    assert widget._panels[2]["message"].get_visible()
+    assert not widget.figures.panels[1]["message"].get_visible()
+    assert widget.figures.panels[2]["message"].get_visible()
     widget.compare = ["saliency"]  # a hidden panel hides its message too
-    assert not widget._panels[2]["message"].get_visible()
+    assert not widget.figures.panels[2]["message"].get_visible()
     widget.compare = []
     widget.method = "cam"  # now the main method fails: the error box says why
     assert "global average pooling" in str(widget.errors.last_error)
@@ -137,7 +138,7 @@ def test_background_stale_results_are_dropped_and_cancel_works(model):
     w.method = "saliency"
     w.wait()
     assert w.result[0].method == "saliency"
-    assert np.allclose(overlay(w), w.result[0].map)
+    assert np.allclose(overlay(w), shown_heat(w.result[0].map, w.result[0].fine))
     w.method = "rise"
     w.params = {"n_masks": 20000, "batch_size": 8}
     w.cancel_button.click()
@@ -152,10 +153,11 @@ def test_save_writes_the_figure(widget, tmp_path):
 
 
 def test_evaluate_draws_deletion_and_insertion_curves_for_every_map(widget, model):
-    assert widget.eval_box.children == () and widget.curves == []
+    assert widget.figures.eval_box.children == () and widget.curves == []
     widget.compare = ["saliency"]
     widget.evaluate_check.value = True  # the control → the traitlet → curves for both maps
-    assert widget.evaluate and widget.eval_box.children[0].children == (widget.eval_canvas,)
+    figures = widget.figures
+    assert widget.evaluate and figures.eval_box.children[0].children == (figures.eval_canvas,)
     assert len(widget.curves) == 2
     image = cw.sample_image("cat")
     for r, (d, i) in zip(widget.result, widget.curves):
@@ -163,7 +165,7 @@ def test_evaluate_draws_deletion_and_insertion_curves_for_every_map(widget, mode
         # the same numbers as cw.metrics on the same map
         again = cw.metrics.deletion(model, image, r, steps=len(d.fractions) - 1)
         np.testing.assert_allclose(d.scores, again.scores, rtol=1e-5, atol=1e-7)
-    dele, ins = widget._eval_axes
+    dele, ins = widget.figures.eval_axes
     assert len(dele.lines) == 2 and len(ins.lines) == 2
     assert [t.get_text().split(" — ")[0] for t in dele.get_legend().get_texts()] == \
         ["grad_cam", "saliency"]
@@ -171,6 +173,6 @@ def test_evaluate_draws_deletion_and_insertion_curves_for_every_map(widget, mode
     widget.target = 3
     assert [c[0].target for c in widget.curves] == [3, 3] and len(dele.lines) == 2
     widget.evaluate = False  # from code: the panel hides, no more curves computed
-    assert widget.eval_box.children == () and not widget.evaluate_check.value
+    assert widget.figures.eval_box.children == () and not widget.evaluate_check.value
     widget.target = 4
     assert widget.curves == []

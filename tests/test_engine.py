@@ -239,8 +239,11 @@ def test_every_entry_point_takes_a_module_and_says_what_to_do_with_a_name(cat):
 
 # ----------------------------------------------------------------------------- the offline model
 def test_lite0_classifies_sample_photos(lite0, cat):
-    assert lite0.predict(cat, k=1)[0][1] == "Egyptian cat"
-    assert lite0.predict(cw.sample_image("coffee"), k=1)[0][1] == "espresso"
+    # what the photos show, not the label one run printed: the cat photo's top class is one
+    # of ImageNet's domestic cats (281–285: tabby, tiger, Persian, Siamese, Egyptian cat),
+    # the coffee photo's a cup of coffee
+    assert lite0.predict(cat, k=1)[0][0] in range(281, 286)
+    assert lite0.predict(cw.sample_image("coffee"), k=1)[0][1] in {"espresso", "cup", "coffee mug"}
     assert len(lite0.labels) == 1000
 
 
@@ -252,7 +255,7 @@ def test_lite0_layers(lite0):
         shape = lite0.layer_info(name).shape
         assert len(shape) == 3 and shape[1] * shape[2] > 1, name
     assert set(lite0.layers("conv")) <= set(lite0.layers("all"))
-    assert lite0.last_conv_layer() == "_bn1"
+    assert lite0.last_map_layer() == "_bn1"  # a batch norm: the last map, not a convolution
     assert lite0.layer_info("_conv_head").shape == (1280, 7, 7)
 
 
@@ -312,15 +315,18 @@ def test_restored_is_safe_across_threads_and_nesting():
     assert net.training and net[0].weight.requires_grad
 
 
-def test_fx_tracing_waits_for_forward_passes_in_other_threads():
-    """fx patches nn.Module.__call__ for every thread while tracing: a forward pass running
-    meanwhile in another thread would get Proxies. The gate keeps them apart."""
+@pytest.mark.parametrize("traced", ["the same network", "another network"])
+def test_fx_tracing_waits_for_forward_passes_in_other_threads(traced):
+    """fx patches nn.Module.__call__ of every module for every thread while tracing: a forward
+    pass running meanwhile in another thread, of any network, would get Proxies. The guard
+    keeps them apart."""
     import threading
     import time
 
-    from cnnwidgets.engine.hooks import MODEL_GATE
+    from cnnwidgets.engine.guard import guard
 
     net = TinyNet()
+    other = net if traced == "the same network" else TinyNet()
     events = []
     inside = threading.Event()
 
@@ -333,9 +339,9 @@ def test_fx_tracing_waits_for_forward_passes_in_other_threads():
     t = threading.Thread(target=forward_in_background)
     t.start()
     inside.wait(5)
-    with MODEL_GATE.exclusive():
+    with guard(other).tracing():
         events.append("tracing")
-        with restored(net):  # the tracing thread may run the model itself
+        with restored(net):  # the tracing thread may run a model itself
             net(torch.zeros(1, 3, 8, 8))
     t.join(5)
     assert events == ["forward done", "tracing"]
@@ -347,7 +353,7 @@ def test_fx_tracing_is_not_starved_by_passes_one_after_another():
     import threading
     import time
 
-    from cnnwidgets.engine.hooks import MODEL_GATE
+    from cnnwidgets.engine.guard import guard
 
     net = TinyNet()
     stop = threading.Event()
@@ -367,7 +373,7 @@ def test_fx_tracing_is_not_starved_by_passes_one_after_another():
     try:
         time.sleep(0.1)
         start = time.monotonic()
-        with MODEL_GATE.exclusive(timeout=5):
+        with guard(net).tracing(timeout=5):
             waited = time.monotonic() - start
             during = len(passes)
             time.sleep(0.05)
@@ -447,3 +453,40 @@ def test_hooks_ignore_forward_passes_of_other_threads():
     with torch.no_grad():
         assert torch.equal(net(x), plain)
     assert hook_count(net) == 0
+
+
+def test_one_guard_per_network_that_does_not_keep_it_alive():
+    import gc
+    import weakref
+
+    from cnnwidgets.engine.guard import guard
+
+    net = TinyNet()
+    assert guard(net) is guard(net) and guard(net) is not guard(TinyNet())
+    with restored(net):
+        pass
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None
+
+
+def test_weights_state_changes_with_in_place_updates_and_replacements():
+    from cnnwidgets.engine.cache import weights_state
+
+    conv = nn.Conv2d(1, 1, 1)
+    before = weights_state(conv)
+    assert weights_state(conv) == before  # nothing changed
+    with torch.no_grad():
+        conv.weight.mul_(2)  # in place, as an optimiser step
+    after = weights_state(conv)
+    assert after != before
+    conv.bias = nn.Parameter(torch.zeros(1))  # replaced
+    assert weights_state(conv) != after
+    assert weights_state(nn.Sequential(conv)) == ()  # a module's own tensors only
+
+
+def test_last_map_layer_is_the_deepest_feature_map(tiny):
+    # conv and relu output 2×7×7; the pool's 2×1×1 and the flattened vector are not maps
+    assert tiny.layers() == ["conv", "relu"] and tiny.layers("conv") == ["conv"]
+    assert tiny.last_map_layer() == "relu"  # an activation: the name says map, not conv

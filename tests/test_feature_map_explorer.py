@@ -136,8 +136,11 @@ def test_callback_errors_show_inside_the_widget(explorer, monkeypatch):
 def test_save_writes_the_figure(explorer, tmp_path):
     path = tmp_path / "maps.png"
     explorer.save(path)
-    img = Image.open(path)
-    assert img.size == (880, 368)
+    # the PNG is the figure at its own size and resolution (inches × dots per inch)
+    w, h = explorer.figure.get_size_inches() * explorer.figure.dpi
+    assert Image.open(path).size == (round(w), round(h))
+    explorer.save(path, dpi=2 * explorer.figure.dpi)  # a dpi given scales it
+    assert Image.open(path).size == (round(2 * w), round(2 * h))
 
 
 def test_widget_leaves_model_unchanged(lite0, cat):

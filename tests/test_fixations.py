@@ -133,6 +133,81 @@ def test_conv_with_stride_and_padding(position, expected):
     assert _trace(f, "input") == [expected]
 
 
+class PaddedCorner(nn.Module):
+    """3×3 convolution of ones, padding 1, 2 → 1 channels; the class reads its output (0, 0)."""
+
+    def __init__(self, padding_mode="zeros"):
+        super().__init__()
+        self.conv = _set(nn.Conv2d(2, 1, 3, padding=1, bias=False, padding_mode=padding_mode),
+                         weight=np.ones((1, 2, 3, 3)))
+        self.fc = _set(nn.Linear(9, 1, bias=False), weight=[[1, 0, 0, 0, 0, 0, 0, 0, 0]])
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1))
+
+
+def _corner_input():
+    x = torch.zeros(1, 2, 3, 3)
+    x[0, 0, 0, 0] = 1.0  # channel 0: the corner pixel, beside the padding on two sides
+    x[0, 1, 1, 1] = 1.5  # channel 1: inside the window, away from the padding
+    return x
+
+
+@pytest.mark.parametrize("position", ["centre", "argmax"])
+def test_conv_padding_counts_as_zero(position):
+    # output (0, 0): window rows and cols {−1, 0, 1}; five of its nine taps are padding.
+    # Zero padding: channel 0 sums to 1 (the corner, once), channel 1 to 1.5 → channel 1.
+    # Were the padded taps read from the nearest pixel (clamped / replicated), the corner
+    # would also fill (−1, −1), (−1, 0) and (0, −1): 4 > 1.5 → channel 0.
+    # centre of the window: (0, 0); channel 1's largest contribution: (1, 1).
+    f = backtrack(PaddedCorner(), _corner_input(), 0, position=position)
+    assert _trace(f, "conv") == [(0, 0, 0)]
+    assert _trace(f, "input") == [(1, 0, 0) if position == "centre" else (1, 1, 1)]
+
+
+def test_conv_with_replicate_padding_reads_the_replicated_border():
+    # padding_mode="replicate" makes the forward pass itself read the corner four times: the
+    # rule follows the forward pass, channel 0 (4 > 1.5) wins; the centre is (0, 0)
+    net = PaddedCorner("replicate")
+    with torch.no_grad():
+        assert net.conv(_corner_input())[0, 0, 0, 0].item() == pytest.approx(5.5)
+    f = backtrack(net, _corner_input(), 0, position="centre")
+    assert _trace(f, "input") == [(0, 0, 0)]
+
+
+class StaticSameCorner(nn.Module):
+    """EfficientNet's TensorFlow-style "same" convolution: 3×3 of ones, stride 2, on a 4×4
+    input; its ``static_padding`` pads one row below and one column right, (0, 1, 0, 1).
+    The class reads output (1, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+        self.conv = Conv2dStaticSamePadding(2, 1, 3, stride=2, image_size=4, bias=False)
+        assert tuple(self.conv.static_padding.padding) == (0, 1, 0, 1)
+        _set(self.conv, weight=np.ones((1, 2, 3, 3)))
+        self.fc = _set(nn.Linear(4, 1, bias=False), weight=[[0, 0, 0, 1]])
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1))
+
+
+@pytest.mark.parametrize("position", ["centre", "argmax"])
+def test_static_same_padding_counts_as_zero(position):
+    # output (1, 1): window rows and cols {2, 3, 4}; row 4 and column 4 are the padding.
+    # channel 0: the corner (3, 3), beside the padding, sums to 1 once; channel 1: 1.5 at
+    # (2, 2) → channel 1. Padding read as the nearest pixel would count the corner at
+    # (3, 4), (4, 3) and (4, 4) too: 4 > 1.5 → channel 0.
+    # centre: (2·1 − 0 + 1, same) = (3, 3); channel 1's largest contribution: (2, 2).
+    x = torch.zeros(1, 2, 4, 4)
+    x[0, 0, 3, 3] = 1.0
+    x[0, 1, 2, 2] = 1.5
+    f = backtrack(StaticSameCorner(), x, 0, position=position)
+    assert _trace(f, "conv") == [(0, 1, 1)]
+    assert _trace(f, "input") == [(1, 3, 3) if position == "centre" else (1, 2, 2)]
+
+
 class GroupedConv(nn.Module):
     def __init__(self):
         super().__init__()
@@ -380,38 +455,52 @@ def test_efficientnet_lite0_structure(lite0):
     lite0.module.eval()
 
 
-def test_efficientnet_lite0_points_fall_on_the_cat(lite0):
-    f = cw.fixations(lite0, cw.sample_image("cat"))
-    assert "cat" in f.label
-    pts = f.points
-    assert len(pts) >= 30
-    # The 224 crop of chelsea is the cat's head; its face (eyes, nose, muzzle, cheeks) lies in
-    # x 20-215, y 35-224 (set by looking at model.prepare(cat)[1]); the background strip and
-    # ear tips are outside. Eyes at about (x 85, y 75) and (x 180, y 110), nose (x 140, y 175).
-    inside = (pts[:, 1] >= 20) & (pts[:, 1] <= 215) & (pts[:, 0] >= 35)
-    assert inside.mean() > 0.8
-    # the heatmap peaks on the face, not in the top background strip
-    r, c = np.unravel_index(np.argmax(f.heatmap()), f.image_size)
-    assert r >= 35 and 20 <= c <= 215
+CAT_CLASSES = range(281, 286)  # ImageNet's domestic cats: tabby … Egyptian cat
 
 
-def test_efficientnet_lite0_localises_a_small_cat(lite0):
-    """The cat's face shrunk to 128×128 in the top-left of a grey 256×256 canvas (the model's
-    preprocessing keeps the canvas' centre 224 crop, so the cat covers rows/cols 0–127 of the
-    network input: 33% of its area). The fixations of "Egyptian cat" must land on it."""
+def uniform_grid(size) -> np.ndarray:
+    """One point at the centre of every pixel: points spread uniformly over the image."""
+    h, w = size
+    rows, cols = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+    return np.stack([rows.ravel(), cols.ravel()], 1)
+
+
+@pytest.mark.parametrize("corner", ["top-left", "bottom-right"])
+def test_efficientnet_lite0_points_fall_on_the_cat(lite0, corner):
+    """The cat's face (the network's 224 crop of the photo) shrunk to 128×128 in one corner of
+    a grey 256×256 canvas: the preprocessing keeps the canvas' centre 224 crop, so the cat
+    covers a known 128×128 square of the network input. The fixations must land on it far
+    more often than points spread uniformly over the image would, and follow it when it
+    moves to the opposite corner."""
     from PIL import Image
 
     crop = lite0.prepare(cw.sample_image("cat"))[1]
     cat = Image.fromarray((crop * 255).astype(np.uint8)).resize((128, 128), Image.BILINEAR)
+    top = 16 if corner == "top-left" else 112  # canvas position of the cat
     canvas = np.full((256, 256, 3), 128, np.uint8)
-    canvas[16:144, 16:144] = np.asarray(cat)
-    f = cw.fixations(lite0, Image.fromarray(canvas), target="Egyptian cat")
+    canvas[top:top + 128, top:top + 128] = np.asarray(cat)
+    lo = top - 16  # the cat's square in network-input pixels: [lo, lo + 128)
+    assert lite0.prepare(Image.fromarray(canvas))[1].shape == (224, 224, 3)
+
+    f = cw.fixations(lite0, Image.fromarray(canvas))
+    assert f.target in CAT_CLASSES  # the top-1 class is a cat
+
+    def on_cat(pts):
+        return (pts >= lo).all(1) & (pts < lo + 128).all(1)
+
     pts = f.points
-    assert len(pts) >= 20
-    on_cat = (pts[:, 0] < 128) & (pts[:, 1] < 128)
-    assert on_cat.mean() > 0.65  # measured 0.77; uniformly spread points would give 0.33
+    n = len(pts)
+    uniform = on_cat(uniform_grid(f.image_size)).mean()
+    assert uniform == pytest.approx(128 ** 2 / 224 ** 2)  # a third of the image
+    # n uniformly spread points would put a fraction q ± √(q(1 − q)/n) on the cat; the
+    # fixations must beat q by four of those standard errors
+    assert on_cat(pts).mean() > uniform + 4 * np.sqrt(uniform * (1 - uniform) / n)
+    # they follow the cat: their centroid, the box's centre and the heatmap's peak lie in it
+    assert on_cat(pts.mean(0, keepdims=True))[0]
     x0, y0, x1, y1 = f.box()
-    assert x0 < 64 and y0 < 64  # the box starts on the cat
+    assert on_cat(np.array([[(y0 + y1) / 2, (x0 + x1) / 2]]))[0]
+    peak = np.unravel_index(np.argmax(f.heatmap()), f.image_size)
+    assert on_cat(np.array([peak]))[0]
 
 
 def test_no_hook_and_unchanged_after_exception():

@@ -80,6 +80,27 @@ def test_insertion_by_hand_and_probability(linear):
     assert worse.auc < c.auc
 
 
+def test_black_baseline_is_black_as_the_network_sees_it():
+    """The default "black" substrate is a black image normalised like any input:
+    (0 − mean)/std in the network, not 0. With mean 0.5 and std 0.25 a red pixel of 255 is
+    +2 and black is −2, so on an all-red image the logit (mean red) after k of 64 pixels are
+    blackened is (2·(64 − k) − 2·k)/64 = 2 − k/16: 2, 1, 0, −1, −2 at quarter steps (a 0
+    substrate would give 2, 1.5, 1, .5, 0)."""
+    model = cw.Model(MeanOfRed(), input_size=(8, 8), mean=(0.5,) * 3, std=(0.25,) * 3,
+                     crop=1.0, labels=["red", "none"])
+    red = np.zeros((8, 8, 3), dtype=np.uint8)
+    red[..., 0] = 255
+    heat = (np.arange(64) / 63).reshape(8, 8)
+    c = cw.metrics.deletion(model, red, heat, target=0, steps=4, score="logit")
+    assert c.baseline == "black"
+    np.testing.assert_allclose(c.scores, [2, 1, 0, -1, -2], atol=1e-5)
+    # the fully deleted image, shown as the user sees it, is black
+    np.testing.assert_allclose(c.images[-1], 0.0, atol=1e-6)
+    c = cw.metrics.insertion(model, red, heat, target=0, steps=4, score="logit", baseline="black")
+    np.testing.assert_allclose(c.scores, [-2, -1, 0, 1, 2], atol=1e-5)
+    np.testing.assert_allclose(c.images[0], 0.0, atol=1e-6)
+
+
 def test_curve_from_a_method_name_and_from_an_attribution(linear):
     a = cw.attribute(linear, ramp(), "gradient_x_input", target=0)
     by_object = cw.metrics.deletion(linear, ramp(), a, steps=8)

@@ -81,6 +81,39 @@ def test_feature_visualizer_background_stop(model):
     assert all(p.requires_grad and p.grad is None for p in model.module.parameters())
 
 
+def test_stop_button_and_a_new_run_superseding_the_running_one(model):
+    """As in a kernel (results reach the figure through the event loop): a second Start
+    stops the first run before it begins; what the first run still had queued for the figure
+    (a preview, its end) is dropped; the Stop button stops the second run."""
+    import asyncio
+
+    drawn = []  # the `steps` of the runs whose previews reached the figure
+
+    async def cell():
+        w = cw.FeatureVisualizer(model, layer="conv2", steps=100000, size=16, preview_every=1)
+        w._loop = asyncio.get_running_loop()
+        w._on_step = lambda step: drawn.append(step.steps)
+        w.run(wait=False)
+        first = w.task.thread
+        time.sleep(0.5)  # the loop does not run meanwhile: the first run's preview waits
+        w.steps = 99999
+        w.run(wait=False)
+        assert not first.is_alive() and w.task.thread.is_alive() and w.running
+        for _ in range(500):
+            await asyncio.sleep(0.02)
+            if drawn:
+                break
+        w._stop.click()
+        await asyncio.sleep(0.1)
+        return w, first
+
+    w, first = asyncio.run(cell())
+    assert drawn and set(drawn) == {99999}
+    assert not w.task.running and not w.running and w._stop.disabled and not w._start.disabled
+    assert w.status.value.startswith("stopped at step") and "/99999," in w.status.value
+    assert hook_count(model.module) == 0
+
+
 def test_inversion_explorer(model):
     w = cw.InversionExplorer(model, smooth_image(32), layer="conv1", steps=6, preview_every=3)
     dec = np.array(w._dec.get_array())

@@ -5,6 +5,10 @@ import asyncio
 import threading
 import time
 
+import ipywidgets as widgets
+import traitlets
+
+from cnnwidgets.widgets.base import KEEP
 from cnnwidgets.widgets.base import WidgetBase as _WidgetBase
 
 
@@ -28,11 +32,12 @@ def test_background_results_are_applied_on_the_main_thread():
 
     async def cell():  # like a notebook cell: the kernel's loop is running
         w = WidgetBase()
-        w.submit(lambda: (time.sleep(0.2), "old")[1], lambda r: seen.append(("old", r)))
-        w.submit(lambda: "new", lambda r: seen.append((threading.current_thread().name, r)))
+        w.submit(lambda cancel: (time.sleep(0.2), "old")[1], lambda r: seen.append(("old", r)))
+        w.submit(lambda cancel: "new",
+                 lambda r: seen.append((threading.current_thread().name, r)))
         for _ in range(100):
             await asyncio.sleep(0.02)
-            if seen and w._thread is not None and not w._thread.is_alive():
+            if seen and not w.task.running:
                 break
         await asyncio.sleep(0.3)  # let the slow, stale result arrive too
         return w
@@ -45,8 +50,8 @@ def test_background_results_are_applied_on_the_main_thread():
 def test_background_errors_show_in_the_widget():
     async def cell():
         w = WidgetBase()
-        w.submit(lambda: 1 / 0, lambda r: None)
-        w._thread.join(5)
+        w.submit(lambda cancel: 1 / 0, lambda r: None)
+        w.task.wait(5)
         await asyncio.sleep(0.05)
         return w
 
@@ -73,7 +78,7 @@ def test_wait_applies_the_result_inside_the_same_cell():
     async def cell():
         w = WidgetBase()
         got = []
-        w.submit(lambda: 42, got.append)
+        w.submit(lambda cancel: 42, got.append)
         w.wait()  # a notebook cell that reads the result at once: the loop has not run yet
         return got
 
@@ -106,20 +111,14 @@ def test_a_frame_before_the_front_end_is_ready_is_kept_as_a_data_url():
 def test_exit_stops_and_waits_for_background_work():
     """The interpreter's exit asks each widget with live background work to stop, then waits
     for its thread (a daemon thread still inside PyTorch at shutdown aborts the process)."""
-    from cnnwidgets.widgets import base
+    from cnnwidgets.widgets import tasks
 
-    stop = threading.Event()
     done = []
-
-    class Slow(_WidgetBase):
-        def cancel_background(self):
-            stop.set()
-
-    w = Slow()
-    w.submit(lambda: (stop.wait(30), done.append(True)), lambda _: None)
+    w = _WidgetBase()
+    w.submit(lambda cancel: (cancel.wait(30), done.append(cancel.is_set())), lambda _: None)
     assert not done
-    base._finish_background(timeout=10)
-    assert done and not w._thread.is_alive() and not base._BACKGROUND
+    tasks._finish_background(timeout=10)
+    assert done == [True] and not w.task.running and not tasks._BACKGROUND
 
 
 def test_a_script_that_ends_while_an_explorer_computes_exits_cleanly(tmp_path):
@@ -136,9 +135,82 @@ def test_a_script_that_ends_while_an_explorer_computes_exits_cleanly(tmp_path):
         "m = cw.Model(torchvision.models.resnet18(), input_size=(96, 96))\n"
         "w = cw.AttributionExplorer(m, cw.sample_image('cat'), method='score_cam')\n"
         "time.sleep(1.0)\n"
-        "assert w._thread.is_alive(), 'the computation should still be running'\n"
+        "assert w.task.running, 'the computation should still be running'\n"
     )
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "terminate called" not in run.stderr
+
+
+# ----------------------------------------------------------------------------- the binder
+class Knob(_WidgetBase):
+    """A traitlet that refuses values over 10, bound to a slider that goes to 100."""
+
+    level = traitlets.Int(0)
+
+    def __init__(self):
+        super().__init__()
+        self.changes = []  # every change the traitlet saw
+        self.observe(lambda change: self.changes.append(change["new"]), "level")
+        self.slider = widgets.IntSlider(min=0, max=100)
+        self.bind(self.slider, "level")
+
+    @traitlets.validate("level")
+    def _valid_level(self, proposal):
+        if proposal["value"] > 10:
+            raise traitlets.TraitError(f"level must be at most 10, not {proposal['value']}")
+        return proposal["value"]
+
+
+def test_binding_goes_both_ways_without_echo():
+    k = Knob()
+    k.slider.value = 4  # the control sets the traitlet
+    assert k.level == 4
+    k.level = 7  # the traitlet moves the control
+    assert k.slider.value == 7
+    assert k.changes == [4, 7]  # each change reached the traitlet once: no echo back
+    assert k.errors.last_error is None
+
+
+def test_a_refused_value_puts_the_control_back_and_shows_why():
+    k = Knob()
+    k.slider.value = 4
+    k.slider.value = 50  # refused by the validator
+    assert k.level == 4 and k.slider.value == 4 and k.changes == [4]
+    assert isinstance(k.errors.last_error, traitlets.TraitError)
+    assert "at most 10, not 50" in k.errors.value and k.errors.layout.display != "none"
+    k.slider.value = 6  # the next accepted value clears the refusal
+    assert k.level == 6 and k.errors.last_error is None and k.errors.layout.display == "none"
+
+
+def test_the_binder_clears_only_its_own_refusals():
+    k = Knob()
+    failure = RuntimeError("a computation failed")
+    k.errors.show(failure)  # shown by other work (a foreground computation, say)
+    k.slider.value = 3
+    assert k.level == 3 and k.errors.last_error is failure
+
+
+def test_converters_keep_and_unbind():
+    k = Knob()
+    menu = widgets.Dropdown(options=[("one", "1"), ("two", "2"), ("three", "3")])
+    k.bind(menu, "level", to_trait=int, to_control=str)
+    k.level = 2
+    assert menu.value == "2" and k.slider.value == 2
+    menu.value = "3"
+    assert k.level == 3 and k.slider.value == 3
+    k.level = 9  # not on the menu: the menu keeps what it shows, the slider follows
+    assert menu.value == "3" and k.slider.value == 9 and k.errors.last_error is None
+    text = widgets.Text()
+    k.bind(text, "level", to_trait=lambda s: int(s) if s.isdigit() else KEEP,
+           to_control=lambda _: KEEP)  # one way: typing sets the level, code leaves the text
+    text.value = "5"
+    assert k.level == 5 and menu.value == "3"
+    text.value = "fiv"  # KEEP: nothing set, nothing refused
+    assert k.level == 5 and text.value == "fiv" and k.errors.last_error is None
+    k.unbind(menu)
+    menu.value = "1"
+    assert k.level == 5
+    k.level = 2
+    assert k.level == 2 and menu.value == "1"

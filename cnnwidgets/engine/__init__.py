@@ -3,7 +3,9 @@ from .dissection import DissectionResult, UnitRecord, dissect
 from .fixations import Fixations, UnsupportedOperationError, fixation_attribution, fixations
 from .hooks import LayerNotFoundError, capture, hook_count, restored
 from .images import load_image, sample_image, sample_images
-from .model import LayerInfo, Model, imagenet_labels
+from .labels import imagenet_labels
+from .layer_index import LayerInfo
+from .model import Model
 from .zoo import available_models, load_model
 
 __all__ = [

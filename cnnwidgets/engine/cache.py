@@ -1,4 +1,5 @@
-"""A least-recently-used cache of tensors bounded by the bytes they hold."""
+"""A least-recently-used cache of tensors bounded by the bytes they hold, and the one answer to
+"have the weights changed since?" that every cache of results computed from a network asks."""
 from __future__ import annotations
 
 import threading
@@ -15,6 +16,18 @@ def nbytes(value) -> int:
     if isinstance(value, (tuple, list)):
         return sum(nbytes(v) for v in value)
     return 64
+
+
+def weights_state(*modules) -> tuple:
+    """What the modules' own weights and buffers are now (not their children's): each tensor's
+    storage, version, dtype, device and shape. It changes when one is updated in place
+    (optimiser step, ``load_state_dict``, ``nn.init``) or replaced, so a result computed from an
+    older network is never served. A change made *through* ``.data`` (``p.data.mul_(2)``) leaves
+    no trace PyTorch exposes: clear the cache after one. ``weights_state(*net.modules())`` covers
+    a whole network."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape)
+                 for m in modules for d in (m._parameters, m._buffers) for t in d.values()
+                 if t is not None)
 
 
 class TensorCache:

@@ -37,6 +37,7 @@ Both data sets below return plain numpy arrays, so they work in ``DataLoader`` w
 from __future__ import annotations
 
 import csv
+import difflib
 import math
 from pathlib import Path
 
@@ -341,6 +342,33 @@ def item_image(item) -> np.ndarray:
     return image
 
 
+def concept_number(key, concepts, index: dict | None = None) -> int:
+    """The index in ``concepts`` of a mask's key (a concept name or index), with an error that
+    lists the known concepts when the key names none of them. ``index``: name → index, when
+    the caller has it already."""
+    if isinstance(key, str):
+        found = (index if index is not None else {c: i for i, c in enumerate(concepts or [])})
+        if key in found:
+            return found[key]
+        names = list(concepts or [])
+        close = difflib.get_close_matches(key, names, n=3)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        shown = ", ".join(names[:40]) + (f", … ({len(names)} in all)" if len(names) > 40 else "")
+        raise ValueError(f"a mask names the concept {key!r}, which is not in dataset.concepts"
+                         f"{hint}; the known concepts are: {shown or 'none'}. Name a mask by "
+                         "one of them (or by its index), or add the concept to "
+                         "dataset.concepts and dataset.categories")
+    try:
+        number = int(key)
+    except (TypeError, ValueError):
+        raise ValueError(f"a mask's key must be a concept name or index, not {key!r}") from None
+    n = len(concepts) if concepts is not None else None
+    if number < 0 or (n is not None and number >= n):
+        raise ValueError(f"a mask names concept index {number}, out of range: the data set has "
+                         f"{n} concepts (indices 0–{(n or 1) - 1}: dataset.concepts)")
+    return number
+
+
 def concept_mask(item, concept: int, concepts=None) -> np.ndarray:
     """The boolean mask (mask size) of concept index ``concept`` in a protocol item; all true
     when the concept is an image-level label of the item."""
@@ -349,8 +377,7 @@ def concept_mask(item, concept: int, concepts=None) -> np.ndarray:
         shape = next(iter(raw.values())).shape if raw else item_image(item).shape[:2]
         out = np.zeros(shape, bool)
         for key, m in raw.items():
-            idx = concepts.index(key) if isinstance(key, str) else int(key)
-            if idx == concept:
+            if concept_number(key, concepts) == concept:
                 out |= np.asarray(m, bool)
     else:
         maps = [np.asarray(m) for m in raw]

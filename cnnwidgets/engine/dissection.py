@@ -21,9 +21,13 @@ For each unit k of a layer:
    done a batch at a time with a fixed number of tensor operations, no loop over concepts.
 4. The unit's label is its best-IoU concept; it is a *detector* when ``IoU ≥ iou_threshold``.
 
-The model runs once: pass 1 streams the activations to a scratch file (never an
-images × units × h × w array in memory; the file is read back batch by batch in pass 2 and
-deleted). ``features="recompute"`` runs the model twice instead and writes nothing.
+:func:`dissect` runs these steps as four functions. Pass 1 (:func:`_threshold_pass`, step 1)
+runs the model once and streams the activations to a scratch file (:class:`_Scratch`; never an
+images × units × h × w array in memory); pass 2 (:func:`_tally_pass`, steps 2–3) reads the file
+back batch by batch, and it is deleted (``features="recompute"`` runs the model twice instead and
+writes nothing); :func:`_assemble` turns the tallies into the result's arrays (step 4 reads
+them); with ``cache_dir`` the result is saved under a key of the weights, the data set and the
+settings (:func:`_cache_file`), and loaded instead of recomputed when asked for again.
 
 Under ``torch.distributed`` (e.g. ``torchrun``) every rank dissects the shard
 ``indices[rank::world_size]``; top-value buffers are merged with ``all_gather`` and tallies with
@@ -31,20 +35,25 @@ Under ``torch.distributed`` (e.g. ``torchrun``) every rank dissects the shard
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .datasets import concept_number, item_image
 from .hooks import capture, restored
 from .model import Model, as_model
+from .progress import Progress, check_cancel, check_progress
 
 # ----------------------------------------------------------------------------- the protocol
 
@@ -76,48 +85,17 @@ def prepare_item(item, concept_index: dict, concept_cat: np.ndarray, category_in
     """
     if not isinstance(item, dict) or "image" not in item:
         raise TypeError("a concept data set item must be a dict with 'image' and 'masks'")
-    image = item["image"]
-    if not isinstance(image, np.ndarray):
-        image = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    image = item_image(item)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"item images must be H×W×3, not {image.shape}")
     if image.dtype != np.uint8:
         image = np.clip(np.asarray(image, np.float32) * (255.0 if image.max() <= 1 else 1.0),
                         0, 255).round().astype(np.uint8)
     raw = item.get("masks", [])
-    n = len(concept_cat)
     if isinstance(raw, dict):
-        pairs = []
-        for key, mask in raw.items():
-            idx = concept_index[key] if isinstance(key, str) else int(key)
-            pairs.append((idx, np.asarray(mask, bool)))
-        hw = pairs[0][1].shape if pairs else image.shape[:2]
-        ids = sorted({i for i, _ in pairs})
-        masks = np.zeros((len(ids), hw[0] * hw[1]), bool)
-        where = {i: j for j, i in enumerate(ids)}
-        for i, m in pairs:
-            if m.shape != hw:
-                raise ValueError(f"all masks of an item must share one size; got {m.shape} and {hw}")
-            masks[where[i]] |= m.reshape(-1)
+        ids, masks, hw = _masks_from_dict(raw, concept_index, image.shape[:2])
     else:
-        maps = [np.asarray(m) for m in raw]
-        hw = maps[0].shape if maps else image.shape[:2]
-        for m in maps:
-            if m.shape != hw:
-                raise ValueError(f"all label maps of an item must share one size; got {m.shape} and {hw}")
-        if maps:
-            stack = np.stack(maps).reshape(len(maps), -1).astype(np.int64)
-            ids = np.unique(stack[stack >= 0])
-            if len(ids) and ids[-1] >= n:
-                raise ValueError(f"label map holds concept index {ids[-1]}; the data set has {n}")
-            masks = np.zeros((len(ids), stack.shape[1]), bool)
-            for m in stack:  # one vectorised comparison per label map, not per concept
-                hit = m >= 0
-                pos = np.searchsorted(ids, m[hit])
-                masks[pos, np.flatnonzero(hit)] = True
-            ids = list(ids)
-        else:
-            ids, masks = [], np.zeros((0, hw[0] * hw[1]), bool)
+        ids, masks, hw = _masks_from_label_maps(raw, len(concept_cat), image.shape[:2])
     labels = np.unique(np.asarray(item.get("labels", []) or [], np.int64))
     annotated = np.zeros(len(category_index), bool)
     for name in item.get("annotated") or []:
@@ -134,6 +112,48 @@ def prepare_item(item, concept_index: dict, concept_cat: np.ndarray, category_in
         "labels": torch.from_numpy(labels),
         "annotated": torch.from_numpy(annotated),
     }
+
+
+def _masks_from_dict(raw: dict, concept_index: dict, image_hw):
+    """Masks given as {concept name or index: boolean mask} → (sorted concept indices,
+    bool k×(h·w) masks, (h, w)); masks of one concept are or-ed."""
+    concepts = list(concept_index)
+    pairs = [(concept_number(key, concepts, concept_index), np.asarray(mask, bool))
+             for key, mask in raw.items()]
+    hw = pairs[0][1].shape if pairs else image_hw
+    ids = sorted({i for i, _ in pairs})
+    masks = np.zeros((len(ids), hw[0] * hw[1]), bool)
+    where = {i: j for j, i in enumerate(ids)}
+    for i, m in pairs:
+        if m.shape != hw:
+            raise ValueError(f"all masks of an item must share one size; got {m.shape} and {hw}")
+        masks[where[i]] |= m.reshape(-1)
+    return ids, masks, hw
+
+
+def _masks_from_label_maps(raw, n_concepts: int, image_hw):
+    """Masks given as a list of label maps (concept index per pixel, −1 for none) → (sorted
+    concept indices, bool k×(h·w) masks, (h, w))."""
+    maps = [np.asarray(m) for m in raw]
+    hw = maps[0].shape if maps else image_hw
+    for m in maps:
+        if m.shape != hw:
+            raise ValueError(f"all label maps of an item must share one size; got {m.shape} "
+                             f"and {hw}")
+    if not maps:
+        return [], np.zeros((0, hw[0] * hw[1]), bool), hw
+    stack = np.stack(maps).reshape(len(maps), -1).astype(np.int64)
+    ids = np.unique(stack[stack >= 0])
+    if len(ids) and ids[-1] >= n_concepts:
+        raise ValueError(f"a label map holds concept index {ids[-1]}, out of range: the data "
+                         f"set has {n_concepts} concepts (indices 0–{n_concepts - 1}, "
+                         "dataset.concepts; −1 marks a pixel with none)")
+    masks = np.zeros((len(ids), stack.shape[1]), bool)
+    for m in stack:  # one vectorised comparison per label map, not per concept
+        hit = m >= 0
+        pos = np.searchsorted(ids, m[hit])
+        masks[pos, np.flatnonzero(hit)] = True
+    return list(ids), masks, hw
 
 
 class _Items(torch.utils.data.Dataset):
@@ -623,8 +643,12 @@ class DissectionResult:
                "inter", "unit_area", "label_area", "map_shape")
 
     def save(self, path) -> Path:
-        """Write the result to ``path`` (``.npz``; the metadata travels inside as json)."""
+        """Write the result to ``path`` (``.npz``; the metadata travels inside as json) and
+        return where it went: ``.npz`` is added to a name without it, and a path that is an
+        existing folder gets a ``dissection.npz`` inside it."""
         path = Path(path)
+        if path.is_dir():
+            path = path / DEFAULT_FILE
         if path.suffix != ".npz":
             path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
         meta = {"format": 1, "layers": self.layers, "concepts": self.concepts,
@@ -643,16 +667,20 @@ class DissectionResult:
 
     @classmethod
     def load(cls, path) -> "DissectionResult":
+        """Read a result written by :meth:`save` (``path`` may omit ``.npz``, or be the folder it
+        was saved into). Everything is checked at load — the archive, the metadata, every
+        array's presence, type and shape — and a file that fails any check (corrupt, truncated,
+        written by something else) raises one :class:`DissectionFileError` naming the file and
+        what is wrong. Pickled objects are never loaded."""
         path = Path(path)
-        if not path.exists() and path.with_suffix(".npz").exists():
-            path = path.with_suffix(".npz")
-        with np.load(path) as z:
-            meta = json.loads(z["meta"].tobytes().decode())
-            data = {layer: {key: z[f"{i}/{key}"] for key in cls._ARRAYS}
-                    for i, layer in enumerate(meta["layers"])}
-        return cls(meta["layers"], meta["concepts"], meta["categories"], data,
+        if path.is_dir() and (path / DEFAULT_FILE).is_file():
+            path = path / DEFAULT_FILE
+        elif not path.exists() and path.with_suffix(path.suffix + ".npz").is_file():
+            path = path.with_suffix(path.suffix + ".npz")
+        meta, arrays = _read_result_file(path)
+        return cls(meta["layers"], meta["concepts"], meta["categories"], arrays,
                    quantile=meta["quantile"], iou_threshold=meta["iou_threshold"],
-                   n_images=meta["n_images"], dataset=meta["dataset"],
+                   n_images=meta["n_images"], dataset=meta.get("dataset") or {},
                    model_name=meta.get("model_name", ""))
 
     def equals(self, other: "DissectionResult") -> bool:
@@ -664,7 +692,247 @@ class DissectionResult:
                    for l in self.layers for k in self._ARRAYS)
 
 
-# ----------------------------------------------------------------------------- dissect
+#: the file name :meth:`DissectionResult.save` uses inside a folder
+DEFAULT_FILE = "dissection.npz"
+#: the result file format :meth:`DissectionResult.save` writes (``meta["format"]``)
+FORMAT = 1
+
+
+class DissectionFileError(ValueError):
+    """A file that is not a readable dissection result: corrupt, truncated, or not written by
+    :meth:`DissectionResult.save`. The message names the file and what is wrong with it."""
+
+
+def _file_error(path: Path, what: str) -> DissectionFileError:
+    return DissectionFileError(
+        f"{str(path)!r} is not a readable dissection result: {what}. A result file is written "
+        "by result.save(path) after cw.dissect(...); run the dissection again to remake it")
+
+
+def _read_result_file(path: Path) -> tuple[dict, dict]:
+    """``(meta, layer → dict of arrays)`` of a saved result, every part checked
+    (:func:`_check_meta`, :func:`_check_arrays`)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no dissection result at {str(path)!r} (nor with .npz added)")
+    if path.is_dir():
+        raise _file_error(path, f"it is a folder without a {DEFAULT_FILE} inside")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise _file_error(path, "the file is empty")
+    if head[:2] != b"PK":
+        raise _file_error(path, f"it is not an .npz archive (it starts with {head!r}, not 'PK')")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = set(z.files)
+            if "meta" not in names:
+                raise _file_error(path, "it has no 'meta' entry, so it was not written by "
+                                  f"DissectionResult.save (it holds {sorted(names)[:6]})")
+            meta = _check_meta(path, z["meta"])
+            wanted = [f"{i}/{key}" for i in range(len(meta["layers"]))
+                      for key in DissectionResult._ARRAYS]
+            missing = [k for k in wanted if k not in names]
+            if missing:
+                raise _file_error(path, f"arrays {missing[:4]} are missing")
+            raw = {k: z[k] for k in wanted}
+    except DissectionFileError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc):  # numpy's "Object arrays cannot be loaded…": never loaded here
+            raise _file_error(path, "it holds pickled Python objects, which are never loaded "
+                              "(a result holds plain numeric arrays only)") from None
+        raise _file_error(path, f"the archive is damaged ({exc})") from None
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise _file_error(path, f"the archive is damaged or truncated "
+                          f"({type(exc).__name__}: {exc})") from None
+    return meta, _check_arrays(path, meta, raw)
+
+
+def _check_meta(path: Path, raw: np.ndarray) -> dict:
+    """The metadata json of a result file, its keys and types checked."""
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise _file_error(path, f"its 'meta' entry is a {raw.dtype} array of shape {raw.shape}, "
+                          "not the json text (uint8 bytes) save() writes")
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _file_error(path, f"its metadata is not valid json ({exc})") from None
+    if not isinstance(meta, dict):
+        raise _file_error(path, f"its metadata is a json {type(meta).__name__}, not an object")
+    if meta.get("format") != FORMAT:
+        newer = isinstance(meta.get("format"), int) and meta["format"] > FORMAT
+        raise _file_error(path, f"its format is {meta.get('format')!r}, this cnnwidgets reads "
+                          f"format {FORMAT}" + (" (the file is from a newer cnnwidgets: "
+                                                "upgrade it to read the file)" if newer else ""))
+    number = (int, float)
+    expected = {"layers": list, "concepts": list, "categories": dict, "quantile": number,
+                "iou_threshold": number, "n_images": int}
+    for key, kind in expected.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise _file_error(path, f"its metadata's {key!r} is {meta.get(key)!r}, not a "
+                              f"{kind.__name__ if isinstance(kind, type) else 'number'}")
+    if not all(isinstance(v, str) for v in meta["layers"] + meta["concepts"]):
+        raise _file_error(path, "its layers and concepts must be names (strings)")
+    if len(set(meta["layers"])) != len(meta["layers"]):
+        raise _file_error(path, f"its layers repeat: {meta['layers']}")
+    unknown = [c for c in meta["concepts"] if not isinstance(meta["categories"].get(c), str)]
+    if unknown:
+        raise _file_error(path, f"concepts {unknown[:5]} have no category")
+    return meta
+
+
+def _check_arrays(path: Path, meta: dict, raw: dict) -> dict:
+    """layer → dict of arrays, each array's type and shape checked against the metadata and
+    the layer's number of units (the length of its thresholds)."""
+    K = len(meta["concepts"])
+    n_cats = len(dict.fromkeys(meta["categories"][c] for c in meta["concepts"]))
+    data = {}
+    for i, layer in enumerate(meta["layers"]):
+        d = {key: raw[f"{i}/{key}"] for key in DissectionResult._ARRAYS}
+        # the sizes the other arrays are checked against
+        for key, ndim, what in (("threshold", 1, "one value per unit"),
+                                ("top_index", 2, "units × top images"),
+                                ("map_shape", 1, "(h, w)")):
+            if d[key].ndim != ndim:
+                raise _file_error(path, f"layer {layer!r}: {key!r} has shape "
+                                  f"{tuple(d[key].shape)}, not {ndim}-D ({what})")
+        C, n = d["threshold"].shape[0], d["top_index"].shape[1]
+        shape = d["map_shape"]
+        if shape.shape != (2,) or shape.dtype.kind not in "iu" or (shape <= 0).any():
+            raise _file_error(path, f"layer {layer!r}: map_shape {shape.tolist()} is not a "
+                              "positive (h, w)")
+        hw = int(shape[0]) * int(shape[1])
+        expected = {  # key: (shape, kinds of dtype, what the dimensions are)
+            "threshold": ((C,), "f", "units"), "minimum": ((C,), "f", "units"),
+            "iou": ((C, K), "f", "units × concepts"),
+            "top_index": ((C, n), "iu", "units × top images"),
+            "top_scores": ((C, n), "f", "units × top images"),
+            "top_maps": ((C, n, hw), "f", "units × top images × map pixels"),
+            "inter": ((C, K), "iu", "units × concepts"),
+            "unit_area": ((C, n_cats), "iu", "units × categories"),
+            "label_area": ((K,), "iu", "concepts"), "map_shape": ((2,), "iu", "(h, w)"),
+        }
+        for key, (want, kinds, what) in expected.items():
+            a = d[key]
+            if a.dtype.kind not in kinds:
+                raise _file_error(path, f"layer {layer!r}: {key!r} holds {a.dtype} values, not "
+                                  + ("integers" if kinds == "iu" else "floats"))
+            if tuple(a.shape) != want:
+                raise _file_error(path, f"layer {layer!r}: {key!r} has shape {tuple(a.shape)}, "
+                                  f"expected {want} ({what}: {C} units from its thresholds, "
+                                  f"{K} concepts and {n_cats} categories from the metadata)")
+        data[layer] = d
+    return data
+
+
+# ----------------------------------------------------------------------------- dissect: its parts
+
+
+class _Shard:
+    """This rank's shard of the data set, ``indices[rank::world_size]``, read in batches, and the
+    model's forward pass to the dissected layers' feature maps (both passes use them)."""
+
+    def __init__(self, model: Model, dataset, layers, table, *, batch_size, num_workers, device):
+        self.model, self.dataset, self.layers, self.table = model, dataset, layers, table
+        self.rank, world = _dist()
+        self.indices = range(self.rank, len(dataset), world)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.device = torch.device(device) if device is not None else model.device
+        self.bar: Progress | None = None  # set by dissect: both passes' cancel and progress
+
+    def batches(self, desc: str, with_images: bool, with_masks: bool):
+        """The shard's batches in index order (see :func:`_collate`); cancellation is checked
+        before each batch and progress counted in images after it (``self.bar``)."""
+        items = _Items(self.dataset, self.indices, *self.table, with_masks=with_masks,
+                       with_images=with_images)
+        loader = torch.utils.data.DataLoader(items, batch_size=self.batch_size, shuffle=False,
+                                             num_workers=self.num_workers, collate_fn=_collate)
+        if self.bar is None:
+            yield from loader
+            return
+        self.bar.describe(desc)
+        for batch in self.bar.each(loader):
+            yield batch
+            self.bar.advance(len(batch["index"]))
+
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 N×3×H×W images → layer → its N×C×h×w feature maps (float32, on the CPU)."""
+        x = images.to(device=self.device, dtype=torch.float32) / 255.0
+        x = self.model.normalize(x)
+        with capture(self.model.module, self.layers) as rec:
+            self.model.scores(x)
+        missing = [l for l in self.layers if l not in rec.outputs or rec.outputs[l].ndim != 4]
+        if missing:
+            raise ValueError(f"layer {missing[0]!r} did not output a feature map N×C×h×w")
+        return {l: rec.outputs[l].to("cpu", torch.float32) for l in self.layers}
+
+    def first_image_features(self) -> dict[str, torch.Tensor]:
+        """The feature maps of the data set's first image (a rank without images learns the
+        layers' shapes from them)."""
+        item = _collate([_Items(self.dataset, [0], *self.table, with_masks=False)[0]])
+        return self.features(item["image"])
+
+
+class _Scratch:
+    """The activations of pass 1 kept for pass 2: one raw float32 file per layer in a temporary
+    folder (``parent``, or the system's), appended to a batch at a time in pass 1, read back
+    in the same order in pass 2, and deleted with its folder when the ``with`` block ends."""
+
+    def __init__(self, layers, parent=None):
+        self.layers = list(layers)
+        self.folder = Path(tempfile.mkdtemp(prefix="cw-dissect-",
+                                            dir=str(parent) if parent else None))
+        self.files: dict = {}  # layer → open file, written in pass 1, read in pass 2
+        self.shapes: dict = {}  # layer → C×h×w
+
+    def _path(self, layer) -> Path:
+        return self.folder / f"{self.layers.index(layer)}.f32"
+
+    def write(self, acts: dict[str, torch.Tensor]):
+        """Append a batch's feature maps (layer → N×C×h×w float32)."""
+        for layer, act in acts.items():
+            if layer not in self.files:
+                self.files[layer] = open(self._path(layer), "wb")
+                self.shapes[layer] = tuple(act.shape[1:])
+            self.files[layer].write(act.contiguous().numpy().tobytes())
+
+    def rewind(self):
+        """End the writing; :meth:`read` then starts from the first batch."""
+        self._close()
+        self.files = {layer: open(self._path(layer), "rb") for layer in self.shapes}
+
+    def read(self, n: int) -> dict[str, torch.Tensor]:
+        """The next batch of ``n`` images: layer → N×C×h×w."""
+        acts = {}
+        for layer, f in self.files.items():
+            shape = (n, *self.shapes[layer])
+            data = np.fromfile(f, np.float32, count=int(np.prod(shape)))
+            acts[layer] = torch.from_numpy(data).reshape(shape)
+        return acts
+
+    def _close(self):
+        for f in self.files.values():
+            f.close()
+        self.files = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _layer_list(model: Model, layers) -> list[str]:
+    """``layers`` (a name or a list of them) as a list without repeats, each checked."""
+    if isinstance(layers, str):
+        layers = [layers]
+    layers = list(dict.fromkeys(layers))
+    if not layers:
+        raise ValueError("give at least one layer to dissect (model.layers() lists them)")
+    for layer in layers:
+        model.check_layer(layer)
+    return layers
 
 
 def _fingerprint(model: Model, dataset, layers, quantile, iou_threshold, extra) -> str:
@@ -679,150 +947,68 @@ def _fingerprint(model: Model, dataset, layers, quantile, iou_threshold, extra) 
     return h.hexdigest()
 
 
-def _progress(iterable, total, desc, enabled):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
+def _cache_file(cache_dir, model: Model, dataset, layers, quantile, iou_threshold,
+                extra) -> Path | None:
+    """Where the result of these arguments is cached (the folder is made), or None."""
+    if cache_dir is None:
+        return None
+    key = _fingerprint(model, dataset, layers, quantile, iou_threshold, extra)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    return Path(cache_dir) / f"dissection-{key}.npz"
 
-    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+# ----------------------------------------------------------------------------- dissect: its steps
 
 
-def dissect(
-    model,
-    dataset,
-    layers,
-    quantile: float = 0.005,
-    iou_threshold: float = 0.04,
-    *,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    cache_dir=None,
-    progress: bool = True,
-    top_n: int = 8,
-    max_values: int = 2**22,
-    features: str = "disk",
-    device=None,
-) -> DissectionResult:
-    """Dissect ``layers`` of ``model`` on a concept data set (see the module docstring).
-
-    ``layers``: a layer name or a list of them (``model.layers()`` lists the names).
-    ``quantile``: top fraction of each unit's activations that counts as "on" (0.005).
-    ``iou_threshold``: a unit is a detector of its best concept when IoU ≥ this (0.04).
-    ``batch_size``, ``num_workers``: the ``DataLoader`` that reads the data set.
-    ``cache_dir``: a folder where the finished result is saved under a key made from the model's
-    weights, the data set and the settings; calling again with the same arguments loads it
-    instead of recomputing (so a notebook or the explorer can reopen it).
-    ``top_n``: images kept per unit for the explorer. ``max_values``: bound on the number of
-    top values kept per layer in pass 1. ``features``: ``"disk"`` (run the model once and stream
-    the activations through a scratch file) or ``"recompute"`` (run it twice, write nothing).
-    Under ``torch.distributed`` each rank takes a shard and the result (identical on all ranks)
-    is merged across them.
-    """
-    model = as_model(model, "cw.dissect")
-    if isinstance(layers, str):
-        layers = [layers]
-    layers = list(dict.fromkeys(layers))
-    if not layers:
-        raise ValueError("give at least one layer to dissect (model.layers() lists them)")
-    for layer in layers:
-        model.check_layer(layer)
-    if not 0 < float(quantile) < 1:
-        raise ValueError(f"quantile must be between 0 and 1, not {quantile}")
-    if features not in ("disk", "recompute"):
-        raise ValueError(f"features must be 'disk' or 'recompute', not {features!r}")
-    concepts, cats, cat_names = concept_table(dataset)
-    n_images = len(dataset)
-    if n_images == 0:
-        raise ValueError("the data set is empty")
-    concept_cat = torch.as_tensor([cat_names.index(c) for c in cats], dtype=torch.int64)
-    rank, world = _dist()
-
-    cache_file = None
-    if cache_dir is not None:
-        key = _fingerprint(model, dataset, layers, quantile, iou_threshold, [top_n, max_values])
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache_file = Path(cache_dir) / f"dissection-{key}.npz"
-        if cache_file.exists():
-            return DissectionResult.load(cache_file)
-
-    device = torch.device(device) if device is not None else model.device
-    indices = range(rank, n_images, world)
-    table = (concepts, cats, cat_names)
-
-    def loader(with_images, with_masks):
-        items = _Items(dataset, indices, *table, with_masks=with_masks, with_images=with_images)
-        return torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=False,
-                                           num_workers=num_workers, collate_fn=_collate)
-
-    n_batches = math.ceil(len(indices) / batch_size)
-    show = progress and rank == 0
-
-    def forward(images):
-        x = images.to(device=device, dtype=torch.float32) / 255.0
-        x = model.normalize(x)
-        with capture(model.module, layers) as rec:
-            model.scores(x)
-        missing = [l for l in layers if l not in rec.outputs or rec.outputs[l].ndim != 4]
-        if missing:
-            raise ValueError(f"layer {missing[0]!r} did not output a feature map N×C×h×w")
-        return {l: rec.outputs[l].to("cpu", torch.float32) for l in layers}
-
-    scratch = None
+def _threshold_pass(shard: _Shard, scratch: _Scratch | None, quantile, max_values,
+                    top_n) -> tuple[dict, dict]:
+    """Pass 1: every layer's :class:`_Thresholds` fed the shard's activations (also written to
+    ``scratch`` unless it is None), merged across ranks. Returns (layer → _Thresholds,
+    layer → (thresholds, minima))."""
+    n_images = len(shard.dataset)
     state: dict[str, _Thresholds] = {}
-    try:
-        with restored(model.module), torch.no_grad():
-            # ---------------------------------------------------------------- pass 1
-            files = {}
-            if features == "disk":
-                scratch = Path(tempfile.mkdtemp(prefix="cw-dissect-",
-                                                dir=str(cache_dir) if cache_dir else None))
-            for batch in _progress(loader(True, False), n_batches, "dissect: pass 1/2", show):
-                acts = forward(batch["image"])
-                for layer, act in acts.items():
-                    if layer not in state:
-                        state[layer] = _Thresholds(n_images, tuple(act.shape[1:]), quantile,
-                                                   max_values, top_n)
-                        if scratch is not None:
-                            files[layer] = open(scratch / f"{len(files)}.f32", "wb")
-                    state[layer].update(act, batch["index"])
-                    if scratch is not None:
-                        files[layer].write(act.contiguous().numpy().tobytes())
-            for f in files.values():
-                f.close()
-            if not state:  # this rank had no images: learn the shapes from a dry batch
-                item = _collate([_Items(dataset, [0], *table, with_masks=False)[0]])
-                for layer, act in forward(item["image"]).items():
-                    state[layer] = _Thresholds(n_images, tuple(act.shape[1:]), quantile,
-                                               max_values, top_n)
-            thresholds = {l: state[l].finish() for l in layers}
 
-            # ---------------------------------------------------------------- pass 2
-            tallies = {l: _Tally(state[l].C, len(concepts), len(cat_names)) for l in layers}
-            label_area = torch.zeros(len(concepts), dtype=torch.int64)
-            readers = ({l: open(scratch / f"{i}.f32", "rb") for i, l in enumerate(layers)}
-                       if scratch is not None and files else {})
-            try:
-                for batch in _progress(loader(features == "recompute", True), n_batches,
-                                       "dissect: pass 2/2", show):
-                    if features == "recompute":
-                        acts = forward(batch["image"])
-                    else:
-                        N = len(batch["index"])
-                        acts = {}
-                        for l, f in readers.items():
-                            shape = (N, *state[l].shape)
-                            data = np.fromfile(f, np.float32, count=int(np.prod(shape)))
-                            acts[l] = torch.from_numpy(data).reshape(shape)
-                    label_area += label_areas(batch, len(concepts))
-                    for l in layers:
-                        tallies[l].update(acts[l], *thresholds[l], batch)
-            finally:
-                for f in readers.values():
-                    f.close()
-    finally:
+    def add(layer, act):
+        state[layer] = _Thresholds(n_images, tuple(act.shape[1:]), quantile, max_values, top_n)
+
+    for batch in shard.batches("dissect: pass 1/2", with_images=True, with_masks=False):
+        acts = shard.features(batch["image"])
+        for layer, act in acts.items():
+            if layer not in state:
+                add(layer, act)
+            state[layer].update(act, batch["index"])
         if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.write(acts)
+    if not state:  # this rank had no images
+        for layer, act in shard.first_image_features().items():
+            add(layer, act)
+    return state, {l: state[l].finish() for l in shard.layers}
 
+
+def _tally_pass(shard: _Shard, scratch: _Scratch | None, state, thresholds, n_concepts,
+                n_categories) -> tuple[dict, torch.Tensor]:
+    """Pass 2: every layer's :class:`_Tally` over the shard, the activations read back from
+    ``scratch`` (or, when it is None, computed again). Returns (layer → _Tally, the concepts'
+    label areas), this rank's part."""
+    tallies = {l: _Tally(state[l].C, n_concepts, n_categories) for l in shard.layers}
+    label_area = torch.zeros(n_concepts, dtype=torch.int64)
+    if scratch is not None:
+        scratch.rewind()
+    for batch in shard.batches("dissect: pass 2/2", with_images=scratch is None,
+                               with_masks=True):
+        if scratch is None:
+            acts = shard.features(batch["image"])
+        else:
+            acts = scratch.read(len(batch["index"]))
+        label_area += label_areas(batch, n_concepts)
+        for l in shard.layers:
+            tallies[l].update(acts[l], *thresholds[l], batch)
+    return tallies, label_area
+
+
+def _assemble(layers, state, thresholds, tallies, label_area, concept_cat) -> dict:
+    """The result's arrays per layer (see ``DissectionResult._ARRAYS``), tallies summed across
+    ranks."""
     label_area = _all_reduce(label_area)
     data = {}
     for l in layers:
@@ -842,10 +1028,79 @@ def dissect(
             "label_area": label_area.numpy(),
             "map_shape": np.array(s.shape[1:], np.int64),
         }
+    return data
+
+
+def dissect(
+    model,
+    dataset,
+    layers,
+    quantile: float = 0.005,
+    iou_threshold: float = 0.04,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    cache_dir=None,
+    cancel=None,
+    progress=None,
+    top_n: int = 8,
+    max_values: int = 2**22,
+    features: str = "disk",
+    device=None,
+) -> DissectionResult:
+    """Dissect ``layers`` of ``model`` on a concept data set (see the module docstring).
+
+    ``layers``: a layer name or a list of them (``model.layers()`` lists the names).
+    ``quantile``: top fraction of each unit's activations that counts as "on" (0.005).
+    ``iou_threshold``: a unit is a detector of its best concept when IoU ≥ this (0.04).
+    ``batch_size``, ``num_workers``: the ``DataLoader`` that reads the data set.
+    ``cache_dir``: a folder where the finished result is saved under a key made from the model's
+    weights, the data set and the settings; calling again with the same arguments loads it
+    instead of recomputing (so a notebook or the explorer can reopen it).
+    ``top_n``: images kept per unit for the explorer. ``max_values``: bound on the number of
+    top values kept per layer in pass 1. ``features``: ``"disk"`` (run the model once and stream
+    the activations through a scratch file) or ``"recompute"`` (run it twice, write nothing).
+    ``cancel``: a ``threading.Event`` (or a callable returning True) that stops the run before
+    its next batch with :class:`cnnwidgets.Cancelled`; the model is left as it was and the
+    scratch file deleted. ``progress``: ``None`` shows a bar once the run has lasted a second,
+    ``True`` / ``False`` force it, a callable ``f(done, total)`` is called after each batch
+    instead, counting images over both passes (``total`` = 2 × the images of this rank's
+    shard). Under ``torch.distributed`` each rank takes a shard and the result (identical on
+    all ranks) is merged across them; only rank 0 shows a bar, and a ``cancel`` must be set on
+    every rank.
+    """
+    model = as_model(model, "cw.dissect")
+    check_cancel(cancel)
+    check_progress(progress)
+    layers = _layer_list(model, layers)
+    if not 0 < float(quantile) < 1:
+        raise ValueError(f"quantile must be between 0 and 1, not {quantile}")
+    if features not in ("disk", "recompute"):
+        raise ValueError(f"features must be 'disk' or 'recompute', not {features!r}")
+    concepts, cats, cat_names = concept_table(dataset)
+    if len(dataset) == 0:
+        raise ValueError("the data set is empty")
+    cache_file = _cache_file(cache_dir, model, dataset, layers, quantile, iou_threshold,
+                             [top_n, max_values])
+    if cache_file is not None and cache_file.exists():
+        return DissectionResult.load(cache_file)
+
+    shard = _Shard(model, dataset, layers, (concepts, cats, cat_names), batch_size=batch_size,
+                   num_workers=num_workers, device=device)
+    scratch = _Scratch(layers, cache_dir) if features == "disk" else None
+    shard.bar = Progress(2 * len(shard.indices), "dissect", cancel=cancel, progress=progress,
+                         what="dissect", show=shard.rank == 0)
+    with shard.bar, scratch or contextlib.nullcontext(), restored(model.module), \
+            torch.no_grad():
+        state, thresholds = _threshold_pass(shard, scratch, quantile, max_values, top_n)
+        tallies, label_area = _tally_pass(shard, scratch, state, thresholds, len(concepts),
+                                          len(cat_names))
+    concept_cat = torch.as_tensor([cat_names.index(c) for c in cats], dtype=torch.int64)
+    data = _assemble(layers, state, thresholds, tallies, label_area, concept_cat)
     spec = dataset.spec() if hasattr(dataset, "spec") else {"class": type(dataset).__name__}
     result = DissectionResult(layers, concepts, dict(zip(concepts, cats)), data,
-                              quantile=quantile, iou_threshold=iou_threshold, n_images=n_images,
-                              dataset=spec, model_name=model.name)
-    if cache_file is not None and rank == 0:
+                              quantile=quantile, iou_threshold=iou_threshold,
+                              n_images=len(dataset), dataset=spec, model_name=model.name)
+    if cache_file is not None and shard.rank == 0:
         result.save(cache_file)
     return result

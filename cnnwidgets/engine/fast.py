@@ -50,14 +50,15 @@ import contextlib
 import copy
 import os
 import threading
-import weakref
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import MODEL_GATE, hooked
+from .cache import weights_state
+from .guard import guard
+from .hooks import hooked
 from .relu_rules import backward_rule, watching
 
 #: the speed tricks of the twin (see the module docstring)
@@ -167,14 +168,10 @@ class _Twin:
     def refold(self) -> None:
         """Fold again the pairs whose weights or statistics changed since."""
         for i, (conv, bn, fused, state) in enumerate(self.pairs):
-            now = _state(conv, bn)
+            now = weights_state(conv, bn)
             if now != state:
                 _fold_into(fused, conv, bn)
                 self.pairs[i] = (conv, bn, fused, now)
-
-
-_TWINS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
 
 
 class _Busy(Exception):
@@ -188,15 +185,17 @@ def twin(module: nn.Module) -> "nn.Module | None":
     if module.training or hooked(module):
         return None
     structure = tuple(id(m) for m in module.modules())
-    with _LOCK:
-        twins = _TWINS.setdefault(module, {})  # one per set of enabled tricks
-        found = twins.get(frozenset(ENABLED))
+    tricks = frozenset(ENABLED)
+    owner = guard(module)
+    with owner.twin_lock:
+        twins = owner.twin = owner.twin or {}  # one per set of enabled tricks
+        found = twins.get(tricks)
         if found is None or found.structure != structure:
             try:
                 found = _build(module, structure)
             except _Busy:
                 return None
-            twins[frozenset(ENABLED)] = found
+            twins[tricks] = found
         if found.module is not None:
             found.refold()
         return found.module
@@ -205,8 +204,9 @@ def twin(module: nn.Module) -> "nn.Module | None":
 def forget(module: nn.Module) -> None:
     """Drop ``module``'s twins; the next call builds them again. Needed only after changing a
     weight in place through ``.data``, which leaves no trace PyTorch exposes."""
-    with _LOCK:
-        _TWINS.pop(module, None)
+    owner = guard(module)
+    with owner.twin_lock:
+        owner.twin = None
 
 
 class _Tracer(fx.Tracer):
@@ -221,7 +221,7 @@ def _build(module: nn.Module, structure) -> _Twin:
     try:
         # fx patches nn.Module.__call__ for every thread while it traces: wait briefly for
         # other threads' forward passes; if they go on, run the network itself this time
-        with MODEL_GATE.exclusive(timeout=0.5):
+        with guard(module).tracing(timeout=0.5):
             try:
                 graph = _Tracer().trace(module)
             except Exception:  # noqa: BLE001 - any model fx cannot trace runs itself
@@ -290,15 +290,8 @@ def _fold(graph: fx.Graph, named: dict) -> list:
         src.target = _name(named, "cw_folded_", fused)
         node.replace_all_uses_with(src)
         graph.erase_node(node)
-        pairs.append((conv, bn, fused, _state(conv, bn)))
+        pairs.append((conv, bn, fused, weights_state(conv, bn)))
     return pairs
-
-
-def _state(*modules: nn.Module) -> tuple:
-    """What a folded convolution was built from: every tensor's storage and version."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device)
-                 for m in modules for d in (m._parameters, m._buffers) for t in d.values()
-                 if t is not None)
 
 
 def _fold_into(target: nn.Module, conv: nn.Module, bn: nn.Module) -> None:
@@ -599,9 +592,8 @@ class Packed(nn.Module):
         return "relu", []
 
     def _weight(self, x: torch.Tensor, reorder):
-        w, b = self.conv.weight, self.conv.bias
-        key = (w.data_ptr(), w._version, w.shape,
-               None if b is None else (b.data_ptr(), b._version))
+        w = self.conv.weight
+        key = weights_state(self.conv)
         cached = self._packed
         if cached is not None and cached[0] == key:
             return cached[1]

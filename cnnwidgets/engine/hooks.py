@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+from .guard import guard
 
 
 @dataclass
@@ -170,86 +171,6 @@ def capture(
             h.remove()
 
 
-class _Gate:
-    """Forward passes share the models; a ``torch.fx`` trace needs them to itself.
-
-    While fx traces it patches ``nn.Module.__call__`` for every thread, so a forward pass
-    running at the same time in another thread (a widget computing in the background) would
-    get fx Proxies instead of tensors. ``restored`` holds the gate shared; tracing holds it
-    exclusively (waiting for other threads' passes to end, never for its own thread's).
-
-    A waiting trace goes first: while one waits, other threads start no new pass (a thread
-    already inside one may nest another). Without that, two explorers computing one pass after
-    another in background threads can always leave one pass running, and a trace (a
-    FixationExplorer's first backtrack) waits out its whole timeout behind them.
-    """
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._readers: dict[int, int] = {}
-        self._writer: int | None = None
-        self._depth = 0
-        self._waiting: dict[int, int] = {}  # threads waiting to hold the gate exclusively
-
-    def _may_share(self, me: int) -> bool:
-        if self._writer not in (None, me):
-            return False
-        return me in self._readers or not any(t != me for t in self._waiting)
-
-    @contextlib.contextmanager
-    def shared(self):
-        me = threading.get_ident()
-        with self._cond:
-            while not self._may_share(me):
-                self._cond.wait()
-            self._readers[me] = self._readers.get(me, 0) + 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers[me] -= 1
-                if not self._readers[me]:
-                    del self._readers[me]
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self, timeout: float = 120.0):
-        me = threading.get_ident()
-        with self._cond:
-            self._waiting[me] = self._waiting.get(me, 0) + 1
-            try:
-                ok = self._cond.wait_for(
-                    lambda: self._writer in (None, me) and not any(t != me for t in self._readers),
-                    timeout)
-            finally:
-                self._waiting[me] -= 1
-                if not self._waiting[me]:
-                    del self._waiting[me]
-                self._cond.notify_all()  # passes held back by this wait may start
-            if not ok:
-                raise RuntimeError("another computation kept the model busy for over "
-                                   f"{timeout:.0f} s; try again when it has finished")
-            self._writer = me
-            self._depth += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._depth -= 1
-                if not self._depth:
-                    self._writer = None
-                self._cond.notify_all()
-
-
-#: the process-wide gate between forward passes (shared) and fx tracing (exclusive)
-MODEL_GATE = _Gate()
-
-# module → [number of restored() blocks inside it, saved training flags, saved requires_grad]
-_SAVED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
-_SAVED_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
 def restored(module: nn.Module, *, eval_mode: bool = True, frozen: bool = False):
     """Run the body with ``module`` in eval mode, then restore training flags and
     ``requires_grad`` exactly as they were, whatever happens inside. ``frozen=True`` turns
@@ -257,41 +178,10 @@ def restored(module: nn.Module, *, eval_mode: bool = True, frozen: bool = False)
 
     Safe across threads and nesting (a widget computing in the background while the notebook
     calls ``predict``): the first block to enter saves the state, and the last one to leave
-    restores it, so one block can never restore the other's temporary eval mode for good.
+    restores it, so one block can never restore the other's temporary eval mode for good
+    (:meth:`ModelGuard.restored <cnnwidgets.engine.guard.ModelGuard.restored>`).
     """
-    with MODEL_GATE.shared():
-        with _SAVED_LOCK:
-            entry = _SAVED.get(module)
-            if entry is None:
-                # one walk over the modules (walking a 300-module network costs ~1 ms)
-                modules = list(module.modules())
-                params = dict.fromkeys(p for m in modules for p in m._parameters.values()
-                                       if p is not None)
-                entry = [0, [(m, m.training) for m in modules],
-                         [(p, p.requires_grad) for p in params]]
-                _SAVED[module] = entry
-            entry[0] += 1
-            if eval_mode and any(m.training for m, _ in entry[1]):
-                module.eval()
-            if frozen:
-                for p, _ in entry[2]:
-                    if p.requires_grad:
-                        p.requires_grad_(False)
-        try:
-            yield module
-        finally:
-            with _SAVED_LOCK:
-                entry[0] -= 1
-                if entry[0] == 0:
-                    del _SAVED[module]
-                    # only what changed: setting every flag costs ~10 ms on a 300-module net,
-                    # which per-step callers (feature visualisation) pay at every step
-                    for m, flag in entry[1]:
-                        if m.training != flag:
-                            m.training = flag
-                    for p, flag in entry[2]:
-                        if p.requires_grad != flag:
-                            p.requires_grad_(flag)
+    return guard(module).restored(eval_mode=eval_mode, frozen=frozen)
 
 
 def hook_count(module: nn.Module) -> int:

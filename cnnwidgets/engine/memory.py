@@ -78,3 +78,22 @@ def fit_batch(batch_size: int, image_bytes: int, available: int | None = None) -
     if available is None:
         return batch_size
     return max(1, min(batch_size, int(available * FRACTION) // int(image_bytes)))
+
+
+def image_bytes(module, layers) -> int:
+    """Bytes of every leaf module's output for one image, from a dry run's ``layers`` (name →
+    :class:`~cnnwidgets.engine.layer_index.LayerInfo`) at the element size of ``module``'s
+    parameters: an upper bound of what a forward + backward pass keeps per image (measured
+    0.4–0.7 of it), the ``image_bytes`` of :func:`fit_batch`."""
+    modules = dict(module.named_modules())
+    total = 0
+    for name, layer in layers.items():
+        m = modules.get(name)
+        if m is None or next(m.children(), None) is not None or not layer.shape:
+            continue
+        count = 1
+        for d in layer.shape:
+            count *= int(d)
+        total += count * layer.calls
+    p = next(module.parameters(), None)
+    return total * (p.element_size() if p is not None else 4)

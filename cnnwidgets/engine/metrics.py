@@ -242,6 +242,7 @@ class SanityCheck:
     label: str = ""
     signed: bool = False
     params: dict = field(default_factory=dict)
+    fine: bool = False  #: whether the maps are pixel-level (see Attribution.fine)
 
     def plot(self, fig=None, **kwargs):
         """The original map and one per stage, each titled with its similarity."""
@@ -343,4 +344,5 @@ def sanity_check(model, image, method: str = "grad_cam", *, target=None, stages:
         if bar is not None:
             bar.close()
     return SanityCheck(original.method, original.target, chosen, maps, np.asarray(sims),
-                       original.image, original.label, original.signed, original.params)
+                       original.image, original.label, original.signed, original.params,
+                       original.fine)

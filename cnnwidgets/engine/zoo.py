@@ -5,7 +5,9 @@ import difflib
 
 import torch
 
-from .model import IMAGENET_MEAN, IMAGENET_STD, Model, imagenet_labels
+from .labels import imagenet_labels
+from .model import Model
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 OFFLINE_MODELS = ("efficientnet_lite0",)
 

@@ -13,6 +13,24 @@ import numpy as np
 COLORMAPS = ("jet", "inferno", "viridis", "magma", "hot", "gray", "bwr", "coolwarm", "RdBu_r")
 DEFAULT_CMAP = "jet"
 DEFAULT_SIGNED_CMAP = "bwr"
+#: pixel-level maps are shown scaled by this percentile of their magnitude and clipped: a few
+#: extreme pixels would otherwise leave the rest of the map invisible
+FINE_PERCENTILE = 99.5
+
+
+def shown_heat(heat, fine: bool = False) -> np.ndarray:
+    """What is drawn for a map: the map itself, or for a pixel-level (``fine``) map, the map
+    divided by the :data:`FINE_PERCENTILE`-th percentile of its magnitude and clipped to
+    [-1, 1]. A display copy only: rankings and maxima read the map itself."""
+    heat = np.nan_to_num(np.asarray(heat, dtype=np.float32))
+    if not fine or heat.size == 0:
+        return heat
+    flat = np.abs(heat).ravel()
+    k = max(1, min(flat.size, int(np.ceil(FINE_PERCENTILE / 100 * flat.size))))
+    scale = np.partition(flat, k - 1)[k - 1]  # the k-th smallest magnitude
+    if scale <= 0:
+        return heat
+    return np.clip(heat / scale, -1.0, 1.0).astype(np.float32)
 
 
 def _limits(signed: bool):
@@ -28,11 +46,14 @@ def _alpha(heat, alpha: float, fade: bool):
 
 
 def draw_attribution(ax, heat, image=None, *, alpha: float = 0.5, cmap: str | None = None,
-                     signed: bool = False, title: str | None = None, fade: bool = False) -> dict:
+                     signed: bool = False, title: str | None = None, fade: bool = False,
+                     fine: bool = False) -> dict:
     """Draw ``image`` (H×W×3 in [0, 1]) with ``heat`` (H×W, in [0, 1] or [-1, 1] when
     ``signed``) over it; returns ``{"image", "overlay", "title"}`` artists. ``fade``: the
-    overlay's opacity follows the map's magnitude (for signed and pixel-level maps)."""
-    heat = np.asarray(heat, dtype=np.float32)
+    overlay's opacity follows the map's magnitude (for signed and pixel-level maps).
+    ``fine``: a pixel-level map, drawn through :func:`shown_heat` (and faded)."""
+    heat = shown_heat(heat, fine)
+    fade = fade or fine
     if image is None:
         image = np.zeros((*heat.shape, 3), dtype=np.float32)
     cmap = cmap or (DEFAULT_SIGNED_CMAP if signed else DEFAULT_CMAP)
@@ -43,16 +64,21 @@ def draw_attribution(ax, heat, image=None, *, alpha: float = 0.5, cmap: str | No
                      interpolation="bilinear")
     text = ax.set_title(title or "", fontsize=9, y=1.0)
     return {"image": base, "overlay": over, "title": text, "signed": signed, "fade": fade,
-            "alpha": float(alpha)}
+            "alpha": float(alpha), "fine": fine}
 
 
 def update_attribution(artists: dict, heat=None, image=None, *, alpha: float | None = None,
                        cmap: str | None = None, signed: bool | None = None,
-                       title: str | None = None, fade: bool | None = None) -> dict:
-    """Change the artists made by :func:`draw_attribution` in place."""
+                       title: str | None = None, fade: bool | None = None,
+                       fine: bool | None = None) -> dict:
+    """Change the artists made by :func:`draw_attribution` in place (``heat``: the map itself,
+    shown through :func:`shown_heat` when it is ``fine``)."""
     over = artists["overlay"]
+    if fine is not None:
+        artists["fine"] = fine
+        fade = fade or fine
     if heat is not None:
-        over.set_data(np.asarray(heat, dtype=np.float32))
+        over.set_data(shown_heat(heat, artists.get("fine", False)))
     if fade is not None:
         artists["fade"] = fade
     if alpha is not None:
@@ -110,14 +136,15 @@ def blank_panel(ax, message: str = "") -> dict:
 
 
 def plot_attribution(heat, image=None, ax=None, *, alpha: float = 0.5, cmap: str | None = None,
-                     signed: bool = False, title: str | None = None, fade: bool = False) -> dict:
+                     signed: bool = False, title: str | None = None, fade: bool = False,
+                     fine: bool = False) -> dict:
     """:func:`draw_attribution` on ``ax``, or on a new pyplot figure when ``ax`` is ``None``."""
     if ax is None:
         import matplotlib.pyplot as plt
 
         _, ax = plt.subplots(figsize=(4, 4), layout="constrained")
     return draw_attribution(ax, heat, image, alpha=alpha, cmap=cmap, signed=signed, title=title,
-                            fade=fade)
+                            fade=fade, fine=fine)
 
 
 def attribution_grid(panels, *, columns: int = 4, alpha: float = 0.5, size: float = 3.0):

@@ -84,7 +84,7 @@ def plot_sanity(result, fig=None, *, alpha: float = 0.5, size: float = 2.4):
         else:
             title = f"random down to\n{result.stages[i - 1]}\nρ = {result.similarity[i - 1]:.2f}"
         draw_attribution(ax, heat, result.image, alpha=alpha, signed=result.signed,
-                         fade=result.signed, title=title)
+                         fade=result.signed, fine=getattr(result, "fine", False), title=title)
         ax.title.set_fontsize(8)
     fig.suptitle(f"cascading randomisation of the weights, top down — ρ: rank correlation with "
                  f"the original map (low = the map depends on those weights)", fontsize=9)

@@ -9,30 +9,17 @@ dropped. With ``evaluate`` on, every shown map also gets its deletion and insert
 """
 from __future__ import annotations
 
-import threading
-
 import ipywidgets as widgets
-import numpy as np
 import traitlets
 
 from ..engine.attribution import Cancelled, attribute, get_method, methods
 from ..engine.attribution.core import check_layer, default_layer
 from ..engine.metrics import deletion, insertion
 from ..engine.model import as_model
-from ..render.attribution import (
-    COLORMAPS,
-    DEFAULT_CMAP,
-    DEFAULT_SIGNED_CMAP,
-    draw_attribution,
-    draw_image,
-    set_message,
-    show_panel,
-    update_attribution,
-)
-from ..render.metrics import draw_curves
-from .base import WidgetBase, make_figure
+from ..render.attribution import COLORMAPS
+from .attribution_figures import MAX_PANELS, AttributionFigures
+from .base import KEEP, WidgetBase
 
-MAX_PANELS = 4
 EVAL_STEPS = 25  #: steps of the deletion / insertion curves in the widget (a quick look)
 
 
@@ -58,7 +45,52 @@ def _control(spec, value):
             return widgets.FloatSlider(min=low, max=high, step=spec.step or (high - low) / 100,
                                        readout_format=".2f", **common)
         return widgets.FloatText(**common)
-    return widgets.Text(description=spec.name, value=str(value), style=style, layout=layout)
+    return widgets.Text(description=spec.name, value=str(value), style=style, layout=layout,
+                        continuous_update=False)
+
+
+def _search_target(text: str):
+    """The class of an entry of the label search ("9: goldfish"), or KEEP."""
+    return int(text.split(":", 1)[0]) if text and ":" in text else KEEP
+
+
+def _attribute_all(model, image, names, *, target, layer, params, evaluate, cancel, progress):
+    """``(attributions, curves)`` of the methods ``names`` (the first with ``params``), or
+    None when cancelled. A compared method's error stands in its place (shown in its panel);
+    the first method's error is raised. With ``evaluate``, ``curves`` holds each map's
+    ``(deletion, insertion)`` (None for an error). ``progress(what, done, total)``."""
+    stage = {"what": ", ".join(names)}
+
+    def step(done, total):
+        progress(stage["what"], done, total)
+
+    results = []
+    try:
+        for i, name in enumerate(names):
+            try:
+                results.append(attribute(
+                    model, image, name, target=target,
+                    layer=(layer or None) if get_method(name).layer else None, cancel=cancel,
+                    progress=step, **(params if i == 0 else {})))
+            except Cancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a compared method's own error
+                if i == 0:
+                    raise
+                results.append(exc)
+        curves = []
+        for r in results if evaluate else []:
+            if isinstance(r, Exception):
+                curves.append(None)
+                continue
+            pair = []
+            for kind, fn in (("deletion", deletion), ("insertion", insertion)):
+                stage["what"] = f"{kind} curve of {r.method}"
+                pair.append(fn(model, image, r, steps=EVAL_STEPS, cancel=cancel, progress=step))
+            curves.append(tuple(pair))
+    except Cancelled:
+        return None
+    return results, curves
 
 
 class AttributionExplorer(WidgetBase):
@@ -92,12 +124,33 @@ class AttributionExplorer(WidgetBase):
         self.result = None  #: the last list of ``cw.Attribution`` shown
         #: the last deletion / insertion curves: ``[(deletion, insertion)]``, one per map
         self.curves: list = []
-        self._cancel = threading.Event()
-        self._busy = False
         _, self.display = model.prepare(self.image)
         self.top = model.predict(self.image, k=5)
+        self._param_controls: dict = {}
+        self._memory: dict = {}  # method → its last parameters, restored when it is chosen again
+        self._quiet = False
 
-        # ---------------------------------------------------------- controls
+        self.figures = AttributionFigures(self.display)
+        self.figure = self.figures.single_fig
+        controls = self._build_controls()
+        self.children = [widgets.HBox([controls, widgets.VBox([self.figures.canvas_box,
+                                                               self.figures.eval_box])]),
+                         self.status, self.errors]
+        with self.hold_trait_notifications():
+            self.method = method
+            self.target = self.top[0][0] if target is None else target
+            self.compare = list(compare)
+        self._build_params()
+        self._show_mode()
+        # reactions: their errors show in the widget, and stay when they start a computation
+        self.observe(self.guarded(self._on_method, clear=False), "method")
+        self.observe(self.guarded(self._on_state, clear=False),
+                     ["target", "layer", "params", "compare", "evaluate"])
+        self.observe(self.guarded(self._restyle, clear=False), ["alpha", "cmap"])
+        self.refresh()
+
+    def _build_controls(self) -> widgets.VBox:
+        """The controls, bound to the traitlets, in a column left of the figures."""
         kinds = {"gradient": "gradient", "cam": "CAM", "perturbation": "perturbation",
                  "other": "other"}
         self.method_select = widgets.Dropdown(
@@ -107,13 +160,13 @@ class AttributionExplorer(WidgetBase):
             options=[(f"{lab} ({p:.1%})", i) for i, lab, p in self.top],
             description="top-5", layout=widgets.Layout(width="300px"))
         self.label_search = widgets.Combobox(
-            options=[f"{i}: {lab}" for i, lab in enumerate(model.labels)],
+            options=[f"{i}: {lab}" for i, lab in enumerate(self.model.labels)],
             placeholder="search all labels…", description="any class", ensure_option=True,
             layout=widgets.Layout(width="300px"))
         self.layer_select = widgets.Dropdown(
-            options=[(f"default ({default_layer(model)})", "")] + [(n, n) for n in model.layers()],
-            description="layer",
-            layout=widgets.Layout(width="300px"))
+            options=[(f"default ({default_layer(self.model)})", "")]
+            + [(n, n) for n in self.model.layers()],
+            description="layer", layout=widgets.Layout(width="300px"))
         self.alpha_slider = widgets.FloatSlider(value=0.5, min=0, max=1, step=0.05,
                                                 description="opacity",
                                                 layout=widgets.Layout(width="300px"))
@@ -130,77 +183,23 @@ class AttributionExplorer(WidgetBase):
                                             button_style="warning", disabled=True,
                                             layout=widgets.Layout(width="120px"))
         self.param_box = widgets.VBox()
-        self._param_controls: dict = {}
-        self._memory: dict = {}  # method → its last parameters, restored when it is chosen again
-        self._quiet = False
-        self._names: list = []
-
-        # ---------------------------------------------------------- figures
-        self.single_fig, self.single_canvas = make_figure(7.0, 3.6)
-        axes = self.single_fig.subplots(1, 2)
-        self._image_panel = draw_image(axes[0], self.display, "input")
-        blank = np.zeros(self.display.shape[:2], dtype=np.float32)
-        self._main_panel = draw_attribution(axes[1], blank, self.display, alpha=0.5)
-        self.compare_fig, self.compare_canvas = make_figure(11.0, 3.3, dpi=80)
-        axes = self.compare_fig.subplots(1, MAX_PANELS)
-        self._panels = [draw_attribution(ax, blank, self.display, alpha=0.5) for ax in axes]
-        self.figure = self.single_fig
-        # A canvas leaves the page in a Box of its own: JupyterLab keeps the element of an ipympl
-        # canvas taken out of a container on the page (and adds another when it comes back),
-        # while a removed Box takes its whole subtree with it.
-        self._single_holder = widgets.Box([self.single_canvas])
-        self._compare_holder = widgets.Box([self.compare_canvas])
-        self.canvas_box = widgets.Box([self._single_holder])
-        self.eval_fig, self.eval_canvas = make_figure(7.0, 2.6, dpi=90)
-        self._eval_axes = self.eval_fig.subplots(1, 2)
-        self.eval_fig.subplots_adjust(left=0.08, right=0.98, bottom=0.2, top=0.86, wspace=0.25)
-        self._eval_holder = widgets.Box([self.eval_canvas])
-        self.eval_box = widgets.Box([])  # holds the curves while ``evaluate`` is on
-
-        controls = widgets.VBox([
+        self.bind(self.method_select, "method")
+        self.bind(self.top_select, "target")
+        self.bind(self.label_search, "target", to_trait=_search_target, to_control=lambda _: KEEP)
+        self.bind(self.layer_select, "layer")
+        self.bind(self.alpha_slider, "alpha")
+        self.bind(self.cmap_select, "cmap")
+        self.bind(self.compare_select, "compare", to_trait=lambda v: list(v)[:MAX_PANELS - 1],
+                  to_control=tuple)
+        self.bind(self.evaluate_check, "evaluate")
+        self.cancel_button.on_click(self.guarded(lambda b: self.cancel(), clear=False))
+        return widgets.VBox([
             self.method_select, self.top_select, self.label_search, self.layer_select,
             widgets.HTML("<b>parameters</b>"), self.param_box,
             widgets.HTML("<b>view</b>"), self.alpha_slider, self.cmap_select,
             self.compare_select, widgets.HTML("<b>evaluate</b>"), self.evaluate_check,
             self.cancel_button,
         ], layout=widgets.Layout(width="320px"))
-        self.children = [widgets.HBox([controls, widgets.VBox([self.canvas_box, self.eval_box])]),
-                         self.status, self.errors]
-
-        # ---------------------------------------------------------- wiring
-        self.method_select.observe(self._guard(lambda c: setattr(self, "method", c.new)), "value")
-        self.top_select.observe(self._guard(lambda c: setattr(self, "target", c.new)), "value")
-        self.label_search.observe(self._guard(self._on_search), "value")
-        self.layer_select.observe(self._guard(lambda c: setattr(self, "layer", c.new)), "value")
-        self.alpha_slider.observe(self._guard(lambda c: setattr(self, "alpha", c.new)), "value")
-        self.cmap_select.observe(self._guard(lambda c: setattr(self, "cmap", c.new)), "value")
-        self.compare_select.observe(
-            self._guard(lambda c: setattr(self, "compare", list(c.new)[:MAX_PANELS - 1])), "value")
-        self.evaluate_check.observe(self._guard(lambda c: setattr(self, "evaluate", c.new)),
-                                    "value")
-        self.cancel_button.on_click(self._guard(lambda b: self.cancel()))
-
-        with self.hold_trait_notifications():
-            self.method = method
-            self.target = self.top[0][0] if target is None else target
-            self.compare = list(compare)
-        self._build_params()
-        self._sync_controls()
-        self._observe()
-        self.refresh()
-
-    def _guard(self, fn):
-        """Like ``guarded``, but leaves clearing the error box to the computation's result:
-        these callbacks start computations whose errors (in the foreground) must stay shown."""
-
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - shown to the user
-                self.errors.show(exc)
-                return None
-
-        return wrapper
 
     # ------------------------------------------------------------------ validation
     @traitlets.validate("method")
@@ -245,39 +244,26 @@ class AttributionExplorer(WidgetBase):
         return get_method(self.method).resolve(dict(proposal.value))
 
     # ------------------------------------------------------------------ reactions
-    def _observe(self):
-        self.observe(self._guard(self._on_method), "method")
-        self.observe(self._guard(self._on_state),
-                     ["target", "layer", "params", "compare", "evaluate"])
-        self.observe(self._guard(lambda c: (self._sync_controls(), self._restyle())),
-                     ["alpha", "cmap"])
-
     def _on_state(self, change):
         if self._quiet:
             return
         if change.name == "params":
             self._memory[self.method] = dict(change.new)
-        self._sync_controls()
+        self._show_mode()
         self.refresh()
 
     def _on_method(self, change):
         self._build_params()
-        self._sync_controls()
+        self._show_mode()
         self.refresh()
-
-    def _on_search(self, change):
-        if change.new and ":" in change.new:
-            self.target = int(change.new.split(":", 1)[0])
 
     def _build_params(self):
         """Controls for the current method, generated from its ``Param`` specs."""
         spec = get_method(self.method)
         values = spec.resolve(self._memory.get(spec.name, {}))
-        self._param_controls = {}
-        for p in spec.params:
-            ctrl = _control(p, values[p.name])
-            ctrl.observe(self._guard(lambda c, name=p.name: self._set_param(name, c.new)), "value")
-            self._param_controls[p.name] = ctrl
+        for ctrl in self._param_controls.values():
+            self.unbind(ctrl)
+        self._param_controls = {p.name: _control(p, values[p.name]) for p in spec.params}
         self.param_box.children = list(self._param_controls.values()) or [
             widgets.HTML("<i>no parameters</i>")]
         self._quiet = True
@@ -285,88 +271,38 @@ class AttributionExplorer(WidgetBase):
             self.params = values
         finally:
             self._quiet = False
-
-    def _set_param(self, name, value):
-        self.params = {**self.params, name: value}
-
-    def _sync_controls(self):
-        """Make every control show the traitlets' values (after a change from code)."""
-        self.method_select.value = self.method
-        if self.target in [i for i, _, _ in self.top]:
-            self.top_select.value = self.target
-        spec = get_method(self.method)
-        self.layer_select.disabled = not spec.layer
-        if self.layer in [value for _, value in self.layer_select.options]:
-            self.layer_select.value = self.layer
         for name, ctrl in self._param_controls.items():
-            if name in self.params and ctrl.value != self.params[name]:
-                ctrl.value = self.params[name]
-        self.alpha_slider.value = self.alpha
-        self.cmap_select.value = self.cmap
-        self.compare_select.value = tuple(n for n in self.compare if n in methods())
-        self.evaluate_check.value = self.evaluate
-        self.eval_box.children = [self._eval_holder] if self.evaluate else []
-        compare = bool(self.compare)
-        self.figure = self.compare_fig if compare else self.single_fig
-        self.canvas_box.children = [self._compare_holder if compare else self._single_holder]
+            self.bind(ctrl, "params", to_trait=lambda v, name=name: {**self.params, name: v},
+                      to_control=lambda params, name=name: params.get(name, KEEP))
+
+    def _show_mode(self):
+        """The layer menu for CAM methods only; the compare figure when methods are compared;
+        the curves while ``evaluate`` is on."""
+        self.layer_select.disabled = not get_method(self.method).layer
+        self.figure = self.figures.select(bool(self.compare), self.evaluate)
 
     # ------------------------------------------------------------------ computing
     def cancel(self) -> None:
         """Stop the running computation (it raises ``Cancelled`` between batches)."""
-        self._cancel.set()
-
-    cancel_background = cancel  # the interpreter's exit stops a running computation too
+        self.task.cancel()
 
     def refresh(self) -> None:
         """Recompute the shown methods in the background (a newer call supersedes this one)."""
-        self._cancel.set()  # stop the stale computation, if any
-        cancel = self._cancel = threading.Event()
         names = [self.method] + [n for n in self.compare if n != self.method]
         target, layer, params = self.target, self.layer, dict(self.params)
         evaluate = self.evaluate
         label = self.model.label(target)
         self.status.value = f"computing {', '.join(names)} for “{label}”…"
         self.cancel_button.disabled = False
-        stage = {"what": ", ".join(names)}
 
-        def progress(done, total):
-            if not cancel.is_set():
-                self.status.value = f"computing {stage['what']}… {done}/{total}"
+        def work(cancel):
+            def progress(what, done, total):
+                if not cancel.is_set():
+                    self.status.value = f"computing {what}… {done}/{total}"
 
-        def curves_of(results):
-            out = []
-            for r in results:
-                if isinstance(r, Exception):
-                    out.append(None)
-                    continue
-                pair = []
-                for kind, fn in (("deletion", deletion), ("insertion", insertion)):
-                    stage["what"] = f"{kind} curve of {r.method}"
-                    pair.append(fn(self.model, self.image, r, steps=EVAL_STEPS, cancel=cancel,
-                                   progress=progress))
-                out.append(tuple(pair))
-            return out
-
-        def compute():
-            results = []
-            try:
-                for i, name in enumerate(names):
-                    spec = get_method(name)
-                    try:
-                        results.append(attribute(
-                            self.model, self.image, name, target=target,
-                            layer=(layer or None) if spec.layer else None, cancel=cancel,
-                            progress=progress, **(params if i == 0 else {})))
-                    except Cancelled:
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - a compared method's own error
-                        if i == 0:
-                            raise
-                        results.append(exc)  # shown in its panel, the others still show
-                curves = curves_of(results) if evaluate else []
-            except Cancelled:
-                return None
-            return results, curves
+            return _attribute_all(self.model, self.image, names, target=target, layer=layer,
+                                  params=params, evaluate=evaluate, cancel=cancel,
+                                  progress=progress)
 
         def done(outcome):
             self.cancel_button.disabled = True
@@ -376,58 +312,20 @@ class AttributionExplorer(WidgetBase):
             results, curves = outcome
             self.result = results
             self.curves = curves
-            self._names = names
-            self._show(results)
+            self.figures.show(results, names, compare=bool(self.compare), alpha=self.alpha,
+                              cmap=self.cmap)
             if evaluate:
-                self._show_curves(curves)
+                self.figures.show_curves(curves)
             took = ", ".join(f"{r.method} {r.seconds:.2f} s" for r in results
                              if not isinstance(r, Exception))
             self.status.value = f"“{label}” (class {target}): {took}"
 
-        self.submit(compute, done, background=self.background)
+        self.submit(work, done, background=self.background,
+                    failed=lambda exc: setattr(self.cancel_button, "disabled", True))
 
-    # ------------------------------------------------------------------ drawing
-    def _cmap_for(self, signed: bool) -> str:
-        if self.cmap != "auto":
-            return self.cmap
-        return DEFAULT_SIGNED_CMAP if signed else DEFAULT_CMAP
-
-    def _show(self, results):
-        if len(results) == 1 and not self.compare:
-            r = results[0]
-            update_attribution(self._main_panel, r.map, signed=r.signed, alpha=self.alpha,
-                               cmap=self._cmap_for(r.signed), title=r.title(),
-                               fade=r.signed or r.fine)
-            self.single_canvas.draw_idle()
-            return
-        blank = np.zeros(self.display.shape[:2], dtype=np.float32)
-        for i, panel in enumerate(self._panels):
-            if i < len(results) and isinstance(results[i], Exception):
-                update_attribution(panel, blank, fade=True, title=f"{self._names[i]}: error")
-                set_message(panel, str(results[i]))
-            elif i < len(results):
-                r = results[i]
-                update_attribution(panel, r.map, signed=r.signed, alpha=self.alpha,
-                                   cmap=self._cmap_for(r.signed), title=r.title(),
-                                   fade=r.signed or r.fine)
-                set_message(panel, "")
-            show_panel(panel, i < len(results))
-        self.compare_canvas.draw_idle()
-
-    def _show_curves(self, curves):
-        pairs = [p for p in curves if p is not None]
-        draw_curves(self._eval_axes[0], [d for d, _ in pairs])
-        draw_curves(self._eval_axes[1], [i for _, i in pairs])
-        self.eval_canvas.draw_idle()
-
-    def _restyle(self):
-        signed = [getattr(r, "signed", False) for r in (self.result or [])]
-        panels = [self._main_panel] if not self.compare else self._panels
-        for i, panel in enumerate(panels):
-            s = signed[i] if i < len(signed) else False
-            update_attribution(panel, alpha=self.alpha, cmap=self._cmap_for(s))
-        self.single_canvas.draw_idle()
-        self.compare_canvas.draw_idle()
+    def _restyle(self, change=None):
+        self.figures.restyle(self.result, compare=bool(self.compare), alpha=self.alpha,
+                             cmap=self.cmap)
 
     def default_layer(self) -> str:
         """The layer CAM methods use when ``layer`` is ``""``."""

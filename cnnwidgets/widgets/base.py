@@ -1,4 +1,5 @@
-"""What every cnnwidgets widget shares: ipympl canvases, shown errors, background work, save.
+"""What every cnnwidgets widget shares: ipympl canvases, shown errors, controls bound to
+traitlets, background work (:mod:`.tasks`), save.
 
 Widgets are thin: they observe traitlets, call the public engine API, hand arrays to
 ``cnnwidgets.render`` and place the canvases in an ipywidgets layout. No maths here.
@@ -6,18 +7,19 @@ Widgets are thin: they observe traitlets, call the public engine API, hand array
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
+import contextlib
 import functools
 import html
 import threading
-import time
 import traceback
-import weakref
 from typing import Callable
 
 import ipywidgets as widgets
+import traitlets
 from matplotlib.figure import Figure
+
+from .tasks import Task
 
 
 def _canvas_class():
@@ -122,51 +124,6 @@ def _running_loop():
         return None
 
 
-#: background threads of the widgets still running, with their widget (weakly)
-_BACKGROUND: "dict[threading.Thread, weakref.ref]" = {}
-_BACKGROUND_LOCK = threading.Lock()
-EXIT_WAIT = 10.0  #: seconds the interpreter's exit waits for the widgets' background threads
-
-
-def background_thread(owner: "WidgetBase", target: Callable) -> threading.Thread:
-    """Start ``target`` in a daemon thread that the interpreter's exit stops and waits for.
-
-    A daemon thread still inside PyTorch when the interpreter shuts down aborts the process
-    ("terminate called without an active exception", exit status 134): a script that builds
-    an explorer and ends while it computes, or a notebook kernel shut down mid-computation.
-    At exit, each widget is asked to stop (:meth:`WidgetBase.cancel_background`) and its
-    thread is waited for, up to :data:`EXIT_WAIT` seconds in all."""
-
-    def run():
-        try:
-            target()
-        finally:
-            with _BACKGROUND_LOCK:
-                _BACKGROUND.pop(threading.current_thread(), None)
-
-    thread = threading.Thread(target=run, daemon=True, name=f"cnnwidgets-{type(owner).__name__}")
-    with _BACKGROUND_LOCK:
-        _BACKGROUND[thread] = weakref.ref(owner)
-    thread.start()
-    return thread
-
-
-@atexit.register
-def _finish_background(timeout: float | None = None) -> None:
-    with _BACKGROUND_LOCK:
-        live = list(_BACKGROUND.items())
-    for _, ref in live:
-        owner = ref()
-        if owner is not None:
-            try:
-                owner.cancel_background()
-            except Exception:  # noqa: BLE001 - exiting: stopping is best effort
-                pass
-    deadline = time.monotonic() + (EXIT_WAIT if timeout is None else timeout)
-    for thread, _ in live:
-        thread.join(max(0.0, deadline - time.monotonic()))
-
-
 class ErrorBox(widgets.HTML):
     """A red box inside the widget that shows the last callback error (hidden when none)."""
 
@@ -192,12 +149,18 @@ class ErrorBox(widgets.HTML):
         self.layout.display = "none"
 
 
-class WidgetBase(widgets.VBox):
-    """Base container: an error box, a status line, ``save(path)`` and background tasks.
+#: returned by a binding's converter: leave the control (or the traitlet) as it is
+KEEP = object()
 
-    Subclasses set ``self.figure`` (the figure ``save`` writes) and wrap their callbacks with
-    :meth:`guarded` so that an exception shows inside the widget instead of vanishing into the
-    JupyterLab log.
+
+class WidgetBase(widgets.VBox):
+    """Base container: an error box, a status line, controls bound to traitlets, background
+    work and ``save(path)``.
+
+    Subclasses set ``self.figure`` (the figure ``save`` writes), link each control to its
+    traitlet with :meth:`bind`, run slow work with :meth:`submit` (``task`` is the widget's
+    background :class:`~.tasks.Task`) and wrap other callbacks with :meth:`guarded`, so that an
+    exception shows inside the widget instead of vanishing into the JupyterLab log.
     """
 
     def __init__(self, **kwargs):
@@ -205,10 +168,86 @@ class WidgetBase(widgets.VBox):
         self.errors = ErrorBox()
         self.status = widgets.HTML(value="", layout=widgets.Layout(min_height="1.5em"))
         self.figure: Figure | None = None
-        self._generation = 0
+        self.task = Task(self)
         self._lock = threading.Lock()
         self._loop = _running_loop()
         self._queue = collections.deque()
+        self._bindings: dict = {}
+        self._showing = False  # a binding is moving a control to its traitlet's value
+        self._refusal: BaseException | None = None  # the last value a binding refused
+
+    # ----------------------------------------------------------------- controls ↔ traitlets
+    def bind(self, control: widgets.Widget, name: str, *, to_trait: Callable | None = None,
+             to_control: Callable | None = None) -> None:
+        """Link ``control.value`` and the traitlet ``name``, both ways.
+
+        A new control value is set on the traitlet (through ``to_trait``). A value the widget
+        refuses — its validator or one of its observers raises — puts the control back on the
+        traitlet's value and shows the error in the widget; the next accepted value clears it.
+        A traitlet set from code moves the control (through ``to_control``), without echo. A
+        converter returns :data:`KEEP` to leave the other side as it is; a value the control
+        cannot hold (not among a menu's options) leaves the control as it is too.
+        """
+
+        def show(value):
+            shown = value if to_control is None else to_control(value)
+            if shown is KEEP or control.value == shown:
+                return
+            with self.quietly():
+                try:
+                    control.value = shown
+                except traitlets.TraitError:
+                    pass  # not among the control's options: it keeps what it shows
+
+        def from_control(change):
+            if self._showing:
+                return
+            try:
+                value = change["new"] if to_trait is None else to_trait(change["new"])
+                if value is KEEP:
+                    return
+                setattr(self, name, value)
+            except Exception as exc:  # noqa: BLE001 - shown to the user
+                show(getattr(self, name))
+                self._refusal = exc
+                self.errors.show(exc)
+                return
+            show(getattr(self, name))  # the value as the traitlet took it
+            if self._refusal is not None and self.errors.last_error is self._refusal:
+                self.errors.clear()
+
+        def from_trait(change):
+            show(change["new"])
+
+        self.unbind(control)
+        control.observe(from_control, "value")
+        self.observe(from_trait, name)
+        self._bindings[control] = (from_control, from_trait, name)
+        show(getattr(self, name))
+
+    def unbind(self, control: widgets.Widget) -> None:
+        """Undo :meth:`bind` (for controls that are replaced, such as a method's parameters)."""
+        if control in self._bindings:
+            from_control, from_trait, name = self._bindings.pop(control)
+            control.unobserve(from_control, "value")
+            self.unobserve(from_trait, name)
+
+    def resync(self, name: str) -> None:
+        """Show the traitlet ``name`` again in its controls (after what their converters read
+        has changed, such as the layers a slider steps through)."""
+        for _, from_trait, bound in list(self._bindings.values()):
+            if bound == name:
+                from_trait({"new": getattr(self, name)})
+
+    @contextlib.contextmanager
+    def quietly(self):
+        """Change controls (their options, their range) without the change reaching the
+        traitlets they are bound to."""
+        before, self._showing = self._showing, True
+        try:
+            yield
+        finally:
+            self._showing = before
 
     # ----------------------------------------------------------------- threads
     def on_main(self, fn: Callable, *args) -> None:
@@ -263,8 +302,10 @@ class WidgetBase(widgets.VBox):
         return push
 
     # ----------------------------------------------------------------- errors
-    def guarded(self, fn: Callable) -> Callable:
-        """Wrap a callback: exceptions are shown in the widget's error box, not raised."""
+    def guarded(self, fn: Callable, *, clear: bool = True) -> Callable:
+        """Wrap a callback: exceptions are shown in the widget's error box, not raised.
+        ``clear``: a call that succeeds clears the box (False where the callback starts work
+        whose own error, shown in the foreground, must stay)."""
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -273,65 +314,31 @@ class WidgetBase(widgets.VBox):
             except Exception as exc:  # noqa: BLE001 - shown to the user
                 self.errors.show(exc)
                 return None
-            self.errors.clear()
+            if clear:
+                self.errors.clear()
             return result
 
         return wrapper
 
     # ----------------------------------------------------------------- background work
-    def submit(self, compute: Callable, done: Callable, *, background: bool = True) -> int:
-        """Run ``compute()`` (in a thread when ``background``), then ``done(result)``.
-
-        Each submission gets a generation number; a result that arrives after a newer
-        submission is dropped, so an old selection never overwrites a newer one. ``done`` and
-        error reporting run on the kernel's main thread (see :meth:`on_main`).
-        Returns the generation number.
-        """
-        with self._lock:
-            self._generation += 1
-            generation = self._generation
+    def submit(self, work: Callable, done: Callable, *, background: bool = True,
+               failed: Callable | None = None) -> int:
+        """Run ``work(cancel)`` (in a thread when ``background``), then ``done(result)`` on the
+        kernel's main thread; see :meth:`.tasks.Task.start`. A newer submission cancels this
+        one and drops its result. Returns the generation number."""
         if self._loop is None:
             self._loop = _running_loop()
-
-        def failed(exc):
-            if generation == self._generation:
-                self.errors.show(exc)
-                self.status.value = ""
-
-        def finish(result):
-            if generation != self._generation:
-                return
-            try:
-                done(result)
-                self.errors.clear()
-            except Exception as exc:  # noqa: BLE001
-                self.errors.show(exc)
-
-        def run():
-            try:
-                result = compute()
-            except Exception as exc:  # noqa: BLE001
-                self.on_main(failed, exc)
-                return
-            self.on_main(finish, result)
-
-        if background:
-            self._thread = background_thread(self, run)
-        else:
-            run()
-        return generation
+        return self.task.start(work, done, background=background, failed=failed)
 
     def cancel_background(self) -> None:
         """Ask the running background work to stop at its next check (the interpreter's exit
-        calls it before waiting for the widget's threads). Widgets whose work can stop between
-        steps override it."""
+        calls it before waiting for the widget's threads)."""
+        self.task.cancel()
 
     def wait(self, timeout: float | None = 60.0) -> None:
         """Block until the latest background task has finished and its result is shown
         (for scripts, tests and notebook cells that read the result right away)."""
-        thread = getattr(self, "_thread", None)
-        if thread is not None:
-            thread.join(timeout)
+        self.task.wait(timeout)
         if threading.current_thread() is threading.main_thread():
             self._drain()
 

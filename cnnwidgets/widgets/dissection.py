@@ -10,7 +10,7 @@ import traitlets
 from ..engine.datasets import concept_mask, dataset_from_spec, item_image
 from ..engine.dissection import DissectionResult
 from ..render import dissection as render
-from .base import WidgetBase, make_figure
+from .base import KEEP, WidgetBase, make_figure
 
 
 class DissectionExplorer(WidgetBase):
@@ -29,7 +29,7 @@ class DissectionExplorer(WidgetBase):
 
     layer = traitlets.Unicode()
     unit = traitlets.Int(0)
-    sort = traitlets.Unicode("iou")
+    sort = traitlets.Enum(("iou", "unit"), default_value="iou")
     detectors_only = traitlets.Bool(False)
 
     def __init__(self, result, dataset=None, *, images: int | None = None, **kwargs):
@@ -72,11 +72,10 @@ class DissectionExplorer(WidgetBase):
                                                   result.layers, self.categories, counts)
 
         self._title = self.figure.suptitle("", fontsize=10)
-        self._layer_box.observe(self.guarded(lambda ch: setattr(self, "layer", ch["new"])), "value")
-        self._unit_box.observe(self.guarded(self._unit_chosen), "value")
-        self._sort_box.observe(self.guarded(lambda ch: setattr(self, "sort", ch["new"])), "value")
-        self._only_box.observe(self.guarded(lambda ch: setattr(self, "detectors_only", ch["new"])),
-                               "value")
+        self.bind(self._layer_box, "layer")
+        self.bind(self._unit_box, "unit", to_trait=lambda unit: KEEP if unit is None else unit)
+        self.bind(self._sort_box, "sort")
+        self.bind(self._only_box, "detectors_only")
         controls = widgets.HBox([self._layer_box, self._unit_box, self._sort_box, self._only_box])
         self.children = [controls, self.info, self.errors, self.canvas, self.status]
         self.layer = first
@@ -108,17 +107,9 @@ class DissectionExplorer(WidgetBase):
             raise traitlets.TraitError(f"unit must be between 0 and {n - 1} for layer {self.layer!r}")
         return proposal["value"]
 
-    @traitlets.validate("sort")
-    def _valid_sort(self, proposal):
-        if proposal["value"] not in ("iou", "unit"):
-            raise traitlets.TraitError("sort must be 'iou' or 'unit'")
-        return proposal["value"]
-
     @traitlets.observe("layer")
     def _layer_changed(self, change):
-        if self._layer_box.value != change["new"]:
-            self._layer_box.value = change["new"]
-        if hasattr(self, "_cells"):
+        if hasattr(self, "_cells"):  # not while a layer given to the constructor is set
             self._refresh_units()
             if self.unit >= len(self.result.thresholds(self.layer)):
                 self.unit = 0
@@ -126,21 +117,12 @@ class DissectionExplorer(WidgetBase):
 
     @traitlets.observe("sort", "detectors_only")
     def _order_changed(self, change):
-        self._sort_box.value = self.sort
-        self._only_box.value = self.detectors_only
         self._refresh_units()
 
     @traitlets.observe("unit")
     def _unit_changed(self, change):
         if hasattr(self, "_cells"):
-            listed = [v for _, v in self._unit_box.options]
-            if self._unit_box.value != change["new"] and change["new"] in listed:
-                self._unit_box.value = change["new"]
             self._draw_unit()
-
-    def _unit_chosen(self, change):
-        if change["new"] is not None and change["new"] != self.unit:
-            self.unit = change["new"]
 
     def records(self):
         """The unit records of the current layer, in the current order and filter."""
@@ -156,10 +138,8 @@ class DissectionExplorer(WidgetBase):
         options = [(f"{r.unit:4d} · {r.concept or '—'} ({r.category or '—'}) IoU {r.iou:.3f}"
                     + (" ✓" if r.iou >= self.result.iou_threshold else ""), r.unit)
                    for r in records]
-        self._unit_box.options = options
-        values = [v for _, v in options]
-        if self.unit in values:
-            self._unit_box.value = self.unit
+        self._unit_box.options = options  # the unit follows the menu's first entry
+        self.resync("unit")
         # category bars for this layer
         counts = self.result.summary()[self.layer]
         n_units = len(self.result.thresholds(self.layer))

@@ -13,8 +13,9 @@ TABS = [
     ("Feature maps", "cnnwidgets.widgets.feature_maps", "FeatureMapExplorer", True),
     ("Attribution", "cnnwidgets.widgets.attribution", "AttributionExplorer", True),
     ("CNN Fixations", "cnnwidgets.widgets.fixations", "FixationExplorer", True),
-    ("Feature visualisation", "cnnwidgets.widgets.optvis", "FeatureVisualizer", False),
-    ("Inversion", "cnnwidgets.widgets.optvis", "InversionExplorer", True),
+    ("Feature visualisation", "cnnwidgets.widgets.feature_visualizer", "FeatureVisualizer",
+     False),
+    ("Inversion", "cnnwidgets.widgets.inversion", "InversionExplorer", True),
 ]
 
 

@@ -80,7 +80,7 @@ class FeatureMapExplorer(WidgetBase):
                                           layout=widgets.Layout(width="240px", display="none"))
         for box, name in ((self._layer_box, "layer"), (self._sort_box, "sort"),
                           (self._page_box, "page")):
-            box.observe(self.guarded(self._from_control(box, name)), "value")
+            self.bind(box, name)
         self.info = widgets.HTML()
         controls = widgets.HBox([self._layer_box, self._sort_box, self._page_box],
                                 layout=widgets.Layout(flex_flow="row wrap"))
@@ -97,25 +97,12 @@ class FeatureMapExplorer(WidgetBase):
             model.prefetch(image, [self._layers[j] for j in order])
         self.layer = start
 
-    def _from_control(self, box, name):
-        def handler(change):
-            if self._busy or change["new"] == getattr(self, name):
-                return
-            try:
-                setattr(self, name, change["new"])
-            except Exception:
-                box.value = getattr(self, name)  # the control shows what the widget shows
-                raise
-        return handler
-
     # ------------------------------------------------------------------ validation
     @traitlets.validate("layer")
     def _valid_layer(self, proposal):
         name = proposal["value"]
         if name not in self._layers:
             raise traitlets.TraitError(str(layer_not_found(name, self._layers)))
-        # compute here, so that a failure leaves the widget on the layer it was showing
-        self._pending = feature_maps(self.model, self.image, name)
         return name
 
     @traitlets.validate("channel")
@@ -160,12 +147,18 @@ class FeatureMapExplorer(WidgetBase):
 
     @traitlets.observe("layer")
     def _layer_changed(self, change):
-        fm, self._pending = self._pending, None
+        if self._fm is not None and self._fm.layer == change["new"]:
+            return  # already shown (put back after a failure)
+        try:
+            fm = feature_maps(self.model, self.image, change["new"])
+        except Exception:
+            if change["old"]:
+                self.layer = change["old"]  # a failure leaves the widget on the layer it showed
+            raise
         self._fm = fm
         self._order = fm.order(self.sort)
         self._busy = True
         try:
-            self._layer_box.value = fm.layer
             labels = []
             for p in range(self.pages):
                 lo = p * self.page_size
@@ -174,7 +167,6 @@ class FeatureMapExplorer(WidgetBase):
             self._page_box.options = labels
             self._page_box.layout.display = None if self.pages > 1 else "none"
             self.set_trait("page", 0)
-            self._page_box.value = 0
             top = int(self._order[0])
             self.set_trait("channel", top)
             self.set_trait("position", fm.peak(top))
@@ -189,46 +181,31 @@ class FeatureMapExplorer(WidgetBase):
         self._draw_detail()
         self.canvas.draw_idle()
 
-    @traitlets.observe("sort")
-    def _sort_changed(self, change):
+    @traitlets.observe("sort", "page")
+    def _grid_changed(self, change):
         if self._busy or self._fm is None:
             return
-        self._sort_box.value = change["new"]
-        self._order = self._fm.order(change["new"])
+        if change["name"] == "sort":
+            self._order = self._fm.order(change["new"])
         self._draw_grid()
         self.canvas.draw_idle()
 
-    @traitlets.observe("page")
-    def _page_changed(self, change):
+    @traitlets.observe("channel", "position")
+    def _detail_changed(self, change):
         if self._busy or self._fm is None:
             return
-        self._page_box.value = change["new"]
-        self._draw_grid()
-        self.canvas.draw_idle()
-
-    @traitlets.observe("channel")
-    def _channel_changed(self, change):
-        if self._busy or self._fm is None:
-            return
-        rank = int((self._order == change["new"]).nonzero()[0][0])
-        page = rank // self.page_size
-        if page != self.page:
-            self._busy = True
-            try:
-                self.set_trait("page", page)
-                self._page_box.value = page
-            finally:
-                self._busy = False
-            self._draw_grid()
-        else:
-            self._select_tile()
-        self._draw_detail()
-        self.canvas.draw_idle()
-
-    @traitlets.observe("position")
-    def _position_changed(self, change):
-        if self._busy or self._fm is None:
-            return
+        if change["name"] == "channel":  # the grid turns to the channel's page and marks it
+            rank = int((self._order == change["new"]).nonzero()[0][0])
+            page = rank // self.page_size
+            if page != self.page:
+                self._busy = True
+                try:
+                    self.set_trait("page", page)
+                finally:
+                    self._busy = False
+                self._draw_grid()
+            else:
+                self._select_tile()
         self._draw_detail()
         self.canvas.draw_idle()
 

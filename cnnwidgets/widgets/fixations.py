@@ -15,7 +15,7 @@ from ..render.fixations import (
     update_heatmap,
     update_layer,
 )
-from .base import WidgetBase, make_figure
+from .base import KEEP, WidgetBase, make_figure
 
 
 class FixationExplorer(WidgetBase):
@@ -74,16 +74,12 @@ class FixationExplorer(WidgetBase):
         self._heat_art = draw_heatmap(axes[2], self.display, self.display[..., 0] * 0,
                                       title="heatmap")
 
-        # widget ↔ trait links (the traits are the state; controls follow them)
-        self.target_select.observe(self.guarded(lambda ch: setattr(self, "target", ch["new"])),
-                                   "value")
-        self.layer_slider.observe(self.guarded(self._slider_moved), "value")
-        self.sigma_slider.observe(self.guarded(lambda ch: setattr(self, "sigma", ch["new"])),
-                                  "value")
-        self.outlier_box.observe(
-            self.guarded(lambda ch: setattr(self, "outlier_removal", ch["new"])), "value")
-        self.box_box.observe(self.guarded(lambda ch: setattr(self, "show_box", ch["new"])),
-                             "value")
+        # the traitlets are the state; the controls follow them
+        self.bind(self.target_select, "target")
+        self.bind(self.layer_slider, "layer", to_trait=self._layer_at, to_control=self._layer_index)
+        self.bind(self.sigma_slider, "sigma")
+        self.bind(self.outlier_box, "outlier_removal")
+        self.bind(self.box_box, "show_box")
 
         controls = widgets.VBox([
             widgets.HBox([self.target_select, self.sigma_slider]),
@@ -129,15 +125,13 @@ class FixationExplorer(WidgetBase):
     # ------------------------------------------------------------------ observers
     @traitlets.observe("target")
     def _target_changed(self, change):
-        if self.target_select.value != change["new"]:
-            self.target_select.value = change["new"]
         self._compute()
 
     def _compute(self):
         self.status.value = f"<i>backtracking {self.model.label(self.target)!r}…</i>"
         target = self.target
         self.submit(
-            lambda: fixations(self.model, self.image, target, **self.fixation_kwargs),
+            lambda cancel: fixations(self.model, self.image, target, **self.fixation_kwargs),
             self._show_result,
             background=self.background,
         )
@@ -146,7 +140,8 @@ class FixationExplorer(WidgetBase):
         self.result = result.with_outlier_removal(self.outlier_removal)
         names = result.layers()
         keep = self.layer if self.layer in result.trace else names[0]
-        self.layer_slider.max = len(names) - 1
+        with self.quietly():
+            self.layer_slider.max = len(names) - 1
         self.status.value = (
             f"{result.label!r} (class {result.target}, p = {result.probability:.1%}): "
             f"{len(result.all_points)} pixels reached through {len(names) - 1} layers")
@@ -154,31 +149,30 @@ class FixationExplorer(WidgetBase):
             self._draw_layer()
         else:
             self.layer = keep
+        self.resync("layer")  # the slider's steps are the new backtrack's layers
         self._draw_points()
         self._draw_heatmap()
 
-    def _slider_moved(self, change):
-        if self.result is not None:
-            self.layer = self.result.layers()[change["new"]]
+    def _layer_at(self, index: int):
+        """The backtrack's layer at a step of the slider."""
+        return KEEP if self.result is None else self.result.layers()[index]
+
+    def _layer_index(self, layer: str):
+        """The slider's step of a backtrack layer."""
+        if self.result is None or layer not in self.result.trace:
+            return KEEP
+        return self.result.layers().index(layer)
 
     @traitlets.observe("layer")
     def _layer_changed(self, change):
-        if self.result is None:
-            return
-        index = self.result.layers().index(change["new"])
-        if self.layer_slider.value != index:
-            self.layer_slider.value = index
         self._draw_layer()
 
     @traitlets.observe("sigma")
     def _sigma_changed(self, change):
-        if self.sigma_slider.value != change["new"]:
-            self.sigma_slider.value = min(change["new"], self.sigma_slider.max)
         self._draw_heatmap()
 
     @traitlets.observe("outlier_removal")
     def _outliers_changed(self, change):
-        self.outlier_box.value = change["new"]
         if self.result is not None:
             self.result = self.result.with_outlier_removal(change["new"])
             self._draw_points()
@@ -186,7 +180,6 @@ class FixationExplorer(WidgetBase):
 
     @traitlets.observe("show_box")
     def _box_changed(self, change):
-        self.box_box.value = change["new"]
         self._draw_points()
 
     # ------------------------------------------------------------------ drawing

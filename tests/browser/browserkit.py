@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"  # committed copies for the README
 
@@ -48,6 +49,16 @@ WIDGET_FAILURES = re.compile(
     r"|Error setting state"  # e.g. ipympl given a PNG the browser cannot decode
 )
 CONSOLE_FAILURES = WIDGET_FAILURES
+
+
+def unavailable(reason: str):
+    """Skip the test for want of ``reason`` -- or fail it where ``CNNWIDGETS_REQUIRE_BROWSER=1``
+    (``.ci/run`` sets it): in CI the browser tests may never skip."""
+    import pytest
+
+    if os.environ.get("CNNWIDGETS_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason} (CNNWIDGETS_REQUIRE_BROWSER=1)")
+    pytest.skip(reason)
 
 
 def chromium_path() -> str | None:
@@ -348,6 +359,9 @@ def png_array(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
+CHANGED = 0.002  # a figure changed when more than this fraction of its pixels did
+
+
 def pixel_change(a: bytes, b: bytes) -> float:
     """Fraction of pixels that differ (by more than a rounding step) between two PNGs."""
     x, y = png_array(a), png_array(b)
@@ -360,6 +374,140 @@ def looks_drawn(png: bytes) -> bool:
     """True once a canvas shows a picture, not a blank/uniform rectangle."""
     arr = png_array(png)
     return arr.size > 0 and arr.min() != arr.max() and float(arr.std()) > 2.0
+
+
+# A figure "looks drawn" when, inside its axes (not its ticks, labels, title or frame), the
+# browser shows a picture. Image axes (``imshow``): the pixels there, all image axes together,
+# must not be one flat colour -- at least IMAGE_VARIED of them away (by more than a shading
+# step) from the commonest colour. Other axes (bars, curves, text): at least PLOT_INK of the
+# area inside their frames, legends left out, must be ink -- far from the background colour,
+# which faint grid lines are not. A figure with both kinds must pass both. Each kind is judged
+# over all its axes together: one panel may rightly be nearly flat (FixationExplorer's fc-layer
+# panel: one point, 0.1% of its pixels). Measured on every case of the suite in Lab, Notebook 7
+# and Voila: images 0.46-0.92 varied, plots 0.025-0.48 ink (the loss curve and the deletion /
+# insertion curves are the thinnest); a hidden image (ticks on empty axes), a flat image and
+# FeatureVisualizer's grey placeholder before Start: 0.
+INSET = 3             # pixels trimmed inside each region: the axes' frame and its antialiasing
+SHADE_STEP = 12       # a colour further than this (max over R, G, B) from another is different
+INK_STEP = 64         # ink is further than this from the background (grid lines at alpha 0.3: ~24)
+IMAGE_VARIED = 0.02   # fraction of image pixels away from the commonest colour
+PLOT_INK = 0.002      # fraction of plot pixels that are ink
+
+
+@dataclass
+class FigureShot:
+    """One figure as the browser shows it: its canvas bitmap and, from ``figtags``' classes on
+    its canvas widget, its identity and where its axes are (fractions of the figure, y down)."""
+    png: bytes
+    key: str | None = None                               # "cwfig-N"; None: not tagged
+    regions: list = field(default_factory=list)          # [(kind "i" | "p", x0, y0, x1, y1)]
+    excluded: list = field(default_factory=list)         # legends: [(x0, y0, x1, y1)]
+
+    @classmethod
+    def parse(cls, png: bytes, classes) -> "FigureShot":
+        shot = cls(png)
+        for name in classes:
+            kind, _, rest = name.partition("-")
+            parts = rest.split("-")
+            if kind == "cwfig":
+                shot.key = name
+            elif kind == "cwax" and len(parts) == 5:
+                shot.regions.append((parts[0], *(int(p) / 10000 for p in parts[1:])))
+            elif kind == "cwex" and len(parts) == 4:
+                shot.excluded.append(tuple(int(p) / 10000 for p in parts))
+        return shot
+
+
+def _pixel_box(box, shape, inset: int = 0) -> tuple[int, int, int, int]:
+    height, width = shape[:2]
+    x0, y0, x1, y1 = box
+    return (int(np.ceil(x0 * width)) + inset, int(np.ceil(y0 * height)) + inset,
+            int(np.floor(x1 * width)) - inset, int(np.floor(y1 * height)) - inset)
+
+
+def _region_pixels(arr: np.ndarray, shot: FigureShot, kind: str, only=None) -> np.ndarray:
+    """The pixels inside ``shot``'s axes of ``kind`` (frames trimmed, legends left out), N x 3."""
+    inside = np.zeros(arr.shape[:2], bool)
+    for j, (k, *box) in enumerate(shot.regions):
+        if k == kind and (only is None or j == only):
+            x0, y0, x1, y1 = _pixel_box(box, arr.shape, INSET)
+            if x1 > x0 and y1 > y0:
+                inside[y0:y1, x0:x1] = True
+    for box in shot.excluded:
+        x0, y0, x1, y1 = _pixel_box(box, arr.shape, -1)
+        inside[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = False
+    return arr[inside]
+
+
+def _commonest(pixels: np.ndarray) -> np.ndarray:
+    p = pixels.astype(np.int32) >> 2
+    codes = p[:, 0] * 4096 + p[:, 1] * 64 + p[:, 2]
+    values, counts = np.unique(codes, return_counts=True)
+    return pixels[codes == values[counts.argmax()]][0]
+
+
+_STEPS = {"i": SHADE_STEP, "p": INK_STEP}
+
+
+def _far_fraction(pixels: np.ndarray, step: int) -> float:
+    """The fraction of ``pixels`` further than ``step`` from their commonest colour."""
+    if len(pixels) == 0:
+        return 0.0
+    return float((np.abs(pixels - _commonest(pixels)).max(axis=1) > step).mean())
+
+
+def drawn_measures(shot: FigureShot) -> dict:
+    """For each kind of axes in the figure: ``"image"``, the fraction of its pixels away from
+    the commonest colour; ``"plot"``, the fraction of ink. Empty when the figure has no axes."""
+    arr = png_array(shot.png)
+    return {name: _far_fraction(_region_pixels(arr, shot, kind), _STEPS[kind])
+            for kind, name in (("i", "image"), ("p", "plot"))
+            if any(k == kind for k, *_ in shot.regions)}
+
+
+def each_region_measure(shot: FigureShot) -> list:
+    """``drawn_measures`` of each axes alone, as (kind, fraction) (an artefact for tuning)."""
+    arr = png_array(shot.png)
+    return [(kind, _far_fraction(_region_pixels(arr, shot, kind, only=j), _STEPS[kind]))
+            for j, (kind, *_) in enumerate(shot.regions)]
+
+
+def judge_drawn(shot: FigureShot) -> str | None:
+    """None when the figure looks drawn inside its axes; otherwise why not."""
+    if shot.key is None:
+        return "the figure was never drawn by the kernel (no figtags classes on its canvas)"
+    if not shot.regions:
+        return "the figure has no visible axes"
+    measures = drawn_measures(shot)
+    bad = []
+    if "image" in measures and measures["image"] < IMAGE_VARIED:
+        bad.append(f"its images are one flat colour ({measures['image']:.2%} of their pixels "
+                   f"differ, fewer than {IMAGE_VARIED:.0%})")
+    if "plot" in measures and measures["plot"] < PLOT_INK:
+        bad.append(f"its plot axes are empty ({measures['plot']:.2%} ink inside the frames, "
+                   f"less than {PLOT_INK:.1%})")
+    return "; ".join(bad) or None
+
+
+def judged_png(shot: FigureShot) -> bytes:
+    """The figure with the regions ``judge_drawn`` looks at outlined (images blue, plots
+    orange, legends left out in grey): an artefact to check that the right area is judged."""
+    from PIL import Image, ImageDraw
+
+    with Image.open(io.BytesIO(shot.png)) as im:
+        im = im.convert("RGB")
+    draw = ImageDraw.Draw(im)
+    shape = (im.height, im.width)
+    for kind, *box in shot.regions:
+        x0, y0, x1, y1 = _pixel_box(box, shape, INSET)
+        colour = (0, 90, 255) if kind == "i" else (255, 140, 0)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour)
+    for box in shot.excluded:
+        x0, y0, x1, y1 = _pixel_box(box, shape, -1)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(128, 128, 128))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def save_png(png: bytes, name: str) -> Path:
@@ -390,7 +538,10 @@ class Case:
     ArrowRight on the ``nth`` slider handle), ``("button", label)`` (click the button with that
     text), ``("checkbox", nth)`` (click the ``nth`` checkbox), ``("tab", index)`` (click a tab of
     an ipywidgets Tab), ``("canvas", nth, fx, fy)`` (click the ``nth`` figure at a fractional
-    position).
+    position). Controls are counted among the widget's visible ones (those a user can move).
+    ``prepare``: controls moved first, each followed by a wait until every figure looks drawn
+    (e.g. open a tab, whose figures then appear: appearing is not a change, a control inside
+    the tab then must change them).
     """
     id: str
     widget: str                       # public cnnwidgets name; the case is skipped without it
@@ -398,6 +549,8 @@ class Case:
     control: tuple
     timeout: float = 90.0             # seconds for the figure to change
     figure: int | None = None         # which figure must change (None: any of them)
+    prepare: tuple = ()               # controls moved before ``control`` (see above)
+    starts_blank: bool = False        # shows a placeholder until ``control`` is moved (Start)
     marks: list = field(default_factory=list)
 
     @property
@@ -496,9 +649,9 @@ def figures(page, case: Case):
 
 def wait_rendered(page, case: Case, timeout: float, watch: PageWatch | None = None,
                   exclude: list | None = None, ignore: str | None = None) -> None:
-    """Wait until the widget is on the page and every one of its figures shows a picture.
-    Fails at once (not at the timeout) when the page reports an error (other than under
-    ``exclude`` or mentioning ``ignore``)."""
+    """Wait until the widget is on the page and every one of its figures looks drawn (for a
+    case that ``starts_blank``: shows anything at all). Fails at once (not at the timeout)
+    when the page reports an error (other than under ``exclude`` or mentioning ``ignore``)."""
     deadline = time.monotonic() + timeout
     root = widget_root(page, case)
     while True:
@@ -512,18 +665,49 @@ def wait_rendered(page, case: Case, timeout: float, watch: PageWatch | None = No
         if time.monotonic() > deadline:
             raise AssertionError(f"{case.id}: no widget with figures after {timeout}s")
         time.sleep(0.5)
+    if not case.starts_blank:
+        wait_drawn(page, case, max(deadline - time.monotonic(), 1.0), what="rendered")
+        return
+    while not (figures(page, case).evaluate_all(_SHOWN_JS)
+               and all(looks_drawn(shot.png) for shot in figure_shots(page, case))):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{case.id}: figures never showed within {timeout}s")
+        time.sleep(0.5)
+
+
+# the figures laid out on the page (not in a hidden tab): at least one, none collapsed or hidden
+_SHOWN_JS = """
+divs => { const shown = divs.filter(d => d.getClientRects().length > 0);
+  return shown.length > 0 && shown.every(d => { const r = d.getBoundingClientRect();
+    return r.width > 10 && r.height > 10 && getComputedStyle(d).visibility !== 'hidden'; }); }"""
+
+
+def undrawn(shots: list[FigureShot]) -> list[str]:
+    """One line per figure that does not look drawn (``judge_drawn``)."""
+    return [f"figure #{i} ({shot.key or 'untagged'}): {why}"
+            for i, shot in enumerate(shots) if (why := judge_drawn(shot))]
+
+
+def wait_drawn(page, case: Case, timeout: float, what: str = "") -> list[FigureShot]:
+    """Wait until every one of the widget's figures looks drawn inside its axes
+    (``judge_drawn``) and is visible on the page; AssertionError naming the figures that are
+    still blank after ``timeout``. The figures' judged regions are saved as artefacts then."""
+    deadline = time.monotonic() + timeout
     while True:
         show_figures(page, case)
         shots = figure_shots(page, case)
-        if shots and all(looks_drawn(s) for s in shots):
-            visible = figures(page, case).evaluate_all(
-                "divs => divs.every(d => { const r = d.getBoundingClientRect();"
-                " const s = getComputedStyle(d);"
-                " return r.width > 10 && r.height > 10 && s.visibility !== 'hidden'; })")
-            if visible:
-                return
+        bad = undrawn(shots) if shots else ["no figure"]
+        if not bad:
+            if figures(page, case).evaluate_all(_SHOWN_JS):
+                return shots
+            bad = ["no figure is visible on the page, or one is shown collapsed or hidden"]
         if time.monotonic() > deadline:
-            raise AssertionError(f"{case.id}: figures never drew within {timeout}s")
+            kind = next((k for k, part in (("lab", "/lab/"), ("notebook", "/notebooks/"),
+                                            ("voila", "/voila/")) if part in page.url), "page")
+            for i, shot in enumerate(shots):
+                save_png(judged_png(shot), f"{kind}-{case.id}-undrawn-fig{i}-judged.png")
+            raise AssertionError(f"{case.id}: figures do not look drawn{' ' + what if what else ''}"
+                                 f" within {timeout:.0f}s:\n" + "\n".join(bad))
         time.sleep(0.5)
 
 
@@ -538,22 +722,39 @@ def show_figures(page, case: Case) -> None:
                 fig.scroll_into_view_if_needed(timeout=2_000)
 
 
-def figure_shots(page, case: Case) -> list[bytes]:
-    """The pixels ipympl drew in each of the widget's figures, as PNGs.
+def figure_shots(page, case: Case) -> list[FigureShot]:
+    """What each of the widget's figures shows, with where its axes are (see ``figtags``).
 
     Read from the figure's own canvas bitmap rather than a screenshot of the page, so that
     a hover toolbar, a focus ring or the mouse over the figure can never pass for a change
     of the figure. ``wait_rendered`` also checks that the figures are visible on the page.
     """
-    return canvas_pngs(figures(page, case))
+    return canvas_shots(figures(page, case))
 
 
 def canvas_pngs(figure_divs) -> list[bytes]:
     """PNGs of the main canvas in each ``.jupyter-matplotlib-canvas-div`` of a locator."""
-    urls = figure_divs.evaluate_all(
-        "divs => divs.map(d => { const c = d.querySelector('canvas');"
-        " return c && c.width && c.height ? c.toDataURL('image/png') : ''; })")
-    return [base64.b64decode(u.split(",", 1)[1]) if u else _EMPTY_PNG for u in urls]
+    return [shot.png for shot in canvas_shots(figure_divs)]
+
+
+_SHOTS_JS = """
+divs => divs.map(d => {
+  const c = d.querySelector('canvas');
+  const tagged = d.closest('[class*="cwfig-"]');
+  return {url: c && c.width && c.height ? c.toDataURL('image/png') : '',
+          classes: tagged ? Array.from(tagged.classList) : []};
+})"""
+
+
+def canvas_shots(figure_divs) -> list[FigureShot]:
+    """Each ``.jupyter-matplotlib-canvas-div`` of a locator: its main canvas as a PNG, and
+    the figure's identity and axes from the ``figtags`` classes on its canvas widget."""
+    shots = []
+    for item in figure_divs.evaluate_all(_SHOTS_JS):
+        url = item["url"]
+        shots.append(FigureShot.parse(base64.b64decode(url.split(",", 1)[1]) if url
+                                      else _EMPTY_PNG, item["classes"]))
+    return shots
 
 
 def _empty_png() -> bytes:
@@ -567,21 +768,8 @@ def _empty_png() -> bytes:
 _EMPTY_PNG = _empty_png()
 
 
-def figure_screenshots(page, case: Case) -> list[bytes]:
-    """Screenshots of the widget's figures as the page shows them (for the artefacts)."""
-    figs = figures(page, case)
-    shots = []
-    for i in range(figs.count()):
-        fig = figs.nth(i)
-        if not fig.is_visible():  # e.g. in a tab that is not selected
-            continue
-        fig.scroll_into_view_if_needed(timeout=10_000)
-        shots.append(fig.screenshot(timeout=15_000, animations="disabled"))
-    return shots
-
-
-def settled_shots(page, case: Case, timeout: float = 30.0, quiet: float = 1.5) -> list[bytes]:
-    """Screenshots once the figures have stopped changing for ``quiet`` seconds (background
+def settled_shots(page, case: Case, timeout: float = 30.0, quiet: float = 1.5) -> list[FigureShot]:
+    """The figures once they have stopped changing for ``quiet`` seconds (background
     computations may still be redrawing just after a render or a control change)."""
     deadline = time.monotonic() + timeout
     last = figure_shots(page, case)
@@ -589,7 +777,8 @@ def settled_shots(page, case: Case, timeout: float = 30.0, quiet: float = 1.5) -
     while time.monotonic() < deadline:
         time.sleep(0.4)
         now = figure_shots(page, case)
-        if len(now) == len(last) and all(pixel_change(a, b) == 0 for a, b in zip(now, last)):
+        if [s.key for s in now] == [s.key for s in last] and all(
+                pixel_change(a.png, b.png) == 0 for a, b in zip(now, last)):
             if time.monotonic() - since >= quiet:
                 return now
         else:
@@ -597,13 +786,24 @@ def settled_shots(page, case: Case, timeout: float = 30.0, quiet: float = 1.5) -
     return last
 
 
-def move_control(page, case: Case) -> str:
-    """Operate the case's control through the DOM; returns a description for messages."""
+def figure_change(before: list[FigureShot], after: list[FigureShot],
+                  key: str | None = None) -> float:
+    """The largest pixel change of a figure shown both before and after (matched by its
+    ``figtags`` identity, or only the figure ``key``). A figure that appeared or went away
+    counts for nothing: a new tab or a figure added below is not a change of what was there."""
+    old = {shot.key: shot for shot in before if shot.key}
+    return max((pixel_change(old[shot.key].png, shot.png) for shot in after
+                if shot.key in old and (key is None or shot.key == key)), default=0.0)
+
+
+def move_control(page, case: Case, control: tuple | None = None) -> str:
+    """Operate the case's control (or ``control``) through the DOM, counting only visible
+    controls; returns a description for messages."""
     root = widget_root(page, case)
-    kind, *args = case.control
+    kind, *args = control or case.control
     if kind == "select":
         nth, option = args
-        select = root.locator("select").nth(nth)
+        select = root.locator("select:visible").nth(nth)
         select.scroll_into_view_if_needed()
         if isinstance(option, int) or option == "next":
             values = select.locator("option").evaluate_all("os => os.map(o => o.value)")
@@ -617,7 +817,7 @@ def move_control(page, case: Case) -> str:
         return f"select #{nth} -> {option!r}"
     if kind == "slider":
         nth, presses = args
-        handle = root.locator(".noUi-handle, input[type=range]").nth(nth)
+        handle = root.locator(".noUi-handle:visible, input[type=range]:visible").nth(nth)
         handle.scroll_into_view_if_needed()
         handle.focus()
         for _ in range(presses):
@@ -629,34 +829,45 @@ def move_control(page, case: Case) -> str:
         return f"button {label!r}"
     if kind == "checkbox":
         (nth,) = args
-        box = root.locator("input[type=checkbox]").nth(nth)
+        box = root.locator("input[type=checkbox]:visible").nth(nth)
         box.scroll_into_view_if_needed()
         box.click()
         return f"checkbox #{nth}"
     if kind == "tab":
         (index,) = args
-        tab = root.locator(".lm-TabBar-tab").nth(index)
+        tab = root.locator(".lm-TabBar-tab:visible").nth(index)
         tab.scroll_into_view_if_needed()
         tab.click()
         return f"tab #{index}"
     if kind == "canvas":
         nth, fx, fy = args
-        canvas = figures(page, case).nth(nth)
+        canvas = widget_root(page, case).locator(".jupyter-matplotlib-canvas-div:visible").nth(nth)
         canvas.scroll_into_view_if_needed()
         box = canvas.bounding_box()
         page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
         return f"click figure #{nth} at ({fx:.2f}, {fy:.2f})"
-    raise ValueError(f"unknown control {case.control!r}")
+    raise ValueError(f"unknown control {(control or case.control)!r}")
 
 
-def wait_changed(page, case: Case, before: list[bytes], timeout: float) -> list[bytes]:
-    """Poll the figures until one (or ``case.figure``) differs from ``before``."""
+def prepare(page, case: Case) -> None:
+    """Move the case's ``prepare`` controls, each followed by a wait until every figure of the
+    widget looks drawn and has settled."""
+    for control in case.prepare:
+        move_control(page, case, control)
+        page.wait_for_timeout(500)
+        wait_drawn(page, case, case.timeout, what=f"after {control!r}")
+        settled_shots(page, case)
+
+
+def wait_changed(page, case: Case, before: list[FigureShot], timeout: float) -> list[FigureShot]:
+    """Poll the figures until one that was there before (or ``case.figure``, an index into
+    ``before``) differs from ``before``."""
     deadline = time.monotonic() + timeout
+    key = None if case.figure is None else before[case.figure].key
     show_figures(page, case)
     while True:
         now = figure_shots(page, case)
-        idx = range(len(before)) if case.figure is None else [case.figure]
-        if len(now) != len(before) or any(pixel_change(before[i], now[i]) > 0.002 for i in idx):
+        if figure_change(before, now, key) > CHANGED:
             return now
         if time.monotonic() > deadline:
             raise AssertionError(

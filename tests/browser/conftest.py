@@ -1,12 +1,12 @@
 """Fixtures for the browser tests: one Chromium per session, one server per front end.
 
-Set ``CNNWIDGETS_REQUIRE_BROWSER=1`` (CI does) to turn "playwright / chromium / a front end
-is not installed" from a skip into a failure, so a broken install cannot pass silently.
+Set ``CNNWIDGETS_REQUIRE_BROWSER=1`` (``.ci/run`` does) to turn "playwright / chromium / a
+front end / a widget is not installed" from a skip into a failure, so a broken install cannot
+pass silently.
 """
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import sys
 import tempfile
@@ -23,10 +23,7 @@ FRONTENDS = ["lab", "notebook", "voila"]
 PACKAGES = {"lab": "jupyterlab", "notebook": "notebook", "voila": "voila"}
 
 
-def unavailable(reason: str):
-    if os.environ.get("CNNWIDGETS_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{reason} (CNNWIDGETS_REQUIRE_BROWSER=1)")
-    pytest.skip(reason)
+unavailable = bk.unavailable
 
 
 @pytest.fixture(scope="module")  # module: playwright's event loop must not outlive the browser tests

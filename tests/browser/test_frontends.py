@@ -4,23 +4,29 @@ For each front end a server is started on 127.0.0.1 with a notebook that builds 
 present in this checkout (plus a bare ipympl ``probe``), headless Chromium runs it through the
 front end's own UI (Run > Run All Cells; Voila runs it on load), and for each widget we check:
 
-* its figures render (every ipympl canvas shows a picture),
+* its figures render: every ipympl canvas looks drawn *inside its axes* -- an image that is
+  not one flat colour, plots with ink inside their frames; ticks on empty axes are not a
+  drawing (``browserkit.judge_drawn``; the notebook's first cell, ``figtags``, tags each
+  canvas with where its axes are),
 * moving its control in the DOM (select an option, press a slider, click a figure) changes the
-  pixels of its figure,
+  pixels of a figure that was there before (one appearing or going away is no change), and
+  afterwards every figure still looks drawn,
 * no error appears: no traceback, no "Error displaying widget", no "Failed to load model
   class", no ipywidgets error widget, no error box inside the widget, none in the console.
 
 Adding a widget = one ``Case`` in ``CASES``. Widgets not in this checkout are skipped.
-The detector is tested too: ``test_detector_*`` open a notebook whose canvas front-end model
-cannot load, and a control wired to nothing, and assert the checks above report both.
+The detector is tested too: ``test_detector_*`` runs widgets whose canvas front-end model
+cannot load, whose control is wired to nothing, and whose figure goes blank when clicked, and
+asserts that the checks above report all three.
 
-Screenshots go to test-artifacts/browser/; ``CNNWIDGETS_UPDATE_SCREENSHOTS=1`` also copies
-the README's ones into tests/browser/screenshots/. ``CNNWIDGETS_BROWSER_BREAK=1`` breaks the
+Screenshots go to test-artifacts/browser/ (``*-judged.png``: each figure with the regions
+judged outlined -- images blue, plots orange, legends left out grey -- and their measures in
+``drawn-measures.txt``); ``CNNWIDGETS_UPDATE_SCREENSHOTS=1`` also copies the README's ones
+into tests/browser/screenshots/. ``CNNWIDGETS_BROWSER_BREAK=1`` breaks the
 canvas front-end model in the widgets notebook itself (the suite must then fail).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 import warnings
@@ -66,8 +72,10 @@ CASES = [
     Case("attribution", "AttributionExplorer", "w = cw.AttributionExplorer(model, image)",
          control=("select", 0, "next"), timeout=120),
     # the "deletion / insertion curves" checkbox: a figure of curves appears under the maps
+    # (it must look drawn); then the next method must redraw those curves (figure #1)
     Case("attribution_evaluate", "AttributionExplorer",
-         "w = cw.AttributionExplorer(model, image)", control=("checkbox", 0), timeout=180),
+         "w = cw.AttributionExplorer(model, image)", prepare=(("checkbox", 0),),
+         control=("select", 0, "next"), figure=1, timeout=180),
     # the target dropdown: a new backtrack redraws every panel. (The backtrack-step slider,
     # moved with ArrowRight, changed the figure in Lab and Voila but not in Notebook 7, where
     # the key press did not reach the slider; the step itself is covered by the widget tests.)
@@ -78,10 +86,15 @@ CASES = [
          "result = cw.dissect(model, cw.datasets.SyntheticConcepts(24, 64), ['_blocks.10'], "
          "progress=False)\nw = cw.DissectionExplorer(result)", control=("select", 1, "next"),
          timeout=120),
-    Case("feature_vis", "FeatureVisualizer", "w = cw.FeatureVisualizer(model)",
+    # grey until Start (by design); Start must form the picture and draw the loss curve. A
+    # small, short run: the figure is judged when it settles, the run may still be going on
+    Case("feature_vis", "FeatureVisualizer",
+         "w = cw.FeatureVisualizer(model, steps=16, size=64, preview_every=2)",
+         control=("button", "Start"), starts_blank=True, timeout=120),
+    # the second tab is built when first shown (its figures must look drawn); then its
+    # method dropdown must change them
+    Case("explorer", "Explorer", "w = cw.Explorer(model, image)", prepare=(("tab", 1),),
          control=("select", 0, "next"), timeout=120),
-    Case("explorer", "Explorer", "w = cw.Explorer(model, image)", control=("tab", 1),
-         timeout=120),  # the second tab is built when first shown
 ]
 
 # The break used by the detector test (and by CNNWIDGETS_BROWSER_BREAK=1): every ipympl canvas
@@ -99,6 +112,20 @@ from cnnwidgets.widgets.base import make_figure
 _fig2, _canvas2 = make_figure(3, 2)
 _fig2.add_subplot().imshow(np.random.default_rng(1).random((8, 8)))
 w = W.VBox([W.Dropdown(options=["a", "b", "c"]), _canvas2])  # the dropdown drives nothing""")
+
+# An image whose click hides it (the bug): the figure changes, and what is left is empty axes
+# with their ticks -- the drawn check must report it.
+BLANK = Case("blank", widget="", control=("canvas", 0, 0.5, 0.5), code="""\
+import numpy as np, ipywidgets as W
+from cnnwidgets.widgets.base import make_figure
+_fig4, _canvas4 = make_figure(3, 2)
+_ax4 = _fig4.add_subplot()
+_im4 = _ax4.imshow(np.random.default_rng(2).random((8, 8)))
+def _blank(event):
+    _im4.set_visible(False)
+    _canvas4.draw_idle()
+_canvas4.mpl_connect("button_press_event", _blank)
+w = W.VBox([_canvas4])""")
 
 # A canvas whose front-end model cannot load (its JS module does not exist), in a VBox.
 BROKEN = Case("broken", widget="", control=("select", 0, "next"), code="""\
@@ -130,14 +157,19 @@ def present_cases() -> list[Case]:
     return [c for c in CASES if available(c)]
 
 
+# The widgets notebook's first cell: every figure's canvas then says where its axes are.
+FIGTAGS = (f"import sys; sys.path.insert(0, {str(bk.HERE)!r})\n"
+           "import figtags; figtags.install()  # test instrumentation: tags canvases with axes")
+
+
 def notebook_cells() -> list[str]:
-    cells = []
+    cells = [FIGTAGS]
     if os.environ.get("CNNWIDGETS_BROWSER_BREAK") == "1":
         cells.append(BREAK)
     if any(c.widget for c in present_cases()):
         cells.append(SETUP)
     # the detector's own cases come last: BROKEN breaks every canvas made after it
-    return cells + [bk.case_cell(c) for c in present_cases() + [UNWIRED, BROKEN]]
+    return cells + [bk.case_cell(c) for c in present_cases() + [UNWIRED, BLANK, BROKEN]]
 
 
 # what test_page_has_no_errors leaves to the detector test: the deliberately broken case
@@ -157,29 +189,40 @@ def _shot_widget(page, case: Case, name: str, publish: bool = False) -> None:
         bk.publish(path)
 
 
+def _save_judged(shots, prefix: str) -> None:
+    """Each figure with its judged regions outlined, and its measures (for tuning the check)."""
+    bk.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with open(bk.ARTIFACTS / "drawn-measures.txt", "a") as log:
+        for i, shot in enumerate(shots):
+            bk.save_png(bk.judged_png(shot), f"{prefix}-fig{i}-judged.png")
+            measures = " ".join(f"{k}={v:.4f}" for k, v in bk.drawn_measures(shot).items())
+            each = " ".join(f"{k}:{v:.3f}" for k, v in bk.each_region_measure(shot))
+            log.write(f"{prefix}-fig{i} {shot.key} {measures} | {each}\n")
+
+
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
 def test_widget_renders_and_control_changes_figure(frontend, case):
     if not available(case):
-        pytest.skip(f"cw.{case.widget} is not in this checkout")
+        bk.unavailable(f"cw.{case.widget} is not in this checkout")
     page, kind = frontend.page, frontend.kind
     bk.wait_rendered(page, case, timeout=case.timeout + 120, watch=frontend.watch,
                      exclude=BROKEN_SCOPE, ignore=BROKEN_MODULE)
+    bk.prepare(page, case)
     before = bk.settled_shots(page, case)
-    for i, png in enumerate(bk.figure_screenshots(page, case)):
-        bk.save_png(png, f"{kind}-{case.id}-fig{i}-before.png")
+    _save_judged(before, f"{kind}-{case.id}-before")
     _shot_widget(page, case, f"{kind}-{case.id}-before.png")
     problems = bk.find_problems(page, scope=bk.case_scope(case))
     assert not problems, f"{kind}/{case.id} shows errors after rendering:\n" + "\n".join(problems)
 
     what = bk.move_control(page, case)
-    after = bk.wait_changed(page, case, before, timeout=case.timeout)
-    after = bk.settled_shots(page, case)
-    for i, png in enumerate(bk.figure_screenshots(page, case)):
-        bk.save_png(png, f"{kind}-{case.id}-fig{i}-after.png")
+    bk.wait_changed(page, case, before, timeout=case.timeout)
+    bk.settled_shots(page, case)
+    after = bk.wait_drawn(page, case, timeout=30, what=f"after {what}")
+    _save_judged(after, f"{kind}-{case.id}-after")
     _shot_widget(page, case, f"{kind}-{case.id}.png", publish=True)
-    changed = (1.0 if len(before) != len(after)  # a figure came or went (e.g. a new tab)
-               else max(bk.pixel_change(a, b) for a, b in zip(before, after)))
-    assert changed > 0.002, f"{kind}/{case.id}: {what} changed only {changed:.4%} of pixels"
+    key = None if case.figure is None else before[case.figure].key
+    changed = bk.figure_change(before, after, key)
+    assert changed > bk.CHANGED, f"{kind}/{case.id}: {what} changed only {changed:.4%} of pixels"
     problems = bk.find_problems(page, scope=bk.case_scope(case))
     assert not problems, f"{kind}/{case.id} shows errors after {what}:\n" + "\n".join(problems)
 
@@ -229,13 +272,12 @@ def test_classroom_projector_with_large_font(frontend):
         assert layout["controls"], f"{case.id}: no controls found"
         assert not bad, f"{case.id} at 1280x720, 20px font:\n" + "\n".join(bad)
         _shot_widget(page, case, f"lab-{case.id}-classroom.png", publish=True)
-        # still usable: the control still changes the figure at this size. A tab was already
-        # opened (and its figure built) by the case's own test on this page: open the next one.
-        if case.control[0] == "tab":
-            case = dataclasses.replace(case, control=("tab", case.control[1] + 1))
+        # still usable: the control still changes the figure at this size (the case's own test
+        # already moved its ``prepare`` controls on this page), and every figure stays drawn
         before = bk.settled_shots(page, case, timeout=15)
-        bk.move_control(page, case)
+        what = bk.move_control(page, case)
         bk.wait_changed(page, case, before, timeout=case.timeout)
+        bk.wait_drawn(page, case, timeout=30, what=f"after {what} at 1280x720")
         problems = bk.find_problems(page, scope=bk.case_scope(case))
         assert not problems, f"{case.id} at 1280x720:\n" + "\n".join(problems)
 
@@ -287,7 +329,7 @@ _LAYOUT_JS = r"""
 def test_quickstart_notebook_runs(frontend):
     """The README's first command: the quickstart, opened and run in JupyterLab by the UI."""
     if not (frontend.server.root / "notebooks" / QUICKSTART).is_file():
-        pytest.skip(f"notebooks/{QUICKSTART} is not in this checkout")
+        bk.unavailable(f"notebooks/{QUICKSTART} is not in this checkout")
     page = bk.new_page(frontend.browser)
     watch = bk.PageWatch(page)
     try:
@@ -320,6 +362,16 @@ def test_detector_catches_broken_front_end_model_and_dead_control(frontend):
     bk.move_control(page, UNWIRED)
     with pytest.raises(AssertionError, match="did not change the figure"):
         bk.wait_changed(page, UNWIRED, before, timeout=4)
+    # a click that leaves empty axes with their ticks: the figure changes, but the drawn
+    # check must report it (and it passed the same figure before the click)
+    bk.wait_rendered(page, BLANK, timeout=120)
+    before = bk.settled_shots(page, BLANK, timeout=10, quiet=0.8)
+    assert not bk.undrawn(before), bk.undrawn(before)
+    what = bk.move_control(page, BLANK)
+    bk.wait_changed(page, BLANK, before, timeout=30)
+    with pytest.raises(AssertionError, match="do not look drawn") as blank:
+        bk.wait_drawn(page, BLANK, timeout=3, what=f"after {what}")
+    assert "plot axes are empty" in str(blank.value), blank.value
     # the canvas whose model class cannot load: the detector must report it, in the
     # widget's output and in the console
     with pytest.raises(AssertionError, match=bk.WIDGET_FAILURES.pattern) as failed:

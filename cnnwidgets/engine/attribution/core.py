@@ -42,10 +42,13 @@ class Cancelled(RuntimeError):
 class Attribution:
     """The result of :func:`attribute`."""
 
-    #: float32 H×W at the model's input resolution, aligned with ``model.prepare(image)[1]``;
-    #: in [0, 1], or in [-1, 1] (scaled by the largest magnitude) when ``signed``
+    #: float32 H×W at the model's input resolution, aligned with ``model.prepare(image)[1]``:
+    #: the method's heat, scaled but never clipped (its order is the method's own order).
+    #: Signed maps are divided by their largest magnitude (in [-1, 1]), unsigned pixel-level
+    #: maps by their maximum (in [0, 1], zero kept), the others stretched min–max to [0, 1].
+    #: How it is shown (percentile clipping of pixel-level maps, colour limits) is the render
+    #: layer's choice: :mod:`cnnwidgets.render.attribution`.
     map: np.ndarray
-    #: (pixel-level maps are scaled by the 99.5th percentile of their magnitude and clipped)
     #: the method's own output before any reduction, upsampling or normalisation
     #: (3×H×W for gradient and occlusion methods, the h×w layer map for CAM methods, H×W for RISE)
     raw: np.ndarray
@@ -65,7 +68,7 @@ class Attribution:
         from ...render.attribution import plot_attribution  # matplotlib only when plotting
 
         return plot_attribution(self.map, self.image, ax=ax, alpha=alpha, cmap=cmap,
-                                signed=self.signed, fade=self.signed or self.fine,
+                                signed=self.signed, fine=self.fine,
                                 title=self.title() if title else None)
 
     def title(self) -> str:
@@ -260,7 +263,7 @@ def default_layer(model: Model) -> str:
     if model in _DEFAULT_LAYER:
         return _DEFAULT_LAYER[model]
     info = model.layer_info()
-    last = model.last_conv_layer()
+    last = model.last_map_layer()
     pools = [n for n, i in info.items() if i.calls == 1 and len(i.shape) == 3
              and tuple(i.shape[1:]) == (1, 1) and "pool" in i.type.lower()]
     choice = last
@@ -337,13 +340,9 @@ def _to_map(heat: torch.Tensor, size, signed: bool, fine: bool = False) -> np.nd
         heat = F.interpolate(heat[None, None], size=tuple(size), mode="bilinear",
                              align_corners=False)[0, 0]
     heat = torch.nan_to_num(heat)
-    if fine:  # pixel-level maps: a few extreme pixels would hide the rest, so scale by the
-        # 99.5th percentile of the magnitude and clip (as visualisation tools usually do)
-        flat = heat.abs().flatten()
-        scale = flat.kthvalue(max(1, min(flat.numel(), math.ceil(0.995 * flat.numel()))))[0]
-        if scale > 0:
-            low = -1.0 if signed else 0.0
-            return (heat / scale).clamp(low, 1.0).numpy().astype(np.float32)
+    if fine:  # a pixel-level map keeps its zero: scaled by its largest magnitude
+        scale = heat.abs().max()
+        return (heat / scale if scale > 0 else heat).numpy().astype(np.float32)
     if signed:
         scale = heat.abs().max()
         heat = heat / scale if scale > 0 else heat

@@ -5,26 +5,26 @@ per iteration and does no display or I/O: the caller decides what to show (``vis
 ``invert`` just run it to the end; the widgets refresh a figure every few steps).
 
 Every step runs the network inside ``restored(model.module)`` (entered and left within the
-step, under a per-module lock) and differentiates with ``torch.autograd.grad`` with respect to
-the image only, so between steps (and after a run is stopped or fails) the model is exactly as it was: no hook,
-same training flags, same ``requires_grad``, no ``.grad``. The layers are read with forward hooks
-registered and removed inside each step (``layer_outputs``, in ``try/finally``); the forward
-pass stops at the deepest layer an objective needs (an exception raised from that hook), so
-early layers are cheap.
+step, under the network's optimisation lock) and differentiates with ``torch.autograd.grad``
+with respect to the image only, so between steps (and after a run is stopped or fails) the
+model is exactly as it was: no hook, same training flags, same ``requires_grad``, no ``.grad``.
+The layers are read with forward hooks registered and removed inside each step
+(``layer_outputs``, in ``try/finally``); the forward pass stops at the deepest layer an
+objective needs (an exception raised from that hook), so early layers are cheap.
 """
 from __future__ import annotations
 
 import contextlib
-import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from ..hooks import resolve, restored, this_thread
+from ..guard import guard
+from ..hooks import resolve, this_thread
 from ..model import as_model
+from ..progress import Progress, check_cancel, check_progress
 from ..relu_rules import relu_rule
 from . import objectives as obj
 from .param import make_param
@@ -35,29 +35,17 @@ class _Stop(Exception):
     """Raised from a forward hook once the deepest needed layer has run."""
 
 
-_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(module) -> threading.RLock:
-    """One re-entrant lock per module: a step of a background run and a call from the notebook
-    never interleave their ``restored`` blocks (which would restore each other's flags)."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(module)
-        if lock is None:
-            lock = _LOCKS[module] = threading.RLock()
-        return lock
-
-
 @contextlib.contextmanager
 def _frozen(model):
-    """``restored`` (eval mode inside, flags restored after) holding the module's lock.
+    """``restored`` (eval mode inside, flags restored after) holding the network's optimisation
+    lock (:meth:`~cnnwidgets.engine.guard.ModelGuard.optimising`): a step of a background run
+    and a call from the notebook never interleave.
 
     Gradients are taken with ``torch.autograd.grad`` with respect to the image only, so the
     parameters never receive a ``.grad`` and their ``requires_grad`` is never touched — which
     also keeps a concurrent ``restored`` block elsewhere (``model.predict`` from the notebook
     while a widget optimises in the background) from saving and restoring a changed flag."""
-    with model_lock(model.module), restored(model.module) as module:
+    with guard(model.module).optimising() as module:
         yield module
 
 
@@ -191,27 +179,39 @@ def optimize(model, objective, *, steps: int = 256, param: str = "fft", size=128
         yield Step(i, steps, history[-1], history, image_param)
 
 
-def _progress(iterable, total, desc, show):
-    if not show:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False)
+def _run(gen: Iterator[Step], steps: int, desc: str, what: str, cancel, progress) -> Step:
+    """Run a step generator to its end and return its last :class:`Step`, checking ``cancel``
+    before each step and reporting each step to ``progress`` (:class:`..progress.Progress`).
+    A cancelled run raises :class:`Cancelled` between two steps, where the model is exactly
+    as it was (each step enters and leaves ``restored`` itself)."""
+    last = None
+    try:
+        with Progress(steps, desc, cancel=cancel, progress=progress, what=what) as bar:
+            for last in bar.each(gen):
+                bar.advance()
+    finally:
+        gen.close()
+    return last
 
 
 def visualize(model, objective, steps: int = 256, param: str = "fft", seed: int = 0,
               size=128, *, batch: int = 1, lr: float = 0.05, decorrelate: bool = True,
-              transforms: bool = True, progress: bool = True) -> Visualization:
+              transforms: bool = True, cancel=None, progress=None) -> Visualization:
     """Maximise ``objective`` (``"layer:channel"``, a class index or label, or a
     ``cw.objectives`` object) and return a ``cw.Visualization`` (``.image`` H×W×3 in [0, 1],
-    ``.history`` of losses). See :func:`optimize` for the method."""
+    ``.history`` of losses). See :func:`optimize` for the method.
+
+    ``cancel``: a ``threading.Event`` (or a callable returning True) that stops the run between
+    two steps with :class:`cnnwidgets.Cancelled`, the model as it was. ``progress``: ``None``
+    shows a bar once the run has lasted a second, ``True`` / ``False`` force it, a callable
+    ``f(step, steps)`` is called after each step instead (as in ``cw.attribute``)."""
     model = as_model(model, "cw.visualize")
+    check_cancel(cancel)
+    check_progress(progress)
     objective = obj.parse(objective, model)
     gen = optimize(model, objective, steps=steps, param=param, size=size, batch=batch, lr=lr,
                    seed=seed, decorrelate=decorrelate, transforms=transforms)
-    last = None
-    for last in _progress(gen, steps, f"visualize {objective.name}", progress):
-        pass
+    last = _run(gen, steps, f"visualize {objective.name}", "visualize", cancel, progress)
     images = last.images()
     return Visualization(images[0], list(last.history), images, objective.name,
                          dict(steps=steps, param=param, seed=seed, size=size, batch=batch, lr=lr,
@@ -279,15 +279,16 @@ def invert_steps(model, image, layer: str, *, steps: int = 200, seed: int = 0, l
 
 
 def invert(model, image, layer: str, steps: int = 200, seed: int = 0, *,
-           progress: bool = True, **kwargs) -> Visualization:
+           cancel=None, progress=None, **kwargs) -> Visualization:
     """Reconstruct ``image`` from ``layer``'s code (Mahendran & Vedaldi); ``.image`` is aligned
-    with ``model.prepare(image)[1]``. Keyword arguments go to :func:`invert_steps`."""
+    with ``model.prepare(image)[1]``. Keyword arguments go to :func:`invert_steps`.
+    ``cancel`` and ``progress`` as in :func:`visualize`."""
     model = as_model(model, "cw.invert")  # before the progress bar: a wrong model fails at once
     model.check_layer(layer)
-    last = None
+    check_cancel(cancel)
+    check_progress(progress)
     gen = invert_steps(model, image, layer, steps=steps, seed=seed, **kwargs)
-    for last in _progress(gen, steps, f"invert {layer}", progress):
-        pass
+    last = _run(gen, steps, f"invert {layer}", "invert", cancel, progress)
     img = last.image()
     return Visualization(img, list(last.history), img[None], f"invert {layer}",
                          dict(steps=steps, seed=seed, layer=layer, **kwargs))
