@@ -4,6 +4,8 @@
     python benchmarks/attribution.py --quick    # smoke run: fast rows only (no Score-/
                                                 # Ablation-CAM, occlusion, RISE, nor SmoothGrad /
                                                 # IG on EfficientNet), one pair, no settling
+    python benchmarks/attribution.py --ab fold  # one speed trick of cnnwidgets.engine.fast
+                                                # on / off in alternating pairs (see ab)
 
 Models: ResNet-18 with RANDOM weights (torchvision, ``weights=None``: nothing is downloaded)
 and EfficientNet-Lite0 with its trained weights (shipped, offline).
@@ -215,6 +217,48 @@ def bench(model_name, args):
     return rows
 
 
+AB_METHODS = ("saliency", "smoothgrad", "integrated_gradients", "score_cam", "occlusion")
+
+
+def ab(model_name, trick, args):
+    """For each method, ``--ab-pairs`` pairs of calls with the speed trick ``trick`` of
+    :mod:`cnnwidgets.engine.fast` on and off, alternating which runs first (on, off; off, on;
+    …) so that drifts in the machine's speed fall on both; reports the median of the pairs'
+    on / off ratios (< 1: the trick saves time) and each pair's ratio."""
+    from cnnwidgets.engine import fast
+
+    if trick not in fast.TRICKS:
+        raise SystemExit(f"--ab: unknown trick {trick!r}; one of {', '.join(fast.TRICKS)}")
+    torch.manual_seed(0)
+    model = cw.load_model(model_name, pretrained=model_name == "efficientnet_lite0")
+    image = cw.sample_image("cat")
+    layer = LAYERS[model_name]
+    was_on = trick in fast.ENABLED
+    print(f"\n## {model_name}: {trick} on / off, {args.ab_pairs} pairs")
+    print(f"{'method':22} {'on s':>8} {'off s':>8} {'on/off':>8}  pairs")
+    for method in args.methods or AB_METHODS:
+        kw = {"layer": layer} if cw.engine.attribution.get_method(method).layer else {}
+        params = dict(PARAMS.get(method, {}))
+
+        def run(on, method=method, kw=kw, params=params):
+            (fast.ENABLED.add if on else fast.ENABLED.discard)(trick)
+            try:
+                cw.attribute(model, image, method, target=TARGET, progress=False, **kw, **params)
+            finally:
+                (fast.ENABLED.add if was_on else fast.ENABLED.discard)(trick)
+
+        times = {True: [], False: []}
+        for on in (True, False):  # untimed: each side's twin is built once
+            _once(lambda: run(on))
+        for i in range(args.ab_pairs):
+            for on in ((True, False) if i % 2 == 0 else (False, True)):
+                times[on].append(_once(lambda: run(on)))
+        ratios = [a / b for a, b in zip(times[True], times[False])]
+        print(f"{method:22} {statistics.median(times[True]):8.2f} "
+              f"{statistics.median(times[False]):8.2f} {statistics.median(ratios):8.2f}  "
+              + " ".join(f"{r:.2f}" for r in ratios), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -233,6 +277,10 @@ def main():
     parser.add_argument("--single-repeats", type=int, default=15,
                         help="pairs of single-pass methods (~0.1 s each: on a shared two-core "
                              "machine five repeats leave ±15%% of noise)")
+    parser.add_argument("--ab", metavar="TRICK", default=None,
+                        help="time one speed trick of cnnwidgets.engine.fast on and off "
+                             "(TRICKS there) instead of the comparison with the peers")
+    parser.add_argument("--ab-pairs", type=int, default=5, help="on / off pairs per method")
     parser.add_argument("--out", default=None,
                         help="also write everything printed to this file (the raw output to "
                              "commit beside a README table, e.g. benchmarks/results/"
@@ -260,7 +308,10 @@ def main():
               f"Score-CAM {args.score_cam_repeats}")
         start = time.perf_counter()
         for name in args.models:
-            bench(name, args)
+            if args.ab:
+                ab(name, args.ab, args)
+            else:
+                bench(name, args)
         print(f"\n# {time.perf_counter() - start:.0f} s in all; load average at the end "
               f"{os.getloadavg()[0]:.1f}")
 

@@ -124,7 +124,8 @@ class ModelGuard:
       in saves it, the last one out puts it back.
     * ``optimisation`` (per network, re-entrant): optimisation steps (feature visualisation,
       inversion) run one at a time, each inside its own :meth:`restored` block (:meth:`optimising`).
-    * ``twin_lock`` (per network) guards ``twin``, the folded twin of :mod:`.folding`.
+    * ``twin_lock`` (per network) guards ``twin``, the network's twins of :mod:`.fast` (one per
+      set of enabled tricks), and their building and refolding.
     * Hooks take no lock: each answers only the thread that registered it
       (:func:`~cnnwidgets.engine.hooks.this_thread`).
 
@@ -138,7 +139,7 @@ class ModelGuard:
         self._saved: tuple[list, list] | None = None  # the state they will put back
         self.optimisation = threading.RLock()
         self.twin_lock = threading.Lock()
-        self.twin = None  #: the folded twin (see :mod:`.folding`), under ``twin_lock``
+        self.twin = None  #: the twins of :mod:`.fast`, under ``twin_lock``
 
     @contextlib.contextmanager
     def restored(self, *, eval_mode: bool = True, frozen: bool = False):

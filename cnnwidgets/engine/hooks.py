@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .guard import GATE, guard
+from .guard import guard
 
 
 @dataclass
@@ -74,7 +74,31 @@ def this_thread(hook: Callable) -> Callable:
             return None
         return hook(*args)
 
+    bound.cw_thread = owner  # read by hooked(): this hook is silent on every other thread
     return bound
+
+
+#: the hook tables of a module (forward, forward-pre, backward, backward-pre)
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether a hook that fires on this thread's passes is registered on ``module``, on any
+    module inside it, or for every module (``torch.nn.modules.module.register_module_forward_hook``
+    and its kin): any hook but those :func:`this_thread` bound to another thread. Such hooks
+    are part of the network: nothing may run in place of a module that carries one (the fast
+    paths of :mod:`.fast` then run the module itself)."""
+    me = threading.get_ident()
+
+    def fires(hooks) -> bool:
+        return any(getattr(h, "cw_thread", me) == me for h in hooks.values())
+
+    every = torch.nn.modules.module
+    if any(fires(d) for d in (every._global_forward_hooks, every._global_forward_pre_hooks,
+                              every._global_backward_hooks, every._global_backward_pre_hooks)):
+        return True
+    return any(fires(d) for m in module.modules() for d in
+               (getattr(m, name, None) for name in HOOK_DICTS) if d)
 
 
 def _first_tensor(value):
@@ -147,10 +171,6 @@ def capture(
             h.remove()
 
 
-#: the process-wide gate, until :mod:`.folding` traces through ``guard(module).tracing()``
-MODEL_GATE = GATE
-
-
 def restored(module: nn.Module, *, eval_mode: bool = True, frozen: bool = False):
     """Run the body with ``module`` in eval mode, then restore training flags and
     ``requires_grad`` exactly as they were, whatever happens inside. ``frozen=True`` turns
@@ -167,13 +187,4 @@ def restored(module: nn.Module, *, eval_mode: bool = True, frozen: bool = False)
 def hook_count(module: nn.Module) -> int:
     """Number of forward / backward / pre-hooks registered on ``module`` and its children
     (for tests that check nothing was left behind)."""
-    total = 0
-    for m in module.modules():
-        for attr in (
-            "_forward_hooks",
-            "_forward_pre_hooks",
-            "_backward_hooks",
-            "_backward_pre_hooks",
-        ):
-            total += len(getattr(m, attr, {}) or {})
-    return total
+    return sum(len(getattr(m, attr, None) or {}) for m in module.modules() for attr in HOOK_DICTS)

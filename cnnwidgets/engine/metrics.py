@@ -27,7 +27,6 @@ from torch import nn
 
 from .attribution.core import Attribution, Context, attribute, input_only
 from .checks import check_float, check_int, check_progress
-from .folding import folded
 from .model import Model, as_model
 
 BASELINES = ("black", "zeros", "blur")
@@ -134,7 +133,7 @@ def _curve(kind, model, image, attribution, target, steps, baseline, score, batc
     with input_only(model.module), torch.no_grad():
         if index is None:
             index = int(model.scores(x)[0].argmax())
-        ctx = Context(model, x, index, None, kind, cancel, progress, net=folded(model.module))
+        ctx = Context(model, x, index, None, kind, cancel, progress)
         for lo, hi in ctx.batches(steps + 1, batch_size, kind):
             k = torch.tensor(counts[lo:hi], device=x.device).view(-1, 1, 1, 1)
             changed = rank < k  # N×1×H×W: the first k pixels in the order

@@ -68,7 +68,7 @@ def backward_rule(grad: torch.Tensor, y: torch.Tensor, high: "float | None", rul
 def watching() -> "tuple[bool, _RuleMode | None]":
     """``(clear, mode)``: ``clear`` when no TorchFunctionMode watches this thread's calls other
     than, at most, one ReLU rule, which is ``mode`` (code that applies ReLUs itself — the packed
-    convolutions of :mod:`.folding` — then applies the rule)."""
+    convolutions of :mod:`.fast` — then applies the rule)."""
     try:
         n = torch._C._len_torch_function_stack()
     except AttributeError:  # pragma: no cover - older torch: assume someone watches

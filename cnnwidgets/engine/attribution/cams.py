@@ -95,6 +95,23 @@ def eigen_cam(ctx):
     return raw, raw.clamp(min=0)
 
 
+def distinct_masks(a: torch.Tensor):
+    """``(first, inverse)`` for Score-CAM's masks of the channels of ``a`` (C×h×w): the first
+    channel of each distinct mask, and for each channel the index of its mask in ``first``.
+    A mask is the channel upsampled (a linear map) and min-max scaled, so channels equal up to
+    a positive scale and offset give the same mask, and constant channels all give the zero
+    mask (after a ReLU, channels active at a single position are common)."""
+    c = a.shape[0]
+    flat = a.reshape(c, -1)
+    low = flat.amin(1, keepdim=True)
+    span = flat.amax(1, keepdim=True) - low
+    keys = torch.where(span > 0, (flat - low) / span.clamp(min=1e-30), torch.zeros_like(flat))
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    first = torch.full((unique.shape[0],), c, dtype=torch.long, device=a.device)
+    first.scatter_reduce_(0, inverse, torch.arange(c, device=a.device), reduce="amin")
+    return first, inverse
+
+
 @register("score_cam", params=[Param("batch_size", int, 16, (1, 1024),
                                       "masked copies per forward pass")],
           kind="cam", layer=True,
@@ -102,45 +119,10 @@ def eigen_cam(ctx):
 def score_cam(ctx, batch_size):
     a, logits = ctx.layer_value()
     ctx.base_score = float(logits[0, ctx.target])
-    x = ctx.x
-    c = a.shape[1]
-    flat = a[0].reshape(c, -1)
-    # A mask is the channel upsampled (a linear map) and min-max normalised, so channels equal
-    # up to a positive scale and offset give the same mask, and constant channels all give the
-    # zero mask: each distinct mask is scored once. (After a ReLU, channels active at a single
-    # position are common: 1,280 channels of EfficientNet-Lite0's last layer give 449 masks on
-    # the cat photo.) The masks themselves are built exactly as in the paper.
-    low = flat.amin(1, keepdim=True)
-    span = flat.amax(1, keepdim=True) - low
-    keys = torch.where(span > 0, (flat - low) / span.clamp(min=1e-30), torch.zeros_like(flat))
-    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    first = torch.full((unique.shape[0],), c, dtype=torch.long, device=a.device)
-    first.scatter_reduce_(0, inverse, torch.arange(c, device=a.device), reduce="amin")
-    scores = torch.empty(unique.shape[0], dtype=x.dtype, device=x.device)
-    h, w = a.shape[-2:]
-
-    def upsample(t):  # n×h×w → n×H×W, as the paper's masks
-        return F.interpolate(t[None], size=x.shape[-2:], mode="bilinear", align_corners=True)[0]
-
-    with torch.no_grad():
-        # Upsampling is linear, so each mask is a combination of the h·w upsampled unit maps:
-        # where it pays, the network's first layer is computed for x times each unit map once,
-        # and each masked copy's first layer is then a matrix product (same values to rounding)
-        eye = torch.eye(h * w, dtype=a.dtype, device=a.device).view(h * w, h, w)
-        mix = ctx.mixture(h * w, lambda: x * upsample(eye)[:, None])
-        for lo, hi in ctx.batches(first.numel(), batch_size, "score-cam"):
-            chans = a[0, first[lo:hi]]
-            up = upsample(chans)
-            low = up.amin(dim=(1, 2), keepdim=True)
-            high = up.amax(dim=(1, 2), keepdim=True)
-            if mix is not None:  # mask = upsample((A − low) / (high − low + 1e-8))
-                coeffs = ((chans - low) / (high - low + 1e-8)).reshape(hi - lo, h * w)
-                scores[lo:hi] = ctx.score_mixed(mix, coeffs)
-            else:
-                masks = (up - low) / (high - low + 1e-8)
-                scores[lo:hi] = ctx.score(x * masks[:, None])
-    weights = torch.softmax(scores[inverse], dim=0)
-    return weighted_sum(weights, a).clamp(min=0)
+    first, inverse = distinct_masks(a[0])  # each distinct mask is scored once
+    # S_k = f(X ∘ s(Up(A_k))), s: min-max scaling to [0, 1]
+    scores = ctx.masked_scores(a[0, first], batch_size, "score-cam")[inverse]
+    return weighted_sum(torch.softmax(scores, dim=0), a).clamp(min=0)
 
 
 @register("ablation_cam", params=[CAM_BATCH], kind="cam", layer=True,

@@ -1,8 +1,9 @@
 """``cw.attribute`` and the shared machinery every method uses.
 
 A method is a function ``fn(ctx, **params)`` registered in :mod:`.registry`. It receives a
-:class:`Context` — the prepared input, the resolved target and layer, and helpers that run the
-model in batches with progress, cancellation and hooks that are always removed — and returns
+:class:`Context` — the prepared input, the resolved target and layer, and a few primitives
+that run the model (scores, input gradients and their sums, layers and their gradients, masked
+scores, batches with progress, cancellation and memory fitting) — and returns
 its raw output (optionally with the 2-D map to show). :func:`attribute` does everything else:
 validation, target and layer resolution, putting the model back as it was, upsampling and
 normalising the map.
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..folding import batch_sum, folded, head_of
+from .. import fast
 from ..hooks import layer_not_found, resolve, restored, this_thread
 from ..memory import fit_batch
 from ..model import Model, as_model
@@ -82,7 +83,17 @@ class Attribution:
 # --------------------------------------------------------------------------- context
 @dataclass
 class Context:
-    """What a method gets: the input, target and layer, and helpers to run the model."""
+    """What a method gets: the input, target and layer, and the primitives it computes with.
+
+    * :meth:`logits` / :meth:`score`: the class scores / the target's score of a batch;
+    * :meth:`input_grad`: the gradient of the score at the input (optionally with a ReLU rule);
+    * :meth:`input_grad_sum`: the (weighted) sum of input gradients over many inputs;
+    * :meth:`layer_value`, :meth:`layer_and_grad`, :meth:`tap`: a layer's activations, their
+      gradients, and a layer replaced;
+    * :meth:`masked_scores`: the scores of the input masked by upsampled maps (Score-CAM);
+    * :meth:`batches`: index ranges with progress, memory fitting and cancellation.
+
+    How they run fast is not the method's concern (:mod:`..fast`)."""
 
     model: Model  #: the wrapped model
     x: torch.Tensor  #: 1×3×H×W prepared input on the model's device (no grad)
@@ -92,10 +103,6 @@ class Context:
     cancel: Any = None  #: ``threading.Event`` or callable returning True to stop
     progress: Any = None  #: True / False / None (auto) / callable(done, total)
     base_score: float | None = None  #: the target logit of ``x``, once computed
-    #: the network to run outside layer taps: the model's folded twin (:mod:`..folding`),
-    #: resolved once per call, or ``None`` for the model itself
-    net: Any = None
-    _taps: int = 0  #: layer taps open (the folded twin has no such layer to tap)
 
     # ----------------------------------------------------------- running the model
     def check_cancel(self) -> None:
@@ -107,39 +114,12 @@ class Context:
             raise Cancelled(f"{self.method} was cancelled")
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class scores N×K of a prepared batch (graph kept when grad is enabled).
-
-        Outside a layer tap the network runs as its folded twin (batch norms merged into
-        the convolutions, :mod:`..folding`): the same function, fewer passes over memory."""
-        batch = fast_layout(batch)
-        if self._taps or self.net is None or self.net is self.model.module:
-            return self.model.scores(batch)
-        out = self.net(batch)
-        return self.model.output(out) if self.model.output is not None else out
+        """Class scores N×K of a prepared batch (graph kept when grad is enabled)."""
+        return fast.logits(self.model, batch)
 
     def score(self, batch: torch.Tensor) -> torch.Tensor:
         """The target's logit for each image of the batch (N,)."""
         return self.logits(batch)[:, self.target]
-
-    def mixture(self, count: int, parts: Callable[[], torch.Tensor]):
-        """For inputs that are combinations of ``count`` fixed inputs (``parts()`` builds them,
-        count×C×H×W): the network's first layer's outputs for those parts
-        (:class:`..folding.Mixture`), or ``None`` where that does not pay or the network has
-        no such layer. See :meth:`score_mixed`."""
-        head = None if self._taps or self.net is None else head_of(self.net)
-        if head is None or not head.mixable(count, self.x):
-            return None
-        return head.mixture(parts())
-
-    def score_mixed(self, mixture, coeffs: torch.Tensor) -> torch.Tensor:
-        """The target's logit for each input ``Σₖ coeffs[i, k] partsₖ`` of a :meth:`mixture`
-        (N,): its first layer is one matrix product, the rest of the network runs as usual."""
-        n = coeffs.shape[0]
-        z = mixture(coeffs)
-        with mixture.head.given(z):  # the input is not read: a view stands in for the batch
-            out = self.net(self.x.expand(n, *self.x.shape[1:]))
-        out = self.model.output(out) if self.model.output is not None else out
-        return out[:, self.target]
 
     def input_grad(self, batch: torch.Tensor, rule: str | None = None):
         """``(∂score/∂batch, score)`` for a batch in one forward and one backward pass,
@@ -150,9 +130,23 @@ class Context:
             (g,) = torch.autograd.grad(s.sum(), xb)
         return g.contiguous(), s.detach()
 
-    def grad_sum(self) -> "GradSum":
-        """An accumulator of ``Σ wᵢ ∂scoreᵢ/∂xᵢ`` over batches of inputs (see :class:`GradSum`)."""
-        return GradSum(self)
+    def input_grad_sum(self, inputs: Callable[[int, int], torch.Tensor], total: int,
+                       batch_size: int, weights: torch.Tensor | None = None,
+                       desc: str | None = None) -> torch.Tensor:
+        """``Σᵢ wᵢ ∂score/∂xᵢ`` (C×H×W) over ``total`` inputs ``xᵢ``: ``inputs(a, b)`` returns
+        ``xₐ … x_b₋₁`` as a batch (called in order, in :meth:`batches` of ``batch_size``);
+        ``weights`` (``total``,), every ``wᵢ = 1`` when ``None``."""
+        parts = ((inputs(a, b), None if weights is None else weights[a:b])
+                 for a, b in self.batches(total, batch_size, desc))
+        return fast.input_grad_sum(self.model, self.target, parts, self.x)
+
+    def masked_scores(self, maps: torch.Tensor, batch_size: int,
+                      desc: str | None = None) -> torch.Tensor:
+        """The target's score (n,) for the input times each map of ``maps`` (n×h×w)
+        upsampled to the input (bilinear, corners aligned) and scaled to [0, 1]
+        (``(v − min) / (max − min + 1e-8)``): Score-CAM's masked copies."""
+        return fast.masked_scores(self.model, self.target, self.x, maps,
+                                  self.batches(maps.shape[0], batch_size, desc))
 
     def batches(self, total: int, batch_size: int, desc: str | None = None) -> Iterator[tuple]:
         """``(start, stop)`` index pairs covering ``range(total)`` in equal chunks of at most
@@ -195,12 +189,8 @@ class Context:
         """Context manager yielding a dict whose ``"value"`` is the layer's tensor (attached to
         the graph) after a forward pass; ``replace(t)`` may return a tensor used instead.
         The hook is removed in ``finally``."""
-        self._taps += 1
-        try:
-            with tap(self.model.module, layer or self.layer, replace=replace) as box:
-                yield box
-        finally:
-            self._taps -= 1
+        with tap(self.model.module, layer or self.layer, replace=replace) as box:
+            yield box
 
     def layer_and_grad(self, layer: str | None = None):
         """``(A, ∂score/∂A, score)`` for the layer: 1×C×h×w activations and their gradient,
@@ -217,61 +207,6 @@ class Context:
         with torch.no_grad(), self.tap(layer) as box:
             logits = self.logits(self.x)
         return box["value"].detach(), logits
-
-
-class GradSum:
-    """``Σᵢ wᵢ ∂scoreᵢ/∂xᵢ`` over batches of inputs ``xᵢ``: what SmoothGrad and Integrated
-    Gradients need. When the folded twin has a head (:class:`..folding.Head`: the first layer,
-    a convolution of the input alone, with the ReLU and max-pooling right after it), each
-    backward pass stops at the head's output, the gradients are taken back through the pooling
-    and ReLU on the small pooled tensor and added up at the convolution's output, and the
-    convolution's transpose takes the sum back to the input once, in :meth:`result` — the same
-    sum (the convolution is affine), one backward pass through the first layer instead of one
-    per input.
-
-    >>> acc = ctx.grad_sum()
-    >>> for a, b in ctx.batches(n, batch_size):
-    ...     acc.add(inputs[a:b], weights[a:b])
-    >>> total = acc.result()  # C×H×W
-    """
-
-    def __init__(self, ctx: "Context"):
-        self.ctx = ctx
-        self.head = None if ctx._taps or ctx.net is None else head_of(ctx.net)
-        self.total: torch.Tensor | None = None
-
-    def add(self, batch: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        """Add the gradients of the target's score for each image of ``batch`` (N×C×H×W),
-        weighted by ``weights`` (N,) when given."""
-        if self.head is not None:
-            with torch.enable_grad(), self.head.capture() as box:
-                s = self.ctx.score(batch.detach())
-                if len(box) != 1:  # pragma: no cover - a traced graph runs each node once
-                    raise RuntimeError(f"the network's first layer ran {len(box)} times in "
-                                       "one forward pass; expected once")
-                (g,) = torch.autograd.grad(s.sum(), box[0].value)
-            self.total = self.head.add(self.total, box[0], g, weights)
-            return
-        g, _ = self.ctx.input_grad(batch)
-        part = batch_sum(g, weights)
-        self.total = part if self.total is None else self.total + part
-
-    def result(self) -> torch.Tensor:
-        """The sum so far, shaped as one input (C×H×W)."""
-        if self.total is None:
-            return torch.zeros_like(self.ctx.x[0])
-        if self.head is None:
-            return self.total[0]
-        return self.head.transpose(self.total, self.ctx.x.shape)[0]
-
-
-def fast_layout(batch: torch.Tensor) -> torch.Tensor:
-    """The batch in channels-last memory layout when it holds several images: the same values,
-    but oneDNN's CPU convolutions run markedly faster on it (measured ~1.5× on ResNet-18,
-    batch 16). The model's weights are not touched."""
-    if batch.ndim == 4 and batch.shape[0] > 1 and batch.device.type == "cpu":
-        return batch.contiguous(memory_format=torch.channels_last)
-    return batch
 
 
 @contextlib.contextmanager
@@ -467,8 +402,7 @@ def attribute(
             index = int(logits[0].argmax())
         else:
             index = model.target_index(target, image)
-        ctx = Context(model, x.detach(), index, layer_name, spec.name, cancel, progress,
-                      net=folded(model.module))
+        ctx = Context(model, x.detach(), index, layer_name, spec.name, cancel, progress)
         out = spec.fn(ctx, **values)
     raw, heat = out if isinstance(out, tuple) else (out, None)
     raw = _as_tensor(raw)

@@ -44,14 +44,14 @@ def smoothgrad(ctx, n_samples, noise, batch_size, seed):
     x = ctx.x
     sigma = float(noise) * float(x.max() - x.min())
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    total = ctx.grad_sum()
-    for a, b in ctx.batches(n_samples, batch_size, "smoothgrad"):
-        # one draw per sample: the noise of sample i does not depend on the batching
+
+    def noisy(a, b):  # x + N(0, σ²), one draw per sample: independent of the batching
         eps = torch.empty((b - a, *x.shape[1:]), dtype=x.dtype)
         for row in eps:
             row.normal_(generator=generator)
-        total.add(eps.to(x.device).mul_(sigma).add_(x))
-    return total.result() / n_samples
+        return eps.to(x.device).mul_(sigma).add_(x)
+
+    return ctx.input_grad_sum(noisy, n_samples, batch_size, desc="smoothgrad") / n_samples
 
 
 def path_weights(steps: int, rule: str):
@@ -99,12 +99,11 @@ def integrated_gradients(ctx, steps, rule, baseline, batch_size):
     base = baseline_for(ctx, baseline)
     alphas, weights = path_weights(steps, rule)
     alphas = torch.tensor(alphas, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
-    weights = torch.tensor(weights, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
+    weights = torch.tensor(weights, dtype=x.dtype, device=x.device)
     delta = x - base
-    total = ctx.grad_sum()
-    for a, b in ctx.batches(steps, batch_size, "integrated gradients"):
-        total.add(base + alphas[a:b] * delta, weights[a:b].flatten())
-    return delta[0] * total.result()
+    path = ctx.input_grad_sum(lambda a, b: base + alphas[a:b] * delta, steps, batch_size,
+                              weights, "integrated gradients")  # Σ wᵢ ∂F/∂x at x′ + αᵢ(x − x′)
+    return delta[0] * path
 
 
 @register("guided_backprop", kind="gradient",

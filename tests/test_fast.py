@@ -1,4 +1,5 @@
-"""The folded inference twin (batch norm merged into the convolution before it)."""
+"""The speed behind the primitives (engine/fast.py): the twin's tricks give the network's own
+numbers, and the twin never runs in place of a module that carries a user's hook."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import cnnwidgets as cw
-from cnnwidgets.engine import folding
+from cnnwidgets.engine import fast
 from cnnwidgets.engine.attribution import core
-from cnnwidgets.engine.folding import folded
 from cnnwidgets.engine.hooks import hook_count, restored
 
 from conftest import assert_same_state, snapshot
@@ -36,8 +36,8 @@ class ConvBN(nn.Module):
 def test_hand_worked_fold():
     # bn(conv(x)) = 4 · (2x + 1 − 1) / √(3 + 1) + 0.5 = 4x + 0.5
     net = ConvBN().eval()
-    twin = folded(net)
-    assert twin is not net
+    twin = fast.twin(net)
+    assert twin is not None
     convs = [m for m in twin.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 1 and not any(isinstance(m, nn.BatchNorm2d) for m in twin.modules())
     assert convs[0].weight.item() == pytest.approx(4.0) and convs[0].bias.item() == pytest.approx(0.5)
@@ -67,8 +67,8 @@ def test_resnet_twin_same_function_and_gradient():
     before = snapshot(net)
     x = torch.randn(2, 3, 64, 64)
     with restored(net):
-        twin = folded(net)
-        assert twin is not net
+        twin = fast.twin(net)
+        assert twin is not None
         assert not any(isinstance(m, nn.BatchNorm2d) for m in twin.modules())
         xa = x.clone().requires_grad_(True)
         xb = x.clone().requires_grad_(True)
@@ -84,18 +84,18 @@ def test_resnet_twin_same_function_and_gradient():
 def test_twin_follows_in_place_updates():
     net = ConvBN().eval()
     x = torch.ones(1, 1, 1, 1)
-    assert folded(net)(x).item() == pytest.approx(4.5)
+    assert fast.twin(net)(x).item() == pytest.approx(4.5)
     with torch.no_grad():
         net.bn.running_mean.fill_(3.0)  # now 4 · (2 + 1 − 3) / 2 + 0.5 = 0.5
-    assert folded(net)(x).item() == pytest.approx(0.5)
+    assert fast.twin(net)(x).item() == pytest.approx(0.5)
     with torch.no_grad():
         net.conv.weight.mul_(2)  # 4 · (4 + 1 − 3) / 2 + 0.5 = 4.5
-    assert folded(net)(x).item() == pytest.approx(4.5)
+    assert fast.twin(net)(x).item() == pytest.approx(4.5)
     net.conv.bias.data = torch.tensor([3.0])  # new storage: 4 · (4 + 3 − 3) / 2 + 0.5 = 8.5
-    assert folded(net)(x).item() == pytest.approx(8.5)
+    assert fast.twin(net)(x).item() == pytest.approx(8.5)
     net.conv.weight.data.mul_(0.5)  # through .data: no version bump, so say so with forget()
-    folding.forget(net)  # 4 · (2 + 3 − 3) / 2 + 0.5 = 4.5
-    assert folded(net)(x).item() == pytest.approx(4.5)
+    fast.forget(net)  # 4 · (2 + 3 − 3) / 2 + 0.5 = 4.5
+    assert fast.twin(net)(x).item() == pytest.approx(4.5)
 
 
 class PadConv(nn.Conv2d):
@@ -111,8 +111,8 @@ def test_convolution_subclass_is_folded():
     with torch.no_grad():
         net[1].running_mean.uniform_(-1, 1)
         net[1].running_var.uniform_(0.5, 2)
-    twin = folded(net)
-    assert twin is not net and not any(isinstance(m, nn.BatchNorm2d) for m in twin.modules())
+    twin = fast.twin(net)
+    assert twin is not None and not any(isinstance(m, nn.BatchNorm2d) for m in twin.modules())
     x = torch.randn(2, 3, 6, 6)
     assert torch.allclose(net(x), twin(x), atol=1e-5)
 
@@ -154,7 +154,7 @@ def test_symmetric_static_padding_goes_into_the_convolution(conv, plain):
     with torch.no_grad():
         net[1].running_mean.uniform_(-1, 1)
         net[1].running_var.uniform_(0.5, 2)
-    twin = folded(net)
+    twin = fast.twin(net)
     convs = [m for m in twin.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 1 and (type(convs[0]) is nn.Conv2d) == plain
     if plain:
@@ -181,41 +181,26 @@ class SharedOutput(ConvBN):
 
 
 def test_falls_back_to_the_original():
-    untraceable = Untraceable().eval()
-    assert folded(untraceable) is untraceable
-    plain = nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(), nn.Flatten()).eval()
-    assert folded(plain) is plain  # nothing to fold
-    shared = SharedOutput().eval()
-    assert folded(shared) is shared  # folding would change the other use
-    training = ConvBN().train()
-    assert folded(training) is training  # batch statistics: not an affine map
-
-
-def test_hooks_keep_firing():
-    net = ConvBN().eval()
-    assert folded(net) is not net
-    seen = []
-    handle = net.bn.register_forward_hook(lambda m, a, o: seen.append(1))
-    try:
-        assert folded(net) is net  # a hook on a folded module: the original runs
-        net(torch.ones(1, 1, 1, 1))
-    finally:
-        handle.remove()
-    assert seen == [1]
-    assert folded(net) is not net
+    # None: the network runs itself
+    assert fast.twin(Untraceable().eval()) is None
+    assert fast.twin(nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(), nn.Flatten()).eval()) is None
+    assert fast.twin(SharedOutput().eval()) is None  # folding would change the other use
+    assert fast.twin(ConvBN().train()) is None  # batch statistics: not an affine map
 
 
 def test_attribution_through_the_twin_matches_the_original(monkeypatch):
     model = cw.Model(_resnet_with_statistics(), input_size=(64, 64), labels=[str(i) for i in range(10)])
     image = cw.sample_image("cat")
     for method, kw in [("saliency", {}), ("integrated_gradients", {"steps": 4}),
-                       ("guided_backprop", {}), ("deconvnet", {})]:
-        fast = cw.attribute(model, image, method, target=3, **kw).raw
+                       ("guided_backprop", {}), ("deconvnet", {}),
+                       ("score_cam", {"layer": "layer4", "progress": False})]:
+        quick = cw.attribute(model, image, method, target=3, **kw).raw
         with monkeypatch.context() as m:
-            m.setattr(core, "folded", lambda module: module)
+            m.setattr(fast, "twin", lambda module: None)
             slow = cw.attribute(model, image, method, target=3, **kw).raw
-        assert np.linalg.norm(fast - slow) / np.linalg.norm(slow) < 1e-5, method
-    assert folding._TWINS.get(model.module) is not None and folding._TWINS[model.module].module is not None
+        assert np.linalg.norm(quick - slow) / np.linalg.norm(slow) < 1e-5, method
+    with restored(model.module):
+        assert fast.twin(model.module) is not None  # the twin did run
 
 
 # ----------------------------------------------------------------- the linear head
@@ -270,15 +255,15 @@ def test_head_hand_worked():
     # fc.weight · mean(relu(2x + 1)); where 2x + 1 > 0 the gradient is 2 · 3 / (H·W) = 1.5,
     # where 2x + 1 < 0 it is 0
     net = _affine_stem()
-    twin = folded(net)
-    head = folding.head_of(twin)
+    twin = fast.twin(net)
+    head = fast._head_of(twin)
     assert head is not None and head.act is net.relu and head.pool is None
     assert not any(n.target == "relu" for n in twin.graph.nodes)  # taken into the head
     assert head.fresh is False  # nothing after the head works in place
     x = torch.tensor([[[[0.0, 1.0], [-2.0, 3.0]]]]).repeat(5, 1, 1, 1)
     with head.capture() as box:
         s = twin(x)[:, 0]
-    assert len(box) == 1 and box[0].value.is_leaf and box[0].act and box[0].indices is None
+    assert len(box) == 1 and box[0].value.is_leaf and box[0].indices is None
     assert torch.equal(box[0].value[0, 0], torch.tensor([[1.0, 3.0], [0.0, 7.0]]))  # relu(2x+1)
     (g,) = torch.autograd.grad(s.sum(), box[0].value)
     total = head.add(None, box[0], g)  # at the convolution's output, summed over 5 inputs
@@ -303,9 +288,9 @@ class PoolStem(Stem):
 
 def test_head_takes_relu_and_pooling():
     net = _with_statistics(PoolStem())
-    head = folding.head_of(folded(net))
+    head = fast._head_of(fast.twin(net))
     assert head.act is net.relu and head.pool is net.pool
-    twin = folded(net)
+    twin = fast.twin(net)
     x = torch.randn(3, 3, 16, 16)
     with head.capture() as box:
         twin(x)
@@ -313,7 +298,7 @@ def test_head_takes_relu_and_pooling():
     assert box[0].indices is not None
 
 
-@pytest.mark.parametrize("kind", ["conv", "pad-conv", "pool", "pool-relu6", "hooked-pool"])
+@pytest.mark.parametrize("kind", ["conv", "pad-conv", "pool", "pool-relu6"])
 def test_head_sum_equals_sum_of_input_gradients(kind):
     torch.manual_seed(2)
     conv = PadConv(3, 4, 3, stride=2) if kind == "pad-conv" else nn.Conv2d(3, 4, 7, 2, 3)
@@ -322,11 +307,8 @@ def test_head_sum_equals_sum_of_input_gradients(kind):
     if kind == "pool-relu6":
         with torch.no_grad():  # values above 6 too, where ReLU6 passes no gradient
             net.conv.weight.mul_(20)
-    seen = []
-    if kind == "hooked-pool":  # a hook on the pooling: it runs as a module and fires
-        net.pool.register_forward_hook(lambda m, a, o: seen.append(1))
-    twin = folded(net)
-    head = folding.head_of(twin)
+    twin = fast.twin(net)
+    head = fast._head_of(twin)
     assert head is not None
     x = torch.randn(6, 3, 17, 17)
     w = torch.rand(6)
@@ -335,10 +317,9 @@ def test_head_sum_equals_sum_of_input_gradients(kind):
     expected = g.sum(0, keepdim=True)
     total = None
     for part in (slice(0, 2), slice(2, 6)):  # two batches, weighted, added up
-        seen.clear()
         with head.capture() as box:
             s = twin(x[part])[:, 1]
-        assert len(box) == 1 and seen == ([1] if kind == "hooked-pool" else [])
+        assert len(box) == 1
         (gz,) = torch.autograd.grad(s.sum(), box[0].value)
         total = head.add(total, box[0], gz, w[part])
     got = head.transpose(total, x.shape)
@@ -346,19 +327,19 @@ def test_head_sum_equals_sum_of_input_gradients(kind):
 
 
 def test_no_head_where_the_input_is_not_only_a_convolution():
-    assert folding.head_of(folded(_with_statistics(TwiceUsedInput()))) is None
+    assert fast._head_of(fast.twin(_with_statistics(TwiceUsedInput()))) is None
     squared = _with_statistics(Stem(SquaredConv(3, 4, 3, padding=1)))
-    assert folded(squared) is not squared  # still folded ...
-    assert folding.head_of(folded(squared)) is None  # ... but its first layer is not affine
-    assert not folding.head_of(folded(_with_statistics(Stem(inplace=False)))).fresh
+    assert fast.twin(squared) is not None  # still folded ...
+    assert fast._head_of(fast.twin(squared)) is None  # ... but its first layer is not affine
+    assert not fast._head_of(fast.twin(_with_statistics(Stem(inplace=False)))).fresh
 
 
 def test_head_capture_is_per_thread():
     import threading
 
     net = _with_statistics(Stem())
-    twin = folded(net)
-    head = folding.head_of(twin)
+    twin = fast.twin(net)
+    head = fast._head_of(twin)
     x = torch.randn(2, 3, 9, 9)
     other = {}
 
@@ -380,23 +361,23 @@ def test_grad_sum_matches_per_input_gradients(monkeypatch):
     # SmoothGrad and Integrated Gradients through the head == without it
     model = cw.Model(_resnet_with_statistics(), input_size=(64, 64), labels=[str(i) for i in range(10)])
     image = cw.sample_image("cat")
-    assert folding.head_of(folded(model.module)) is not None
+    assert fast._head_of(fast.twin(model.module)) is not None
     for method, kw in [("smoothgrad", {"n_samples": 5, "batch_size": 2}),
                        ("integrated_gradients", {"steps": 5, "batch_size": 3})]:
-        fast = cw.attribute(model, image, method, target=3, **kw).raw
+        quick = cw.attribute(model, image, method, target=3, **kw).raw
         with monkeypatch.context() as m:
-            m.setattr(core, "head_of", lambda net: None)
+            m.setattr(fast, "ENABLED", fast.ENABLED - {"head"})
             slow = cw.attribute(model, image, method, target=3, **kw).raw
-        assert np.linalg.norm(fast - slow) / np.linalg.norm(slow) < 1e-5, method
+        assert np.linalg.norm(quick - slow) / np.linalg.norm(slow) < 1e-5, method
 
 
 def test_batch_sum_any_layout():
     t = torch.randn(5, 3, 7, 9)
     w = torch.rand(5)
     for u in (t, t.contiguous(memory_format=torch.channels_last), t[:, :, ::2]):
-        assert folding.batch_sum(u).shape == (1, *u.shape[1:])
-        assert torch.allclose(folding.batch_sum(u), u.sum(0, keepdim=True), atol=1e-5)
-        assert torch.allclose(folding.batch_sum(u, w), (u * w.view(-1, 1, 1, 1)).sum(0, keepdim=True),
+        assert fast.batch_sum(u).shape == (1, *u.shape[1:])
+        assert torch.allclose(fast.batch_sum(u), u.sum(0, keepdim=True), atol=1e-5)
+        assert torch.allclose(fast.batch_sum(u, w), (u * w.view(-1, 1, 1, 1)).sum(0, keepdim=True),
                               atol=1e-5)
 
 
@@ -427,13 +408,13 @@ def _pack_net():
     return net
 
 
-@pytest.mark.skipif(folding._PACK_OPS is None, reason="this torch has no oneDNN operators")
+@pytest.mark.skipif(fast._PACK_OPS is None, reason="this torch has no oneDNN operators")
 def test_packed_convolutions_compute_the_same_without_gradients():
     net = _pack_net()
     # net.c1 is the head's convolution (the input's only user); the other two are packed,
     # c2 with its ReLU6 fused in
-    twin = folded(net)
-    packed = [m for m in twin.modules() if isinstance(m, folding.Packed)]
+    twin = fast.twin(net)
+    packed = [m for m in twin.modules() if isinstance(m, fast.Packed)]
     assert len(packed) == 2
     assert [type(p.act).__name__ for p in packed] == ["ReLU6", "NoneType"]
     assert packed[1].conv is net.c3  # not folded: the network's own module, shared
@@ -445,16 +426,16 @@ def test_packed_convolutions_compute_the_same_without_gradients():
     # a weight changed in place (an optimiser step) is seen: the packed copy is redone
     with torch.no_grad():
         net.c3.weight.mul_(-2.0)
-        assert torch.allclose(folded(net)(x), net(x), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(fast.twin(net)(x), net(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(folding._PACK_OPS is None, reason="this torch has no oneDNN operators")
+@pytest.mark.skipif(fast._PACK_OPS is None, reason="this torch has no oneDNN operators")
 def test_packed_convolutions_gradients_hooks_and_rules():
     """Gradients through packed convolutions equal the network's: plain, and under the guided
-    and DeconvNet rules; hooks make the modules run."""
+    and DeconvNet rules."""
     net = _pack_net()
-    twin = folded(net)
-    p2, p3 = [m for m in twin.modules() if isinstance(m, folding.Packed)]
+    twin = fast.twin(net)
+    p2, p3 = [m for m in twin.modules() if isinstance(m, fast.Packed)]
     x = torch.randn(2, 3, 12, 12)
     calls = []
     for p in (p2, p3):
@@ -475,16 +456,6 @@ def test_packed_convolutions_gradients_hooks_and_rules():
     with core.input_only(net):
         assert torch.allclose(grads(twin), grads(net), rtol=1e-4, atol=1e-6)
     assert calls == [(True, True), (False, True)]
-    # a hook on the fused activation fires
-    calls.clear()
-    seen = []
-    h = net.r2.register_forward_hook(lambda m, a, o: seen.append(o.shape))
-    try:
-        with torch.no_grad():
-            twin(x)
-    finally:
-        h.remove()
-    assert calls[0] == (True, False) and len(seen) == 1
     # a ReLU rule applies to the fused activation too (packed forward, the rule's backward)
     from cnnwidgets.engine.relu_rules import relu_rule
     plain = grads(net)
@@ -501,7 +472,7 @@ def test_packed_convolutions_gradients_hooks_and_rules():
     assert hook_count(net) == 0
 
 
-# ------------------------------------------------- in-place activations, mixtures
+# ------------------------------------------------- in-place activations
 class InPlaceAfterConv(nn.Module):
     """A convolution with no ReLU after it, then an in-place activation (torchvision's
     EfficientNet: Conv → BN → SiLU(inplace=True))."""
@@ -522,7 +493,7 @@ def test_in_place_activation_after_a_packed_convolution_keeps_gradients():
     # the packed convolution used to keep its output for a backward pass that never reads it,
     # and autograd refused the gradient once SiLU(inplace=True) had changed that output
     net = _with_statistics(InPlaceAfterConv())
-    twin = folded(net)
+    twin = fast.twin(net)
     x = torch.randn(2, 3, 10, 10)
     with core.input_only(net):
         g = [torch.autograd.grad(m(xg)[:, 0].sum(), xg)[0]
@@ -531,84 +502,112 @@ def test_in_place_activation_after_a_packed_convolution_keeps_gradients():
     assert torch.allclose(g[0], g[1], rtol=1e-4, atol=1e-6)
 
 
-def test_mixture_hand_worked():
-    # the head is conv(x) = 2x + 1 (1×1, BN folded away) then ReLU; for the parts p₁, p₂ the
-    # output for c₁p₁ + c₂p₂ is 2(c₁p₁ + c₂p₂) + 1, computed as a matrix product
-    net = _affine_stem()
-    twin = folded(net)
-    head = folding.head_of(twin)
-    parts = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]], [[[0.0, 0.0], [3.0, 0.0]]]])
-    mix = head.mixture(parts)
-    # p₂ is zero on the first row: that row is a product with p₁ (and the offset) alone
-    assert [b[2].tolist() for b in mix.bands] == [[0, 2], [0, 1, 2]]
-    z = mix(torch.tensor([[1.0, 0.0], [0.5, 2.0]]))
-    expected = torch.tensor([[[[3.0, 1.0], [1.0, 5.0]]],     # 2·p₁ + 1
-                             [[[2.0, 1.0], [13.0, 3.0]]]])   # 2·(0.5p₁ + 2p₂) + 1
-    assert torch.allclose(z, expected)
-    # the rest of the network on a given first-layer output equals the network on the input
-    with torch.no_grad(), head.given(z):
-        given = twin(torch.zeros(2, 1, 2, 2))  # the input is not read
-    combined = torch.stack([parts[0], 0.5 * parts[0] + 2 * parts[1]])
-    with torch.no_grad():
-        assert torch.allclose(given, net(combined))
-        assert not torch.allclose(twin(torch.zeros(2, 1, 2, 2)), given)  # only inside given
+# ------------------------------------------------------------------ the user's hooks
+OFF = {"channel": 5}  # the channel the user's hook zeroes (the user may change it)
 
 
-def test_mixture_only_where_it_pays():
-    stem = folding.head_of(folded(_with_statistics(Stem(nn.Conv2d(3, 4, 7, 2, 3)))))
-    small = folding.head_of(folded(_with_statistics(Stem(nn.Conv2d(3, 4, 3, 2, 1)))))
-    x = torch.zeros(1, 3, 32, 32)
-    assert stem.mixable(49, x)  # 147 multiply-adds per value against 50 terms
-    assert not small.mixable(49, x)  # 27 against 50: the convolution is cheaper
-    assert small.mixable(4, x)
-    assert not stem.mixable(49, x, max_bytes=50 * 4 * 16 * 16 * 4 - 1)  # one byte short
-    assert stem.mixable(49, x, max_bytes=50 * 4 * 16 * 16 * 4)
-    h = stem.conv.register_forward_hook(lambda *a: None)
+class ChannelOff(nn.Module):
+    """What the user's hook below does, built into the network."""
+
+    def forward(self, t):
+        return channel_off(t)
+
+
+def channel_off(t):
+    keep = torch.ones(t.shape[1], dtype=t.dtype, device=t.device)
+    keep[OFF["channel"]] = 0
+    return t * keep.view(1, -1, 1, 1)
+
+
+def test_a_user_hook_is_part_of_the_network():
+    """A forward hook on layer3 that zeroes a channel: every method explains the network with
+    the hook's change (as the same network with the change built in), and the hook sees real
+    tensors, once per forward pass — never a torch.fx Proxy at tracing time (which also froze
+    the hook's effect into a traced twin)."""
+    import copy
+
+    net = _resnet_with_statistics()
+    built_in = copy.deepcopy(net)
+    built_in.layer3 = nn.Sequential(built_in.layer3, ChannelOff())
+    labels = [str(i) for i in range(10)]
+    hooked, reference = (cw.Model(m, input_size=(64, 64), labels=labels) for m in (net, built_in))
+    image = cw.sample_image("cat")
+    seen = []
+    handle = net.layer3.register_forward_hook(lambda m, a, out: seen.append(out) or channel_off(out))
+    # (method, parameters, images the network sees: the hook's batch sizes add up to it)
+    cases = [("saliency", {}, 1), ("smoothgrad", {"n_samples": 4, "batch_size": 2}, 4),
+             ("integrated_gradients", {"steps": 4, "batch_size": 2}, 4),
+             ("occlusion", {"window": 32, "stride": 32, "batch_size": 2}, 4 + 1),
+             ("score_cam", {"layer": "layer4"}, None)]
     try:
-        assert not stem.mixable(49, x)  # a hook on the convolution must fire
+        hooked.layer_info()  # the layer index's dry run: one pass, before counting
+        seen.clear()
+        for i, (method, kw, images) in enumerate(cases):
+            OFF["channel"] = (5, 7)[i % 2]  # the hook changes between calls
+            got = cw.attribute(hooked, image, method, target=3, progress=False, **kw)
+            want = cw.attribute(reference, image, method, target=3, progress=False, **kw)
+            np.testing.assert_allclose(got.raw, want.raw, rtol=1e-4,
+                                       atol=1e-5 * np.abs(want.raw).max(), err_msg=method)
+            assert seen and all(type(t) is torch.Tensor for t in seen), method
+            if images is not None:
+                assert sum(t.shape[0] for t in seen) == images, method
+            seen.clear()
+        heat = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+        curves = [cw.metrics.deletion(m, image, heat, target=3, steps=4, batch_size=5)
+                  for m in (hooked, reference)]
+        np.testing.assert_allclose(curves[0].scores, curves[1].scores, rtol=1e-4, atol=1e-7)
+        assert [t.shape[0] for t in seen] == [5]  # 4 steps + the image itself, one pass
+    finally:
+        handle.remove()
+        OFF["channel"] = 5
+    assert hook_count(net) == 0
+
+
+def test_which_hooks_keep_the_twin_from_running():
+    import threading
+
+    from cnnwidgets.engine.hooks import this_thread
+
+    net = _resnet_with_statistics()
+    assert fast.twin(net) is not None
+    calls = []
+
+    def hook(m, a, out):
+        calls.append(type(out))
+
+    # anyone's hook at any depth, or for every module: the network runs itself, untraced
+    fresh = _resnet_with_statistics()
+    for module in (fresh.layer3, fresh.layer3[0].conv1, fresh):
+        h = module.register_forward_hook(hook)
+        try:
+            assert fast.twin(fresh) is None and calls == []
+        finally:
+            h.remove()
+    h = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        assert fast.twin(net) is None
     finally:
         h.remove()
+    assert calls == []
+    # cnnwidgets' own hooks answer only the thread that registered them: another thread's
+    # leave this thread's twin running; this thread's own (a layer tap) must fire
+    registered, done = threading.Event(), threading.Event()
 
+    def other():
+        handle = net.layer3.register_forward_hook(this_thread(hook))
+        registered.set()
+        done.wait(60)
+        handle.remove()
 
-def test_score_cam_through_the_mixture_equals_masked_inputs(monkeypatch):
-    import torchvision
-
-    torch.manual_seed(0)
-    model = cw.Model(_with_statistics(torchvision.models.resnet18(num_classes=10)),
-                     input_size=(64, 64))
-    image = np.random.default_rng(0).random((64, 64, 3))
-    used = []
-    real = core.Context.mixture
-
-    def spy(self, count, parts):
-        mix = real(self, count, parts)
-        used.append(mix is not None)
-        return mix
-
-    monkeypatch.setattr(core.Context, "mixture", spy)
-    before = snapshot(model.module)
-    for layer in ("layer3", "layer4"):  # 4×4 and 2×2 maps: 16 and 4 unit maps
-        mixed = cw.attribute(model, image, "score_cam", target=3, layer=layer, progress=False)
-        monkeypatch.setattr(core.Context, "mixture", lambda self, count, parts: None)
-        masked = cw.attribute(model, image, "score_cam", target=3, layer=layer, progress=False)
-        monkeypatch.setattr(core.Context, "mixture", spy)
-        np.testing.assert_allclose(mixed.raw, masked.raw, rtol=1e-4,
-                                   atol=1e-5 * np.abs(masked.raw).max())
-    assert used == [True, True]
-    assert hook_count(model.module) == 0
-    assert_same_state(model.module, before)
-    assert not getattr(folding._CAPTURE, "given", {})  # nothing left given on this thread
-
-
-def test_given_head_pools_before_the_activation_with_the_same_values():
-    """Given the convolution's output (Score-CAM's mixture), the head pools first and clamps the
-    pooled tensor: max-pooling and ReLU / ReLU6 commute, so the values are exactly those of
-    activation-then-pooling — at the image border (padding) too, and with ceil_mode."""
-    for act, pool in ((nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)),
-                      (nn.ReLU6(), nn.MaxPool2d(2, 2, ceil_mode=True))):
-        head = folding.Head(nn.Conv2d(3, 4, 3), act, pool, fresh=False)
-        z = torch.randn(2, 4, 9, 9) * 8  # negatives, values above 6
-        expected = pool(torch.clamp(z, 0.0, 6.0 if isinstance(act, nn.ReLU6) else None))
-        with torch.no_grad(), head.given(z.clone()):
-            got = head(torch.zeros(2, 3, 11, 11))
-        assert torch.equal(got, expected)
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        registered.wait(60)
+        assert hook_count(net) == 1 and fast.twin(net) is not None
+        with core.tap(net, "layer3"):
+            assert fast.twin(net) is None
+            net(torch.zeros(1, 3, 32, 32))
+    finally:
+        done.set()
+        t.join()
+    assert fast.twin(net) is not None and calls == []
