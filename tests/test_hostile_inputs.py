@@ -138,11 +138,42 @@ def test_numpy_numbers_are_accepted_where_python_ones_are(tiny, image):
     np.testing.assert_array_equal(e.scores, f.scores)
 
 
-@pytest.mark.xfail(strict=True, reason="needs `progress = check_progress(progress, "
-                   "who='cw.attribute')` in attribution/core.py's attribute (being rewritten)")
 def test_attribute_refuses_a_progress_that_is_not_none_bool_or_callable(tiny, image):
     refused(tiny, TypeError, r"progress must be None .*True, False or a callable",
             lambda: cw.attribute(tiny, image, "saliency", progress="yes"))
+
+
+@pytest.mark.parametrize("cancel", [True, 1, "stop"])
+def test_attribute_refuses_a_cancel_that_is_not_an_event_or_callable(tiny, image, cancel):
+    refused(tiny, TypeError, r"cancel must be a threading.Event or a callable",
+            lambda: cw.attribute(tiny, image, "saliency", cancel=cancel))
+
+
+@pytest.mark.parametrize("method, params", [("saliency", {}),
+                                            ("smoothgrad", {"n_samples": 4, "batch_size": 4}),
+                                            ("integrated_gradients", {"steps": 4,
+                                                                      "batch_size": 4})])
+def test_a_stop_asked_during_the_forward_pass_skips_the_backward_pass(tiny, image, method,
+                                                                      params):
+    """Cancellation is checked between a batch's forward and its backward pass: a stop asked
+    while the forward pass runs never reaches the backward pass."""
+    import threading
+
+    stop = threading.Event()
+    backward = []
+
+    def on_forward(module, args, output):  # the user's hook: the network itself runs
+        if output.requires_grad:  # the method's own pass (not a no-grad one)
+            stop.set()
+            output.register_hook(lambda g: backward.append(1))
+
+    handle = tiny.module.conv.register_forward_hook(on_forward)
+    try:
+        with pytest.raises(cw.Cancelled):
+            cw.attribute(tiny, image, method, target=0, cancel=stop, **params)
+    finally:
+        handle.remove()
+    assert backward == []
 
 
 # --------------------------------------------------------------------------- metrics

@@ -50,6 +50,7 @@ import contextlib
 import copy
 import os
 import threading
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -78,10 +79,13 @@ def logits(model, batch: torch.Tensor) -> torch.Tensor:
     return _run(model, twin(model.module), batch)
 
 
-def input_grad_sum(model, target: int, parts, like: torch.Tensor) -> torch.Tensor:
+def input_grad_sum(model, target: int, parts, like: torch.Tensor,
+                   check: Callable[[], None] | None = None) -> torch.Tensor:
     """``Σᵢ wᵢ ∂score/∂xᵢ`` (C×H×W) of the ``target``'s score over the inputs ``xᵢ`` of
     ``parts``, an iterable of ``(batch N×C×H×W, weights N or None)`` (``None``: every weight
-    1). ``like``: an input (1×C×H×W), for the shape of an empty sum."""
+    1). ``like``: an input (1×C×H×W), for the shape of an empty sum. ``check()`` runs between
+    each forward and its backward pass (a cancellation check)."""
+    check = check or (lambda: None)
     net = twin(model.module)
     head = _head_of(net) if "head" in ENABLED else None
     total = None
@@ -89,7 +93,9 @@ def input_grad_sum(model, target: int, parts, like: torch.Tensor) -> torch.Tenso
         if head is None:
             xb = batch.detach().requires_grad_(True)
             with torch.enable_grad():
-                (g,) = torch.autograd.grad(_run(model, net, xb)[:, target].sum(), xb)
+                s = _run(model, net, xb)[:, target]
+                check()
+                (g,) = torch.autograd.grad(s.sum(), xb)
             part = batch_sum(g, weights)
             total = part if total is None else total + part
             continue
@@ -98,6 +104,7 @@ def input_grad_sum(model, target: int, parts, like: torch.Tensor) -> torch.Tenso
             if len(box) != 1:  # pragma: no cover - a traced graph runs each node once
                 raise RuntimeError(f"the network's first layer ran {len(box)} times in one "
                                    "forward pass; expected once")
+            check()
             (g,) = torch.autograd.grad(s.sum(), box[0].value)
         total = head.add(total, box[0], g, weights)
     if total is None:

@@ -15,11 +15,18 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator
 
-from .attribution.core import PROGRESS_DELAY, Cancelled
 from .checks import check_progress
 
 __all__ = ["Cancelled", "PROGRESS_DELAY", "Progress", "check_cancel", "check_progress",
            "is_cancelled"]
+
+
+#: seconds a run lasts before its automatic progress bar shows
+PROGRESS_DELAY = 1.0
+
+
+class Cancelled(RuntimeError):
+    """Raised when a computation is stopped through its ``cancel`` event or callable."""
 
 
 def check_cancel(cancel) -> Any:

@@ -23,19 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fast
+from ..checks import check_progress
 from ..hooks import layer_not_found, resolve, restored, this_thread
 from ..memory import fit_batch
 from ..model import Model, as_model
+from ..progress import PROGRESS_DELAY, Cancelled, check_cancel, is_cancelled
 from .registry import get_method
 from ..relu_rules import relu_rule
 
-
-#: seconds a batched run lasts before its automatic progress bar shows
-PROGRESS_DELAY = 1.0
-
-
-class Cancelled(RuntimeError):
-    """Raised when a computation is stopped through its ``cancel`` event or callable."""
 
 
 @dataclass
@@ -106,11 +101,8 @@ class Context:
 
     # ----------------------------------------------------------- running the model
     def check_cancel(self) -> None:
-        c = self.cancel
-        if c is None:
-            return
-        stop = c.is_set() if hasattr(c, "is_set") else bool(c())
-        if stop:
+        """Raise :class:`Cancelled` if the run was asked to stop."""
+        if is_cancelled(self.cancel):
             raise Cancelled(f"{self.method} was cancelled")
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
@@ -127,6 +119,7 @@ class Context:
         xb = batch.detach().requires_grad_(True)
         with torch.enable_grad(), (relu_rule(rule) if rule else contextlib.nullcontext()):
             s = self.score(xb)
+            self.check_cancel()  # a stop asked during the forward pass skips the backward
             (g,) = torch.autograd.grad(s.sum(), xb)
         return g.contiguous(), s.detach()
 
@@ -138,7 +131,8 @@ class Context:
         ``weights`` (``total``,), every ``wᵢ = 1`` when ``None``."""
         parts = ((inputs(a, b), None if weights is None else weights[a:b])
                  for a, b in self.batches(total, batch_size, desc))
-        return fast.input_grad_sum(self.model, self.target, parts, self.x)
+        return fast.input_grad_sum(self.model, self.target, parts, self.x,
+                                   check=self.check_cancel)
 
     def masked_scores(self, maps: torch.Tensor, batch_size: int,
                       desc: str | None = None) -> torch.Tensor:
@@ -387,6 +381,8 @@ def attribute(
     """
     spec = get_method(method)
     model = as_model(model, "cw.attribute")
+    cancel = check_cancel(cancel)
+    progress = check_progress(progress, who="cw.attribute")
     values = spec.resolve(params)
     if layer is not None and not spec.layer:
         raise ValueError(f"{spec.name} does not read a layer, so layer={layer!r} has no effect; "
