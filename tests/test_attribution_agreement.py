@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import cnnwidgets as cw
-from cnnwidgets.engine import folding
+from cnnwidgets.engine import fast
+from cnnwidgets.engine.hooks import restored
 from cnnwidgets.engine.attribution import default_layer
 
 captum = pytest.importorskip("captum.attr")
@@ -185,7 +186,7 @@ def test_eigen_cam(net):
 # The default model with its ImageNet weights, at 224 px and its default CAM layer (the input of
 # the global pooling: its last ReLU6 module is shared with the stem, so no module outputs that
 # tensor alone), for two targets. Ours runs the gradient and perturbation methods on the folded
-# twin (cnnwidgets.engine.folding): batch norms folded, the static "same" padding made the
+# twin (cnnwidgets.engine.fast): batch norms folded, the static "same" padding made the
 # convolution's own where it is symmetric, convolutions + ReLU6 packed for oneDNN with their own
 # backward pass (ReLU rules included), the stem with its ReLU6 as a Head (Integrated Gradients
 # adds the gradients up at its output and takes them through it once). The peers run the
@@ -273,12 +274,13 @@ def relu6_as_relu(module: nn.Module) -> nn.Module:
 def lite(lite0):
     assert default_layer(lite0) == "_avg_pooling:input"
     # the gradient methods must take the folded, packed path (else this tests nothing of it)
-    twin = folding.folded(lite0.module)
-    assert twin is not lite0.module and folding.head_of(twin) is not None
-    if folding._PACK_OPS is not None:
+    with restored(lite0.module):
+        twin = fast.twin(lite0.module)
+    assert twin is not None and fast._head_of(twin) is not None
+    if fast._PACK_OPS is not None:
         # every convolution but those with uneven "same" padding (the stem, which is the Head,
         # and the stride-2 ones), most of them with their ReLU6 fused
-        packed = [m for m in twin.modules() if isinstance(m, folding.Packed)]
+        packed = [m for m in twin.modules() if isinstance(m, fast.Packed)]
         convs = [m for m in lite0.module.modules() if isinstance(m, nn.Conv2d)]
         uneven = [c for c in convs for z in c.children() if isinstance(z, nn.ZeroPad2d)
                   and (z.padding[0] != z.padding[1] or z.padding[2] != z.padding[3])]

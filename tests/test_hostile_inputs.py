@@ -278,8 +278,8 @@ def test_predict_refuses_k_below_one(tiny, image):
                               r"least 1", lambda: tiny.predict(image, k=0))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_a_model_that_is_not_float32_says_how_to_convert(image, dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_says_how_to_convert(image, dtype):
     model = tiny_model()
     model.module.to(dtype)
     pattern = rf"parameters are {str(dtype)[6:]}; cnnwidgets expects float32.*module\.float\(\)"
@@ -289,6 +289,17 @@ def test_a_model_that_is_not_float32_says_how_to_convert(image, dtype):
     assert all(p.dtype == dtype for p in model.module.parameters())  # left as it was
     model.module.float()
     assert cw.attribute(model, image, "saliency", target=0).map.shape == (8, 8)
+
+
+def test_a_float64_model_gets_float64_inputs_and_the_same_map(image):
+    model32, model64 = tiny_model(), tiny_model()
+    model64.module.double()
+    x64, _ = model64.prepare(image)
+    assert x64.dtype == torch.float64  # float32 → float64 is exact
+    torch.testing.assert_close(x64.float(), model32.prepare(image)[0], rtol=0, atol=0)
+    a32 = cw.attribute(model32, image, "saliency", target=0)
+    a64 = cw.attribute(model64, image, "saliency", target=0)
+    np.testing.assert_allclose(a64.map, a32.map, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- image sources

@@ -107,9 +107,9 @@ class Model:
 
         The display image is the exact crop the network sees, so overlays line up.
         """
-        check_dtype(self.module)
+        dtype = check_dtype(self.module)
         tensor, display = self._preprocess.prepare(image)
-        return tensor.to(self.device, torch.float32), display
+        return tensor.to(self.device, dtype), display
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Map images in [0, 1] (N×3×H×W) to the network's input space."""
@@ -245,27 +245,33 @@ class Model:
         return found[layer] if isinstance(layer, str) else found
 
 
-def check_dtype(module: nn.Module, who: str = "") -> None:
-    """A ``TypeError`` unless every floating-point parameter and buffer of ``module`` is
-    float32: the network runs on float32 inputs, and half-precision gradients are too coarse
-    for attribution maps. The message says how to convert (``module.float()``)."""
+def check_dtype(module: nn.Module, who: str = "") -> torch.dtype:
+    """The network's floating-point type: float32, or float64 (its inputs are converted
+    exactly); a ``TypeError`` for half precision or a mix, whose gradients are too coarse for
+    attribution maps. The message says how to convert (``module.float()``)."""
+    found = set()
     for kind, tensors in (("parameters", module.parameters()), ("buffers", module.buffers())):
         for t in tensors:
-            if t.is_floating_point() and t.dtype != torch.float32:
+            if t.is_floating_point():
+                found.add(t.dtype)
+            if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
                 where = f"{who}: " if who else ""
                 raise TypeError(
                     f"{where}the network's {kind} are {str(t.dtype).replace('torch.', '')}; "
-                    "cnnwidgets expects float32 (it feeds the network float32 images, and "
-                    "half-precision gradients are too coarse for attribution maps). Convert "
-                    "it with module.float(), e.g. cw.Model(net.float()); it can stay on its "
-                    "device"
+                    "cnnwidgets expects float32 (or float64: half-precision gradients are "
+                    "too coarse for attribution maps). Convert it with module.float(), e.g. "
+                    "cw.Model(net.float()); it can stay on its device"
                 )
+    if len(found) > 1:
+        raise TypeError(f"{who + ': ' if who else ''}the network mixes float32 and float64 "
+                        "parameters or buffers; convert it with module.float()")
+    return found.pop() if found else torch.float32
 
 
 def as_model(model, who: str) -> Model:
     """``model`` as a :class:`Model`: a ``Model`` as it is, a ``torch.nn.Module`` wrapped with
     the ImageNet defaults (``Model(module)``); anything else is a ``TypeError`` that says what
-    to pass. A network that is not float32 is a ``TypeError`` saying how to convert it
+    to pass. A half-precision network is a ``TypeError`` saying how to convert it
     (:func:`check_dtype`). ``who``: the function or widget, for the message."""
     if isinstance(model, Model):
         check_dtype(model.module, who)
