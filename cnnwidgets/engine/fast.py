@@ -76,7 +76,7 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def logits(model, batch: torch.Tensor) -> torch.Tensor:
     """Class scores N×K of a prepared batch for ``model`` (a ``cw.Model``), graph kept when
     gradients are enabled: on the twin where it may run."""
-    return _run(model, twin(model.module), batch)
+    return _forward(model, twin(model.module), batch)
 
 
 def input_grad_sum(model, target: int, parts, like: torch.Tensor,
@@ -93,14 +93,14 @@ def input_grad_sum(model, target: int, parts, like: torch.Tensor,
         if head is None:
             xb = batch.detach().requires_grad_(True)
             with torch.enable_grad():
-                s = _run(model, net, xb)[:, target]
+                s = _forward(model, net, xb)[:, target]
                 check()
                 (g,) = torch.autograd.grad(s.sum(), xb)
             part = batch_sum(g, weights)
             total = part if total is None else total + part
             continue
         with torch.enable_grad(), head.capture() as box:
-            s = _run(model, net, batch.detach())[:, target]
+            s = _forward(model, net, batch.detach())[:, target]
             if len(box) != 1:  # pragma: no cover - a traced graph runs each node once
                 raise RuntimeError(f"the network's first layer ran {len(box)} times in one "
                                    "forward pass; expected once")
@@ -121,15 +121,15 @@ def masked_scores(model, target: int, x: torch.Tensor, maps: torch.Tensor, chunk
     scores = x.new_empty(maps.shape[0])
     with torch.no_grad():
         for lo, hi in chunks:
-            up = upsample(maps[lo:hi], x.shape[-2:])
+            up = upsample_masks(maps[lo:hi], x.shape[-2:])
             low = up.amin(dim=(1, 2), keepdim=True)
             high = up.amax(dim=(1, 2), keepdim=True)
             masks = (up - low) / (high - low + 1e-8)
-            scores[lo:hi] = _run(model, net, x * masks[:, None])[:, target]
+            scores[lo:hi] = _forward(model, net, x * masks[:, None])[:, target]
     return scores
 
 
-def upsample(maps: torch.Tensor, size) -> torch.Tensor:
+def upsample_masks(maps: torch.Tensor, size) -> torch.Tensor:
     """Maps n×h×w upsampled bilinearly to n×H×W (corners aligned, as Score-CAM's masks)."""
     return F.interpolate(maps[None], size=tuple(size), mode="bilinear", align_corners=True)[0]
 
@@ -156,7 +156,7 @@ def _layout(batch: torch.Tensor) -> torch.Tensor:
     return batch
 
 
-def _run(model, net: "nn.Module | None", batch: torch.Tensor) -> torch.Tensor:
+def _forward(model, net: "nn.Module | None", batch: torch.Tensor) -> torch.Tensor:
     """Class scores N×K of ``batch`` on the twin ``net``, or on the model when ``None``."""
     batch = _layout(batch)
     if net is None:
@@ -379,7 +379,7 @@ class Head(nn.Module):
 
     Outside :meth:`capture` it runs those modules as the network would.
     Inside :meth:`capture`, on the calling thread, a forward pass runs them without building a
-    graph and records its output as a leaf tensor (a :class:`Record`) the caller
+    graph and records its output as a leaf tensor (a :class:`HeadOutput`) the caller
     differentiates with respect to; :meth:`add` takes a batch of gradients at that output back
     through the pooling and the activation and adds them up at the convolution's output, and
     :meth:`transpose` takes the sum back to the input, once. Only for the plain gradient: ReLU
@@ -412,12 +412,12 @@ class Head(nn.Module):
                     z, _pair(p.kernel_size), _pair(p.stride or p.kernel_size), _pair(p.padding),
                     _pair(p.dilation), p.ceil_mode)
         z.requires_grad_(True)
-        box.append(Record(z, shape, indices))
+        box.append(HeadOutput(z, shape, indices))
         return z + 0 if self.fresh else z
 
     @contextlib.contextmanager
     def capture(self):
-        """Record the head's outputs (a list of :class:`Record`, one per forward pass) on this
+        """Record the head's outputs (a list of :class:`HeadOutput`, one per forward pass) on this
         thread."""
         boxes = _CAPTURE.__dict__.setdefault("boxes", {})
         previous = boxes.get(id(self))
@@ -431,7 +431,7 @@ class Head(nn.Module):
             else:
                 boxes[id(self)] = previous
 
-    def add(self, total: "torch.Tensor | None", record: "Record", grad: torch.Tensor,
+    def add(self, total: "torch.Tensor | None", record: "HeadOutput", grad: torch.Tensor,
             weights: "torch.Tensor | None" = None) -> torch.Tensor:
         """``total`` (1×C×H×W at the convolution's output, or None) plus ``Σᵢ wᵢ grad[i]``
         taken back to the convolution's output through the activation and pooling."""
@@ -461,7 +461,7 @@ class Head(nn.Module):
         return gx
 
 
-class Record:
+class HeadOutput:
     """One forward pass of a :class:`Head` inside :meth:`Head.capture`."""
 
     def __init__(self, value, shape, indices):

@@ -21,7 +21,7 @@ from .guard import guard
 
 
 @dataclass
-class Record:
+class Captured:
     """What one ``capture`` saw during the forward (and backward) passes inside it."""
 
     #: layer name → the layer's output (detached clone unless ``keep_graph``)
@@ -134,7 +134,7 @@ def capture(
     in-place operations. ``replace(name, output)`` may return a tensor that replaces the
     layer's output in the forward pass (for ablation and masking methods).
     """
-    record = Record()
+    record = Captured()
     handles = []
     names = list(dict.fromkeys(layers))
     try:

@@ -160,7 +160,7 @@ def cat(walk, node, idx):
 
 
 @rule(nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, F.pad)
-def pad(walk, node, idx):
+def padding(walk, node, idx):
     """Explicit padding (extension): shift by the padding, clip into the unpadded map."""
     if node.op == "call_module":
         pads = pads_lrtb(walk.modules[node.target].padding)
