@@ -385,3 +385,10 @@ def test_a_large_image_file_still_loads(tmp_path, monkeypatch):
     rgb = np.asarray(cw.load_image(path))
     assert rgb.shape == (h, w, 3)
     assert rgb[0, 0].tolist() == [200, 0, 0] and rgb[-1, -1].tolist() == [200, 0, 100]
+
+
+def test_grad_cam_on_a_layer_that_is_not_a_feature_map_names_it_and_suitable_layers(image):
+    model = tiny_model()  # TinyNet: conv → relu → pool → flat → fc; fc outputs 3 numbers
+    refused(model, ValueError, r"layer 'fc' \(Linear\) outputs a vector of shape \(3,\), not a "
+                               r"C×h×w feature map; pick a feature-map layer, e\.g\. .*conv",
+            lambda: cw.attribute(model, image, "grad_cam", layer="fc"))

@@ -13,7 +13,7 @@ import ipywidgets as widgets
 import traitlets
 
 from ..engine.attribution import Cancelled, attribute, get_method, methods
-from ..engine.attribution.core import check_layer, default_layer
+from ..engine.attribution.core import check_map_layer, default_layer
 from ..engine.metrics import deletion, insertion
 from ..engine.model import as_model
 from ..render.attribution import COLORMAPS
@@ -215,7 +215,7 @@ class AttributionExplorer(WidgetBase):
 
     @traitlets.validate("layer")
     def _valid_layer(self, proposal):
-        return check_layer(self.model, proposal.value) if proposal.value else ""
+        return check_map_layer(self.model, proposal.value) if proposal.value else ""
 
     @traitlets.validate("compare")
     def _valid_compare(self, proposal):

@@ -282,8 +282,10 @@ def default_layer(model: Model) -> str:
     return choice
 
 
-def check_layer(model: Model, layer: str) -> str:
-    """Validate ``"name"`` or ``"name:input"``; returns it."""
+def check_map_layer(model: Model, layer: str) -> str:
+    """Validate ``"name"`` or ``"name:input"`` for a method that reads a feature map; returns
+    it. A layer whose output is not a C×h×w map (a classifier, a pooled vector) is refused with
+    the feature-map layers it could be."""
     if not isinstance(layer, str):
         raise ValueError(f"layer must be a layer name (a string), not {type(layer).__name__}")
     name, sep, part = layer.partition(":")
@@ -291,7 +293,13 @@ def check_layer(model: Model, layer: str) -> str:
         raise ValueError(f"layer {layer!r}: the only suffix allowed is ':input' (the module's input)")
     if name not in model.layer_info():
         raise layer_not_found(name, model.layers("all"))
-    model.check_layer(name)
+    info = model.check_layer(name)
+    if not sep and len(info.shape) != 3:
+        maps = model.layers("maps")
+        raise ValueError(
+            f"layer {name!r} ({info.type}) outputs a vector of shape {tuple(info.shape)}, not a "
+            f"C×h×w feature map; pick a feature-map layer, e.g. {', '.join(maps[-4:])} "
+            "(model.layers() lists them all)")
     return layer
 
 
@@ -387,7 +395,7 @@ def attribute(
     if layer is not None and not spec.layer:
         raise ValueError(f"{spec.name} does not read a layer, so layer={layer!r} has no effect; "
                          "leave layer=None (CAM methods use it)")
-    layer_name = (default_layer(model) if layer is None else check_layer(model, layer)) \
+    layer_name = (default_layer(model) if layer is None else check_map_layer(model, layer)) \
         if spec.layer else None
     x, display = model.prepare(image)
     start = time.perf_counter()
