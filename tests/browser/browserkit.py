@@ -542,6 +542,9 @@ class Case:
     ``prepare``: controls moved first, each followed by a wait until every figure looks drawn
     (e.g. open a tab, whose figures then appear: appearing is not a change, a control inside
     the tab then must change them).
+    ``again``: controls moved before ``control`` is moved a second time on the same page (the
+    classroom test), where repeating it alone would rightly draw the same picture: Start with
+    unchanged settings and seed reproduces the last image.
     """
     id: str
     widget: str                       # public cnnwidgets name; the case is skipped without it
@@ -551,6 +554,7 @@ class Case:
     figure: int | None = None         # which figure must change (None: any of them)
     prepare: tuple = ()               # controls moved before ``control`` (see above)
     starts_blank: bool = False        # shows a placeholder until ``control`` is moved (Start)
+    again: tuple = ()                 # controls moved before ``control`` is repeated (see above)
     marks: list = field(default_factory=list)
 
     @property
