@@ -54,6 +54,10 @@ def test_method_change_rebuilds_parameter_controls_from_the_spec(widget):
     widget.params = {"n_samples": 3}
     assert widget._param_controls["n_samples"].value == 3 and widget.result[0].params["n_samples"] == 3
     assert widget.layer_select.disabled  # smoothgrad reads no layer
+    # the next method's controls replace these: closed (no comm left open), not leaked
+    old = list(widget._param_controls.values())
+    widget.method_select.value = "grad_cam"
+    assert old and all(c.comm is None for c in old)
 
 
 def test_a_pixel_map_then_a_layer_map(widget):

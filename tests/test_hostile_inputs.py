@@ -176,6 +176,70 @@ def test_a_stop_asked_during_the_forward_pass_skips_the_backward_pass(tiny, imag
     assert backward == []
 
 
+@pytest.mark.parametrize("method, params", [
+    ("saliency", {}), ("grad_cam", {}), ("smoothgrad", {"n_samples": 8, "batch_size": 8}),
+    ("occlusion", {"window": 4, "stride": 4}), ("score_cam", {}),
+])
+def test_a_stop_answers_inside_a_pass_not_after_it(tiny, image, method, params):
+    """However large a batch, a stop is obeyed within one module's work: a stop asked while
+    the ReLU runs stops the pass before the pooling runs."""
+    import threading
+
+    stop = threading.Event()
+    ran = []
+    with untouched(tiny):
+        hooks = [tiny.module.relu.register_forward_hook(lambda *a: stop.set()),
+                 tiny.module.pool.register_forward_hook(lambda *a: ran.append("pool"))]
+        try:
+            with pytest.raises(cw.Cancelled, match=f"{method} was cancelled"):
+                cw.attribute(tiny, image, method, target=0, cancel=stop, **params)
+        finally:
+            for h in hooks:
+                h.remove()
+    assert ran == []
+
+
+@pytest.mark.parametrize("method, params", [
+    ("saliency", {}), ("smoothgrad", {"n_samples": 8, "batch_size": 8}), ("grad_cam", {}),
+])
+def test_a_stop_answers_inside_the_backward_pass(tiny, image, method, params):
+    """A stop asked when the backward pass leaves the last layer ends it before it reaches
+    the first: the gradient of the convolution's output is never computed."""
+    import threading
+
+    stop = threading.Event()
+    reached = []
+
+    def on_fc(module, args, output):
+        if output.requires_grad:
+            output.register_hook(lambda g: stop.set())
+
+    def on_conv(module, args, output):
+        if output.requires_grad:
+            output.register_hook(lambda g: reached.append("conv"))
+
+    with untouched(tiny):
+        hooks = [tiny.module.fc.register_forward_hook(on_fc),
+                 tiny.module.conv.register_forward_hook(on_conv)]
+        try:
+            with pytest.raises(cw.Cancelled, match=f"{method} was cancelled"):
+                cw.attribute(tiny, image, method, target=0, cancel=stop, **params)
+        finally:
+            for h in hooks:
+                h.remove()
+    assert reached == []
+
+
+def test_without_a_stop_asked_a_cancellable_run_gives_the_same_numbers(tiny, image):
+    """The cancel points change no value, and a run without ``cancel`` registers nothing."""
+    import threading
+
+    plain = cw.attribute(tiny, image, "smoothgrad", target=0, n_samples=8, seed=3)
+    stoppable = cw.attribute(tiny, image, "smoothgrad", target=0, n_samples=8, seed=3,
+                             cancel=threading.Event())
+    np.testing.assert_array_equal(plain.raw, stoppable.raw)
+
+
 # --------------------------------------------------------------------------- metrics
 @pytest.mark.parametrize("kwargs, error, pattern", [
     ({"steps": NAN}, ValueError, r"deletion: steps=nan .*steps must be an integer from 1 to 100000"),

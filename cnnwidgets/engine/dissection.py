@@ -52,7 +52,7 @@ import torch
 
 from .checks import check_float, check_int
 from .datasets import concept_number, item_image
-from .hooks import capture, restored
+from .hooks import cancel_points, capture, restored
 from .images import to_uint8
 from .model import Model, as_model
 from .progress import Progress, check_cancel, check_progress
@@ -1096,7 +1096,7 @@ def dissect(
     shard.bar = Progress(2 * len(shard.indices), "dissect", cancel=cancel, progress=progress,
                          what="dissect", show=shard.rank == 0)
     with shard.bar, scratch or contextlib.nullcontext(), restored(model.module), \
-            torch.no_grad():
+            cancel_points(cancel, "dissect"), torch.no_grad():
         state, thresholds = _threshold_pass(shard, scratch, quantile, max_values, top_n)
         tallies, label_area = _tally_pass(shard, scratch, state, thresholds, len(concepts),
                                           len(cat_names))

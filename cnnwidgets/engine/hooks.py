@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .guard import guard
+from .progress import Cancelled, is_cancelled
 
 
 @dataclass
@@ -91,7 +92,8 @@ def hooked(module: nn.Module) -> bool:
     me = threading.get_ident()
 
     def fires(hooks) -> bool:
-        return any(getattr(h, "cw_thread", me) == me for h in hooks.values())
+        return any(getattr(h, "cw_thread", me) == me and not getattr(h, "cw_inert", False)
+                   for h in hooks.values())
 
     every = torch.nn.modules.module
     if any(fires(d) for d in (every._global_forward_hooks, every._global_forward_pre_hooks,
@@ -99,6 +101,62 @@ def hooked(module: nn.Module) -> bool:
         return True
     return any(fires(d) for m in module.modules() for d in
                (getattr(m, name, None) for name in HOOK_DICTS) if d)
+
+
+# --------------------------------------------------------------------------- cancel points
+_running = threading.local()  # .cancel: (cancel, what) of this thread's cancellable run
+_install = threading.Lock()
+_installed = False
+
+
+def _stop_if_asked(cancel, what: str) -> None:
+    if is_cancelled(cancel):
+        raise Cancelled(f"{what} was cancelled")
+
+
+def _cancel_point(module, args, output):
+    """A process-wide forward hook: in a thread inside :func:`cancel_points`, stop when asked
+    after each module's forward, and (by a tensor hook) before its backward."""
+    run = getattr(_running, "cancel", None)
+    if run is None:
+        return None
+    _stop_if_asked(*run)
+    out = _first_tensor(output)
+    if out is not None and out.requires_grad and torch.is_grad_enabled():
+        out.register_hook(lambda grad: _stop_if_asked(*run))
+    return None
+
+
+_cancel_point.cw_inert = True  # changes no value: fast paths may run in its place (hooked())
+
+
+@contextlib.contextmanager
+def cancel_points(cancel, what: str):
+    """Inside, this thread's forward and backward passes stop with :class:`Cancelled` within
+    one module's work once ``cancel`` is set, however large the batch: a stop answers in
+    milliseconds, not after a whole pass (SmoothGrad's 128 noisy copies in one batch take
+    seconds on two cores). Nothing is registered without a ``cancel``.
+
+    One process-wide hook (``register_module_forward_hook``), installed at the first
+    cancellable run and never removed (removing it while another thread iterates the hook
+    table would break that thread's pass); it reads this thread's run from a thread-local, so
+    other threads' passes, and passes outside a cancellable run, only pay a lookup.
+    """
+    global _installed
+    if cancel is None:
+        yield
+        return
+    if not _installed:
+        with _install:
+            if not _installed:
+                torch.nn.modules.module.register_module_forward_hook(_cancel_point)
+                _installed = True
+    outer = getattr(_running, "cancel", None)
+    _running.cancel = (cancel, what)
+    try:
+        yield
+    finally:
+        _running.cancel = outer
 
 
 def _first_tensor(value):

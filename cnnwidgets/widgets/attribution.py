@@ -261,8 +261,9 @@ class AttributionExplorer(WidgetBase):
         """Controls for the current method, generated from its ``Param`` specs."""
         spec = get_method(self.method)
         values = spec.resolve(self._memory.get(spec.name, {}))
-        for ctrl in self._param_controls.values():
+        for ctrl in self._param_controls.values():  # replaced: unbound and closed, not leaked
             self.unbind(ctrl)
+            ctrl.close()
         self._param_controls = {p.name: _control(p, values[p.name]) for p in spec.params}
         self.param_box.children = list(self._param_controls.values()) or [
             widgets.HTML("<i>no parameters</i>")]
@@ -283,7 +284,7 @@ class AttributionExplorer(WidgetBase):
 
     # ------------------------------------------------------------------ computing
     def cancel(self) -> None:
-        """Stop the running computation (it raises ``Cancelled`` between batches)."""
+        """Stop the running computation (it raises ``Cancelled`` within one layer's work)."""
         self.task.cancel()
 
     def refresh(self) -> None:
@@ -296,9 +297,12 @@ class AttributionExplorer(WidgetBase):
         self.cancel_button.disabled = False
 
         def work(cancel):
+            # on the main thread (a widget's state is changed there only), newest report only
+            show = self.latest_on_main(lambda report: None if cancel.is_set()
+                                       else setattr(self.status, "value", report))
+
             def progress(what, done, total):
-                if not cancel.is_set():
-                    self.status.value = f"computing {what}… {done}/{total}"
+                show(f"computing {what}… {done}/{total}")
 
             return _attribute_all(self.model, self.image, names, target=target, layer=layer,
                                   params=params, evaluate=evaluate, cancel=cancel,

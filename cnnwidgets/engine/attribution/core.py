@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import fast
 from ..checks import check_progress
-from ..hooks import layer_not_found, resolve, restored, this_thread
+from ..hooks import cancel_points, layer_not_found, resolve, restored, this_thread
 from ..memory import fit_batch
 from ..model import Model, as_model
 from ..progress import PROGRESS_DELAY, Cancelled, check_cancel, is_cancelled
@@ -381,8 +381,9 @@ def attribute(
     the last feature map, see :func:`default_layer`); ``"name:input"`` reads a module's input.
     ``params``: the method's own parameters (``cw.methods()`` lists methods;
     ``cnnwidgets.engine.attribution.get_method(name).params`` their specs).
-    ``cancel``: a ``threading.Event`` (or callable) that stops a running method between
-    batches with :class:`Cancelled`. ``progress``: ``None`` shows a tqdm bar once a batched
+    ``cancel``: a ``threading.Event`` (or callable) that stops a running method with
+    :class:`Cancelled` within one layer's work, in the forward or the backward pass
+    (:func:`~cnnwidgets.engine.hooks.cancel_points`). ``progress``: ``None`` shows a tqdm bar once a batched
     method has run for a second (:data:`PROGRESS_DELAY`), ``True``/``False`` force it, a
     callable ``f(done, total)`` receives progress instead.
     The model is put back exactly as it was, after success and after errors.
@@ -395,19 +396,20 @@ def attribute(
     if layer is not None and not spec.layer:
         raise ValueError(f"{spec.name} does not read a layer, so layer={layer!r} has no effect; "
                          "leave layer=None (CAM methods use it)")
-    layer_name = (default_layer(model) if layer is None else check_map_layer(model, layer)) \
-        if spec.layer else None
-    x, display = model.prepare(image)
-    start = time.perf_counter()
-    with input_only(model.module):
-        if target is None:
-            with torch.no_grad():
-                logits = model.scores(x)
-            index = int(logits[0].argmax())
-        else:
-            index = model.target_index(target, image)
-        ctx = Context(model, x.detach(), index, layer_name, spec.name, cancel, progress)
-        out = spec.fn(ctx, **values)
+    with cancel_points(cancel, spec.name):  # a stop answers within one layer's work
+        layer_name = (default_layer(model) if layer is None else check_map_layer(model, layer)) \
+            if spec.layer else None
+        x, display = model.prepare(image)
+        start = time.perf_counter()
+        with input_only(model.module):
+            if target is None:
+                with torch.no_grad():
+                    logits = model.scores(x)
+                index = int(logits[0].argmax())
+            else:
+                index = model.target_index(target, image)
+            ctx = Context(model, x.detach(), index, layer_name, spec.name, cancel, progress)
+            out = spec.fn(ctx, **values)
     raw, heat = out if isinstance(out, tuple) else (out, None)
     raw = _as_tensor(raw)
     if raw.ndim == 4 and raw.shape[0] == 1:
