@@ -611,3 +611,119 @@ def test_which_hooks_keep_the_twin_from_running():
         done.set()
         t.join()
     assert fast.twin(net) is not None and calls == []
+
+
+# ------------------------------------------------------------------ the split at a layer
+class Crossing(nn.Module):
+    """conv1 → relu → conv2, plus a residual from conv1's output that crosses conv2, then a
+    mean and ``view(batch of the input, -1)`` (EfficientNet's head reads the batch size off
+    the input: a batch of one does not broadcast through it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 2, 1)  # reads the red channel only
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(2, 2, 1, bias=False)
+        self.fc = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.conv1.weight.zero_()
+            self.conv1.weight[:, 0, 0, 0] = torch.tensor([1.0, -1.0])
+            self.conv1.bias.copy_(torch.tensor([0.0, 1.0]))
+            self.conv2.weight.copy_(torch.tensor([[2.0, 0.0], [1.0, 1.0]]).view(2, 2, 1, 1))
+            self.fc.weight.copy_(torch.tensor([[1.0, 0.0], [1.0, 2.0]]))
+
+    def forward(self, x):
+        a = self.conv1(x)
+        b = self.conv2(self.relu(a)) + a
+        return self.fc(b.mean((2, 3)).view(x.size(0), -1))
+
+
+def test_split_hand_worked():
+    # x = 1 everywhere (1×1×2×2): a = (1, 0); replacing conv2's output by v: b = v + a,
+    # scores = fc(mean(b)) = (m0, m0 + 2·m1) with m = mean(v) + (1, 0)
+    net = Crossing().eval()
+    model = cw.Model(net, mean=(0.0,) * 3, std=(1.0,) * 3, input_size=(2, 2),
+                     labels=["p", "q"])
+    x = torch.ones(1, 3, 2, 2)
+    values = torch.stack([torch.full((2, 2, 2), 3.0), torch.zeros(2, 2, 2)])
+    values[1, 1] = 5.0
+    with restored(net):
+        got = fast.scores_from_layer(model, "conv2", x, values)
+    # copy 0: m = (4, 3) → (4, 10); copy 1: m = (1, 5) → (1, 11)
+    torch.testing.assert_close(got, torch.tensor([[4.0, 10.0], [1.0, 11.0]]))
+    # the network itself cannot broadcast a batch of one through view(x.size(0), -1)
+    with pytest.raises(RuntimeError), core.tap(net, "conv2", replace=lambda t: values):
+        net(x)
+
+
+@pytest.mark.parametrize("arch, layers", [
+    ("resnet18", ["layer4", "avgpool:input", "layer3.1.conv1", "layer2"]),
+    ("efficientnet_lite0", [None, "_blocks.10._project_conv", "_bn1"]),
+])
+def test_split_gives_the_networks_own_scores(arch, layers):
+    """From any layer: the copies' scores equal the whole network run on every copy with the
+    layer's value replaced (residual branches crossing the layer included)."""
+    import torchvision
+
+    if arch == "resnet18":
+        torch.manual_seed(0)
+        model = cw.Model(torchvision.models.resnet18(weights=None), input_size=(64, 64))
+    else:
+        model = cw.load_model(arch)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, *model.input_size, generator=gen)
+    for layer in layers:
+        layer = layer or core.default_layer(model)
+        with restored(model.module), torch.no_grad():
+            with core.tap(model.module, layer) as box:
+                model.scores(x)
+            a = box["value"]
+            values = a.expand(3, *a.shape[1:]).clone()
+            values[0, 0] = 0
+            values[1] *= 2
+            got = fast.scores_from_layer(model, layer, x, values)
+            with core.tap(model.module, layer, replace=lambda t: values):
+                want = model.scores(x.expand(3, *x.shape[1:]))
+        assert got is not None, layer
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert hook_count(model.module) == 0
+
+
+def test_no_split_for_a_hooked_network_or_a_layer_run_twice():
+    net = Crossing().eval()
+    model = cw.Model(net, mean=(0.0,) * 3, std=(1.0,) * 3, input_size=(2, 2))
+    x, values = torch.ones(1, 3, 2, 2), torch.zeros(2, 2, 2, 2)
+    handle = net.conv2.register_forward_hook(lambda *a: None)
+    try:
+        with restored(net):
+            assert fast.scores_from_layer(model, "conv2", x, values) is None
+    finally:
+        handle.remove()
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(self.conv(x)).flatten(1)
+
+    twice = cw.Model(Twice().eval(), mean=(0.0,) * 3, std=(1.0,) * 3, input_size=(2, 2))
+    with restored(twice.module):
+        assert fast.scores_from_layer(twice, "conv", x, torch.zeros(2, 3, 2, 2)) is None
+
+
+def test_ablation_cam_is_the_same_with_and_without_the_split(monkeypatch):
+    model = cw.load_model("efficientnet_lite0")
+    image = cw.sample_image("cat")
+    layer = "_blocks.10._project_conv"  # 112 channels: 112 copies
+    with_split = cw.attribute(model, image, "ablation_cam", layer=layer, batch_size=56)
+    monkeypatch.setattr(fast, "ENABLED", fast.ENABLED - {"suffix"})
+    calls = []
+    real = core.Context.logits
+    monkeypatch.setattr(core.Context, "logits",
+                        lambda self, batch: calls.append(batch.shape[0]) or real(self, batch))
+    without = cw.attribute(model, image, "ablation_cam", layer=layer, batch_size=56)
+    assert calls[-1] == 56  # the whole network ran on every copy
+    np.testing.assert_allclose(with_split.raw, without.raw, rtol=1e-4,
+                               atol=1e-4 * float(np.abs(without.raw).max()))

@@ -31,6 +31,11 @@ computes the same function (to float rounding) faster, with these tricks — eac
     in the input, and a sum of input gradients over many inputs (SmoothGrad, Integrated
     Gradients) is the layer's transpose applied once to the sum of the gradients at its output
     (:class:`Head`): its backward pass runs once per call instead of once per input.
+``suffix``
+    Many copies of one input that differ only from one layer on (Ablation-CAM's copies, each
+    with one channel zeroed) share everything before that layer: it runs once, and only the
+    rest of the network runs on the copies (:func:`scores_from_layer`). The network's own
+    modules run, unfolded.
 
 The user's hooks are part of the network: the twin never runs while a hook that fires on this
 thread is registered on any module of the network, at any depth, or for every module
@@ -63,7 +68,7 @@ from .hooks import hooked
 from .relu_rules import backward_rule, watching
 
 #: the speed tricks of the twin (see the module docstring)
-TRICKS = ("fold", "same_pad", "pack", "channels_last", "head")
+TRICKS = ("fold", "same_pad", "pack", "channels_last", "head", "suffix")
 #: the tricks in use: all but those listed in the environment variable
 #: ``CNNWIDGETS_TRICKS_OFF`` (comma-separated) at import; benchmarks switch them here
 ENABLED = set(TRICKS) - set(os.environ.get("CNNWIDGETS_TRICKS_OFF", "").split(","))
@@ -127,6 +132,28 @@ def masked_scores(model, target: int, x: torch.Tensor, maps: torch.Tensor, chunk
             masks = (up - low) / (high - low + 1e-8)
             scores[lo:hi] = _forward(model, net, x * masks[:, None])[:, target]
     return scores
+
+
+def scores_from_layer(model, layer: str, x: torch.Tensor,
+                      values: torch.Tensor) -> "torch.Tensor | None":
+    """Class scores n×K of the input ``x`` (1×C×H×W) with the ``layer``'s value replaced by
+    each of ``values`` (n×…, one per copy; ``"name:input"`` replaces the module's input), or
+    ``None`` where the network cannot be split at the layer (the caller then runs it whole).
+
+    Every copy shares the input, so what comes before the layer is the same for all of them:
+    it runs once, on ``x``, and only the rest of the network runs on the n copies
+    (:func:`_split`, the ``suffix`` trick). No split where the network cannot be traced, the
+    layer runs more than once, a hook that fires on this thread is registered, or a value
+    other than a batch-of-one tensor crosses the layer.
+    """
+    split = _split(model.module, layer) if "suffix" in ENABLED else None
+    if split is None:
+        return None
+    out = split(x, values)
+    if out is None:
+        return None
+    out = model.output(out) if model.output is not None else out
+    return out if out.shape[0] == values.shape[0] else None
 
 
 def upsample_masks(maps: torch.Tensor, size) -> torch.Tensor:
@@ -220,21 +247,34 @@ class _Tracer(fx.Tracer):
     """The default tracer, with every convolution and batch norm kept as one call — also
     subclasses outside ``torch.nn`` (EfficientNet's static-"same"-padding convolution)."""
 
+    def __init__(self, leaf: str | None = None):
+        super().__init__()
+        self.leaf = leaf  # one more module kept as one call (the layer a split cuts at)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _CONVS + _NORMS) or super().is_leaf_module(m, qualname)
+        return (qualname == self.leaf or isinstance(m, _CONVS + _NORMS)
+                or super().is_leaf_module(m, qualname))
 
 
-def _build(module: nn.Module, structure) -> _Twin:
+def _trace(module: nn.Module, leaf: str | None = None) -> "fx.Graph | None":
+    """The network's graph (``None`` where fx cannot trace it), with ``leaf`` (a module's
+    name) kept as one call; :class:`_Busy` where other threads' passes go on."""
     try:
         # fx patches nn.Module.__call__ for every thread while it traces: wait briefly for
         # other threads' forward passes; if they go on, run the network itself this time
         with guard(module).tracing(timeout=0.5):
             try:
-                graph = _Tracer().trace(module)
+                return _Tracer(leaf).trace(module)
             except Exception:  # noqa: BLE001 - any model fx cannot trace runs itself
-                return _Twin(structure, None, [])
+                return None
     except RuntimeError as exc:  # the gate's timeout
         raise _Busy() from exc
+
+
+def _build(module: nn.Module, structure) -> _Twin:
+    graph = _trace(module)
+    if graph is None:
+        return _Twin(structure, None, [])
     named = dict(module.named_modules())
     pairs = _fold(graph, named) if "fold" in ENABLED else []
     if not pairs and "fold" in ENABLED:  # nothing to fold: the network runs itself
@@ -261,6 +301,114 @@ def _build(module: nn.Module, structure) -> _Twin:
     except Exception:  # noqa: BLE001
         return _Twin(structure, None, [])
     return _Twin(structure, gm, pairs)
+
+
+# ------------------------------------------------------------------ the split at a layer
+class _Split:
+    """A network cut at one layer: ``before`` computes from the input the values that the
+    rest of the network reads besides the layer's (a residual branch crossing it, say);
+    ``after`` computes the output from the input, the layer's value and those values."""
+
+    def __init__(self, before: "fx.GraphModule | None", after: fx.GraphModule):
+        self.before, self.after = before, after
+
+    def __call__(self, x: torch.Tensor, values: torch.Tensor) -> "torch.Tensor | None":
+        n = values.shape[0]
+        crossing = self.before(x) if self.before is not None else ()
+        fed = []
+        for v in crossing:  # one image's value, the same for every copy
+            if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] != 1:
+                return None
+            fed.append(v.expand(n, *v.shape[1:]))
+        return self.after(x.expand(n, *x.shape[1:]), values, *fed)
+
+
+def _split(module: nn.Module, layer: str) -> "_Split | None":
+    """The network split at ``layer`` (cached per network), or ``None`` (see
+    :func:`scores_from_layer`)."""
+    if module.training or hooked(module):
+        return None
+    structure = tuple(id(m) for m in module.modules())
+    owner = guard(module)
+    with owner.twin_lock:
+        twins = owner.twin = owner.twin or {}
+        found = twins.get(("split", layer))
+        if found is None or found[0] != structure:
+            try:
+                graph = _trace(module, leaf=layer.partition(":")[0])
+            except _Busy:
+                return None
+            found = twins[("split", layer)] = (structure, graph and _cut(graph, module, layer))
+        return found[1]
+
+
+def _cut(graph: fx.Graph, module: nn.Module, layer: str) -> "_Split | None":
+    name, _, part = layer.partition(":")
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(calls) != 1 or len(inputs) != 1:
+        return None
+    cut = calls[0] if part != "input" else calls[0].args[0] if calls[0].args else None
+    if not isinstance(cut, fx.Node) or cut.op == "placeholder":
+        return None
+    # the nodes computed from the input (parameters and constants are not)
+    varies = set(inputs)
+    for n in graph.nodes:
+        if any(a in varies for a in n.all_input_nodes):
+            varies.add(n)
+    before = {cut}  # what the layer's value is computed from, the layer included
+    stack = [cut]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a in varies and a not in before:
+                before.add(a)
+                stack.append(a)
+    # what the output needs from the layer on, and what it reads from before the layer
+    after, crossing = set(), []
+    stack = [n for n in graph.nodes if n.op == "output"]
+    while stack:
+        n = stack.pop()
+        if n in after:
+            continue
+        if n in before:
+            if n is not cut and n.op != "placeholder" and n not in crossing:
+                crossing.append(n)
+            continue
+        after.add(n)
+        stack.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    crossing.sort(key=order.get)
+
+    g = fx.Graph()
+    env = {inputs[0]: g.placeholder("x"), cut: g.placeholder("layer_value")}
+    env.update({c: g.placeholder(f"crossing_{i}") for i, c in enumerate(crossing)})
+    for n in graph.nodes:
+        if n in after:
+            if n.op == "output":
+                g.output(fx.map_arg(n.args[0], env.__getitem__))
+            else:
+                env[n] = g.node_copy(n, env.__getitem__)
+    head = None
+    if crossing:
+        gb = fx.Graph()
+        needed = set(crossing)
+        stack = list(crossing)
+        while stack:
+            for a in stack.pop().all_input_nodes:
+                if a not in needed:
+                    needed.add(a)
+                    stack.append(a)
+        envb = {}
+        for n in graph.nodes:
+            if n in needed:
+                envb[n] = (gb.placeholder("x") if n.op == "placeholder"
+                           else gb.node_copy(n, envb.__getitem__))
+        gb.output(tuple(envb[c] for c in crossing))
+        head = fx.GraphModule(module, gb, class_name="Before").eval()
+    try:
+        return _Split(head, fx.GraphModule(module, g, class_name="After").eval())
+    except Exception:  # noqa: BLE001 - a graph fx cannot compile: run the network whole
+        return None
 
 
 def _name(named: dict, prefix: str, module: nn.Module) -> str:

@@ -133,30 +133,12 @@ def ablation_cam(ctx, batch_size):
     ctx.base_score = float(y)
     c = a.shape[1]
     drops = torch.empty(c, dtype=a.dtype, device=a.device)
-    # The input is the same for every copy, so the layers before the ablated one run on one
-    # image and the layer's output is expanded to the batch (broadcasting does the rest);
-    # if the network cannot broadcast that way, every copy runs in full.
-    shared = True
     with torch.no_grad():
         for lo, hi in ctx.batches(c, batch_size, "ablation-cam"):
             n = hi - lo
             ablated = a.expand(n, -1, -1, -1).clone()
-            ablated[torch.arange(n), torch.arange(lo, hi)] = 0
-            scores = None
-            if shared:
-                try:
-                    with ctx.tap(replace=lambda t: ablated):
-                        out = ctx.logits(ctx.x)
-                    if out.shape[0] == n:
-                        scores = out[:, ctx.target]
-                except RuntimeError:
-                    pass
-                if scores is None:
-                    shared = False
-            if scores is None:
-                with ctx.tap(replace=lambda t: ablated):
-                    scores = ctx.score(ctx.x.expand(n, -1, -1, -1))
-            drops[lo:hi] = scores
+            ablated[torch.arange(n), torch.arange(lo, hi)] = 0  # copy i: channel lo + i zeroed
+            drops[lo:hi] = ctx.layer_scores(ablated)
     weights = (y - drops) / y
     return weighted_sum(weights, a).clamp(min=0)
 

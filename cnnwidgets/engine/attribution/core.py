@@ -86,6 +86,7 @@ class Context:
     * :meth:`layer_value`, :meth:`layer_and_grad`, :meth:`tap`: a layer's activations, their
       gradients, and a layer replaced;
     * :meth:`masked_scores`: the scores of the input masked by upsampled maps (Score-CAM);
+    * :meth:`layer_scores`: the scores with the layer's value replaced (Ablation-CAM);
     * :meth:`batches`: index ranges with progress, memory fitting and cancellation.
 
     How they run fast is not the method's concern (:mod:`..fast`)."""
@@ -141,6 +142,24 @@ class Context:
         (``(v − min) / (max − min + 1e-8)``): Score-CAM's masked copies."""
         return fast.masked_scores(self.model, self.target, self.x, maps,
                                   self.batches(maps.shape[0], batch_size, desc))
+
+    def layer_scores(self, values: torch.Tensor) -> torch.Tensor:
+        """The target's score (n,) of the input with the layer's value replaced by each of
+        ``values`` (n×C×h×w): Ablation-CAM's copies. What comes before the layer runs once
+        where the network allows it (:func:`..fast.scores_from_layer`); otherwise the network
+        runs with the layer's output broadcast from a batch of one, or on n copies."""
+        n = values.shape[0]
+        out = fast.scores_from_layer(self.model, self.layer, self.x, values)
+        if out is None:
+            try:
+                with self.tap(replace=lambda t: values):
+                    out = self.logits(self.x)
+            except RuntimeError:  # the network does not broadcast (x.view(1, -1), say)
+                out = None
+        if out is None or out.shape[0] != n:
+            with self.tap(replace=lambda t: values):
+                out = self.logits(self.x.expand(n, *self.x.shape[1:]))
+        return out[:, self.target]
 
     def batches(self, total: int, batch_size: int, desc: str | None = None) -> Iterator[tuple]:
         """``(start, stop)`` index pairs covering ``range(total)`` in equal chunks of at most
