@@ -471,3 +471,42 @@ def test_explorers_take_any_target_and_show_its_name():
     f.target = 0  # a class alone on a dense output: the pixels it wins, here all of them
     assert f.result.label == "red @ all pixels" and len(f.result.all_points) == 16
     assert hook_count(net) == 0
+
+
+# ------------------------------------------------------------------ the rest of the engine
+def test_a_method_registered_outside_still_indexes_with_ctx_target():
+    """Methods written for class targets (``logits[:, ctx.target]``) keep working on one class;
+    on another target the indexing fails (torch's IndexError names the Resolved target; an
+    ``operator.index`` call gets a TypeError saying to use ``ctx.target.score(output)``)."""
+    from cnnwidgets.engine.attribution import register, unregister
+
+    @register("demo_logit", kind="other")
+    def demo(ctx):
+        with torch.no_grad():
+            ctx.base_score = float(ctx.logits(ctx.x)[0, ctx.target])
+        return torch.zeros(ctx.x.shape[-2:])
+
+    try:
+        model = tiny_model()
+        image = (np.arange(8 * 8 * 3).reshape(8, 8, 3) * 7 % 256).astype(np.uint8)
+        a = cw.attribute(model, image, "demo_logit", target=2)
+        assert a.score == pytest.approx(cw.attribute(model, image, "saliency", target=2).score)
+        with pytest.raises(IndexError, match="got Resolved"):
+            cw.attribute(model, image, "demo_logit", target=[0, 2])
+        both = cw.targets.resolve(model, [0, 2])
+        with pytest.raises(TypeError, match=r"target\.score\(output\)"):
+            [10, 20, 30][both]
+    finally:
+        unregister("demo_logit")
+
+
+def test_deletion_curve_reads_the_region_score():
+    model = plain(DenseNet(), 4, labels=["red", "green"])
+    image = rgb(RED, RED // 2)
+    region = Region(0, mask_of([(0, 0), (0, 1)]))
+    curve = cw.metrics.deletion(model, image, "saliency", target=region, steps=4, score="logit",
+                                baseline="zeros")
+    # nothing deleted: the region's score as in the first test, (140 + 240) / 255; everything
+    # deleted (zero input): 0
+    assert curve.scores[0] == pytest.approx(380 / 255, rel=1e-6) and curve.scores[-1] == 0
+    assert curve.label == "red @ 2 px" and isinstance(curve.target, Region)
