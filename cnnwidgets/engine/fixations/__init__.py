@@ -82,6 +82,13 @@ Extensions the authors did not cover, made here (each also noted at its rule):
   to the element it was read from.
 * **several outputs**: a model returning a tuple or dict is backtracked from the scores
   ``cw.Model(output=...)`` picks (without it, from a tuple's first element).
+* **targets beyond one class** (:mod:`..targets`): the backtrack starts from every output
+  neuron the target's score reads — several classes, a ``Region``'s pixels of a dense output,
+  a ``Box``'s score, or for a callable the neurons its gradient reaches — and carries their
+  union down, as the authors' rules do for the kept neurons of any layer.
+* **resizing** (``F.interpolate``, ``nn.Upsample``: segmentation heads, ASPP's pooled branch):
+  each point moves, in its channel, to the input pixel it reads most from (the one it copies
+  in ``nearest`` mode, the largest interpolation weight in the linear modes).
 """
 from __future__ import annotations
 
