@@ -463,6 +463,15 @@ def test_explorers_take_any_target_and_show_its_name():
     with pytest.raises(ValueError, match="selects no pixel"):
         w.target = Region(0, np.zeros((4, 4), bool))
     assert w.target is green_total
+    # the controls: ranges of rows and columns, then the button (class: the top one, as the
+    # callable names none)
+    w.region_rows.value, w.region_cols.value = (3, 3), (3, 3)
+    w.region_button.click()
+    assert np.array_equal(w.target.mask, mask_of([(3, 3)])) and w.target.cls == 0
+    corner = np.zeros((3, 4, 4), np.float32)
+    corner[0, 2:, 2:] = 1  # (3, 3)'s 3×3 neighbourhood, cut by the border
+    np.testing.assert_array_equal(w.result[0].raw, corner)
+    assert "red @ 1 px" in w.target_label.value and w.errors.last_error is None
 
     f = cw.FixationExplorer(model, image, target=Region(0, mask_of([(0, 0), (0, 1)])),
                             background=False)
