@@ -395,6 +395,34 @@ def test_torchvision_segmentation_end_to_end(name):
     assert_same_state(net, before)
 
 
+def test_torchvision_detector_with_a_callable_target():
+    """Faster R-CNN (random weights, every box kept) returns a list of dicts per batch; a
+    callable reads one score per image off it, for a gradient and a perturbation method."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3, box_score_thresh=0.0).eval()
+    model = cw.Model(net, mean=(0.0,) * 3, std=(1.0,) * 3, input_size=(64, 64))
+    before = snapshot(net)
+    assert model.output_shape is None  # not a tensor: only a callable target reads it
+
+    def top_scores(out):  # the three best boxes of each image
+        return torch.stack([d["scores"][:3].sum() for d in out])
+
+    image = cw.sample_image("cat")
+    a = cw.attribute(model, image, "saliency", target=top_scores)
+    assert a.raw.shape == (3, 64, 64) and np.isfinite(a.raw).all() and np.abs(a.raw).max() > 0
+    assert a.label == "top_scores" and 0 < a.score <= 3
+    o = cw.attribute(model, image, "occlusion", target=top_scores, window=32, stride=32,
+                     progress=False)
+    assert o.raw.shape == (3, 64, 64) and np.isfinite(o.raw).all()
+    with pytest.raises(ValueError, match="not a tensor of scores"):
+        cw.attribute(model, image, "saliency", target=0)
+    assert hook_count(net) == 0
+    assert_same_state(net, before)
+
+
 def test_region_grad_cam_agrees_with_pytorch_grad_cam():
     pgc = pytest.importorskip("pytorch_grad_cam")
     from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
