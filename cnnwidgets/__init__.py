@@ -19,6 +19,7 @@ from .engine import (
     load_model,
     sample_image,
     sample_images,
+    targets,
 )
 from .engine.attribution import Attribution, Cancelled, attribute, methods
 from .engine.optvis import Visualization, deconv, invert, objectives, visualize
@@ -51,5 +52,5 @@ __all__ = [
     "Attribution", "Cancelled", "DissectionResult", "Fixations", "LayerNotFoundError", "Model",
     "Visualization", "attribute", "available_models", "datasets", "deconv", "dissect",
     "fixations", "invert", "load_image", "load_model", "methods", "metrics", "objectives", "sample_image",
-    "sample_images", "visualize", *_LAZY,
+    "sample_images", "targets", "visualize", *_LAZY,
 ]

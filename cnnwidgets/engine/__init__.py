@@ -2,6 +2,7 @@
 from .dissection import DissectionResult, UnitRecord, dissect
 from .fixations import Fixations, UnsupportedOperationError, fixation_attribution, fixations
 from .hooks import LayerNotFoundError, capture, hook_count, restored
+from . import targets
 from .images import load_image, sample_image, sample_images
 from .labels import imagenet_labels
 from .layer_index import LayerInfo
@@ -13,4 +14,5 @@ __all__ = [
     "Fixations", "UnsupportedOperationError", "fixation_attribution", "fixations",
     "LayerInfo", "LayerNotFoundError", "Model", "available_models", "capture", "hook_count",
     "imagenet_labels", "load_image", "load_model", "restored", "sample_image", "sample_images",
+    "targets",
 ]

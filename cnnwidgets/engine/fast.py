@@ -78,15 +78,16 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 # ------------------------------------------------------------------ the primitives
-def logits(model, batch: torch.Tensor) -> torch.Tensor:
-    """Class scores N×K of a prepared batch for ``model`` (a ``cw.Model``), graph kept when
-    gradients are enabled: on the twin where it may run."""
+def logits(model, batch: torch.Tensor):
+    """The output (class scores N×K, a dense map…) of a prepared batch for ``model`` (a
+    ``cw.Model``), graph kept when gradients are enabled: on the twin where it may run."""
     return _forward(model, twin(model.module), batch)
 
 
-def input_grad_sum(model, target: int, parts, like: torch.Tensor,
+def input_grad_sum(model, target, parts, like: torch.Tensor,
                    check: Callable[[], None] | None = None) -> torch.Tensor:
-    """``Σᵢ wᵢ ∂score/∂xᵢ`` (C×H×W) of the ``target``'s score over the inputs ``xᵢ`` of
+    """``Σᵢ wᵢ ∂score/∂xᵢ`` (C×H×W) of the ``target``'s score (a :class:`.targets.Resolved`)
+    over the inputs ``xᵢ`` of
     ``parts``, an iterable of ``(batch N×C×H×W, weights N or None)`` (``None``: every weight
     1). ``like``: an input (1×C×H×W), for the shape of an empty sum. ``check()`` runs between
     each forward and its backward pass (a cancellation check)."""
@@ -98,14 +99,14 @@ def input_grad_sum(model, target: int, parts, like: torch.Tensor,
         if head is None:
             xb = batch.detach().requires_grad_(True)
             with torch.enable_grad():
-                s = _forward(model, net, xb)[:, target]
+                s = target.score(_forward(model, net, xb))
                 check()
                 (g,) = torch.autograd.grad(s.sum(), xb)
             part = batch_sum(g, weights)
             total = part if total is None else total + part
             continue
         with torch.enable_grad(), head.capture() as box:
-            s = _forward(model, net, batch.detach())[:, target]
+            s = target.score(_forward(model, net, batch.detach()))
             if len(box) != 1:  # pragma: no cover - a traced graph runs each node once
                 raise RuntimeError(f"the network's first layer ran {len(box)} times in one "
                                    "forward pass; expected once")
@@ -117,7 +118,7 @@ def input_grad_sum(model, target: int, parts, like: torch.Tensor,
     return (total if head is None else head.transpose(total, like.shape))[0]
 
 
-def masked_scores(model, target: int, x: torch.Tensor, maps: torch.Tensor, chunks) -> torch.Tensor:
+def masked_scores(model, target, x: torch.Tensor, maps: torch.Tensor, chunks) -> torch.Tensor:
     """Score-CAM's scores (n,): for each map ``m`` of ``maps`` (n×h×w), the ``target``'s score
     for ``x ⊙ s(up(m))``, where ``up`` upsamples to ``x``'s size (bilinear, corners aligned)
     and ``s`` scales to [0, 1] by ``(v − min) / (max − min + 1e-8)``. ``chunks``: the
@@ -130,7 +131,7 @@ def masked_scores(model, target: int, x: torch.Tensor, maps: torch.Tensor, chunk
             low = up.amin(dim=(1, 2), keepdim=True)
             high = up.amax(dim=(1, 2), keepdim=True)
             masks = (up - low) / (high - low + 1e-8)
-            scores[lo:hi] = _forward(model, net, x * masks[:, None])[:, target]
+            scores[lo:hi] = target.score(_forward(model, net, x * masks[:, None]))
     return scores
 
 
@@ -184,10 +185,10 @@ def _layout(batch: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(model, net: "nn.Module | None", batch: torch.Tensor) -> torch.Tensor:
-    """Class scores N×K of ``batch`` on the twin ``net``, or on the model when ``None``."""
+    """The output of ``batch`` on the twin ``net``, or on the model when ``None``."""
     batch = _layout(batch)
     if net is None:
-        return model.scores(batch)
+        return model.run(batch)
     out = net(batch)
     return model.output(out) if model.output is not None else out
 

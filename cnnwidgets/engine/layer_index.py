@@ -30,15 +30,17 @@ class LayerIndex:
     """Every module that ran in one forward pass, in the order it first ran; built by
     :meth:`dry_run`. ``num_classes``: the width of the scores that pass returned."""
 
-    def __init__(self, info: dict[str, LayerInfo], num_classes: int):
+    def __init__(self, info: dict[str, LayerInfo], num_classes: int | None,
+                 output_shape: tuple | None = None):
         self.info = info
-        self.num_classes = num_classes
+        self.num_classes = num_classes  #: classes of the output (None: not class scores)
+        self.output_shape = output_shape  #: one image's output shape (None: not a tensor)
 
     @classmethod
     def dry_run(cls, module: nn.Module, scores: Callable[[torch.Tensor], torch.Tensor],
-                input_size: tuple, device) -> "LayerIndex":
+                input_size: tuple, device, dtype=torch.float32) -> "LayerIndex":
         """Run ``scores`` (the network with its output picked) once on a blank input, recording
-        every named module's output shape and number of calls."""
+        every named module's output shape and number of calls, and the output's shape."""
         order: dict[str, list] = {}  # name → [shape of the first output, calls, type, conv]
 
         def hook(name, mod, args, out):
@@ -54,7 +56,7 @@ class LayerIndex:
                 if n:
                     handles.append(m.register_forward_hook(
                         this_thread(lambda *a, n=n: hook(n, *a))))
-            x = torch.zeros(1, 3, *input_size, device=device)
+            x = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)
             with restored(module), torch.no_grad():
                 out = scores(x)
         finally:
@@ -62,7 +64,11 @@ class LayerIndex:
                 h.remove()
         info = {n: LayerInfo(n, typ, shape or (), calls, conv)
                 for n, (shape, calls, typ, conv) in order.items()}
-        return cls(info, int(out.shape[1]))
+        shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) and out.dim() >= 2 else None
+        # classes: K of N×K, C of N×C×H×W, K of boxes N×B×(4+K)
+        classes = None if shape is None else {1: shape[0], 3: shape[0]}.get(
+            len(shape), shape[-1] - 4 if len(shape) == 2 and shape[-1] > 4 else None)
+        return cls(info, classes, shape)
 
     def get(self, name: str) -> LayerInfo:
         """One layer's :class:`LayerInfo` (a helpful error for a name that did not run)."""

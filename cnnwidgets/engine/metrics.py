@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attribution.core import Attribution, Context, attribute, input_only
+from . import targets
 from .checks import check_float, check_int, check_progress
 from .model import Model, as_model
 
@@ -42,7 +43,7 @@ class Curve:
     fractions: np.ndarray  #: fraction of the pixels removed / inserted (0 … 1)
     scores: np.ndarray  #: the target's probability (or logit) at each fraction
     auc: float  #: area under the curve (trapezoid rule over fractions in [0, 1])
-    target: int  #: class index explained
+    target: object  #: class index explained (or the target as given: engine.targets)
     label: str = ""  #: its label
     method: str = ""  #: the attribution method whose map ordered the pixels
     score: str = "probability"  #: "probability" (softmax) or "logit"
@@ -75,7 +76,7 @@ def _map_for(model: Model, image, attribution, target, params) -> tuple[np.ndarr
         raise ValueError(f"parameters {sorted(params)} are only used when attribution is a "
                          "method name; the map given is used as it is")
     if isinstance(attribution, Attribution):
-        t = attribution.target if target is None else model.target_index(target, image)
+        t = attribution.target if target is None else target
         return np.asarray(attribution.map, dtype=np.float32), t, attribution.method
     heat = np.asarray(attribution, dtype=np.float32)
     if heat.ndim != 2:
@@ -86,7 +87,7 @@ def _map_for(model: Model, image, attribution, target, params) -> tuple[np.ndarr
         raise ValueError(f"the map is {heat.shape[0]}×{heat.shape[1]} but the model sees "
                          f"{size[0]}×{size[1]} pixels; pass a map aligned with "
                          "model.prepare(image)[1] (what cw.attribute returns)")
-    return heat, (None if target is None else model.target_index(target, image)), ""
+    return heat, target, ""
 
 
 def _substrate(model: Model, x: torch.Tensor, baseline) -> torch.Tensor:
@@ -131,9 +132,8 @@ def _curve(kind, model, image, attribution, target, steps, baseline, score, batc
     keep = sorted({0, steps // 4, steps // 2, (3 * steps) // 4, steps})
     shown = {}
     with input_only(model.module), torch.no_grad():
-        if index is None:
-            index = int(model.scores(x)[0].argmax())
-        ctx = Context(model, x, index, None, kind, cancel, progress)
+        goal = targets.resolve(model, index, lambda: model.run(x))
+        ctx = Context(model, x, goal, None, kind, cancel, progress)
         for lo, hi in ctx.batches(steps + 1, batch_size, kind):
             k = torch.tensor(counts[lo:hi], device=x.device).view(-1, 1, 1, 1)
             changed = rank < k  # N×1×H×W: the first k pixels in the order
@@ -141,9 +141,9 @@ def _curve(kind, model, image, attribution, target, steps, baseline, score, batc
                 batch = torch.where(changed, sub, x)
             else:
                 batch = torch.where(changed, x, sub)
-            logits = ctx.logits(batch)
-            out = logits.softmax(1) if score == "probability" else logits
-            scores[lo:hi] = out[:, index].double().cpu().numpy()
+            out = ctx.logits(batch)
+            found = goal.probability(out) if score == "probability" else goal.score(out)
+            scores[lo:hi] = found.double().cpu().numpy()
             for i in range(lo, hi):
                 if i in keep:
                     shown[i] = batch[i - lo]
@@ -151,7 +151,8 @@ def _curve(kind, model, image, attribution, target, steps, baseline, score, batc
     auc = float(np.sum((scores[1:] + scores[:-1]) * np.diff(fractions)) / 2)
     images = torch.stack([shown[i] for i in keep])
     images = model.denormalize(images).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return Curve(kind, fractions, scores, auc, index, model.label(index), method, score,
+    spec = goal.index if goal.index is not None else goal.spec
+    return Curve(kind, fractions, scores, auc, spec, goal.name, method, score,
                  str(baseline), images.astype(np.float32))
 
 

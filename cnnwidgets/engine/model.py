@@ -29,7 +29,9 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LayerInfo", "Model", "as_model", "c
 
 
 class Model:
-    """Wrap any ``torch.nn.Module`` that maps an image batch N×3×H×W to class scores N×K.
+    """Wrap any ``torch.nn.Module`` that maps an image batch N×3×H×W to class scores N×K —
+    or to a dense map N×C×H×W (segmentation), scored boxes N×B×(4+K), or anything a callable
+    target reads (:mod:`.targets`).
 
     Parameters
     ----------
@@ -39,7 +41,9 @@ class Model:
         then normalised with ``mean`` / ``std``.
     labels: class names; by default ImageNet's when the model has 1,000 outputs.
     input_size: (H, W) of the network input.
-    output: callable picking the class scores out of a model that returns a tuple or dict.
+    output: picks the scores out of a model that returns a tuple or dict: a key or index
+        (``output="out"`` for torchvision's segmentation networks, ``output=0``) or a callable
+        (``output=lambda out: out["logits"]``).
     crop: fraction of the resized image kept by the centre crop (0.875 = 224 of 256).
     cache_bytes: memory bound of the activation cache.
     name: shown in titles.
@@ -74,7 +78,7 @@ class Model:
         self.module = module
         cache_bytes = check_int(cache_bytes, "cache_bytes", 0, None, who="cw.Model")
         self._preprocess = Preprocess(transform, input_size, mean, std, crop)
-        self.output = output
+        self.output = pick(output)
         self.name = name or type(module).__name__
         self._labels = list(labels) if labels is not None else None
         self._index: LayerIndex | None = None  # from the dry run, on first need
@@ -120,11 +124,22 @@ class Model:
         return self._preprocess.denormalize(x)
 
     # ------------------------------------------------------------------ running
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the network on a prepared batch and return class scores N×K (graph kept)."""
+    def run(self, x: torch.Tensor):
+        """Run the network on a prepared batch and return its output, picked by ``output``
+        (graph kept); whatever it is — targets read their score off it (:mod:`.targets`)."""
         out = self.module(x)
-        if self.output is not None:
-            out = self.output(out)
+        return self.output(out) if self.output is not None else out
+
+    @property
+    def output_shape(self) -> tuple | None:
+        """One image's output shape from the dry run (``(K,)`` for a classifier,
+        ``(C, H, W)`` for a dense output); ``None`` when the output is not a tensor."""
+        return self._layer_index().output_shape
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the network on a prepared batch and return its scores (graph kept): class
+        scores N×K, a dense map N×C×H×W or boxes N×B×D; an error for anything else."""
+        out = self.run(x)
         if not isinstance(out, torch.Tensor):
             kind = type(out).__name__
             raise ValueError(
@@ -132,20 +147,30 @@ class Model:
                 "output=... to cw.Model to pick them, e.g. cw.Model(net, output=lambda out: out[0]) "
                 "for a tuple or output=lambda out: out['logits'] for a dict"
             )
-        if out.ndim != 2:
+        if out.ndim not in (2, 3, 4):
             raise ValueError(
                 f"the model returned a tensor of shape {tuple(out.shape)}; cnnwidgets needs class "
-                "scores of shape N×K (a classification network). Pass output=... to cw.Model to "
-                "reduce it, e.g. output=lambda out: out.flatten(1)"
+                "scores of shape N×K (a classification network), a dense map N×C×H×W or boxes "
+                "N×B×(4+K). Pass output=... to cw.Model to reduce it, e.g. "
+                "output=lambda out: out.flatten(1)"
             )
         return out
 
     def predict(self, image, k: int = 5) -> list[tuple[int, str, float]]:
-        """Top-``k`` classes as ``(index, label, probability)``."""
+        """Top-``k`` classes as ``(index, label, probability)``. For a dense output N×C×H×W the
+        "probability" is the share of output pixels where the class scores highest."""
         k = check_int(k, "k", 1, None, who="model.predict")
         x, _ = self.prepare(image)
         with restored(self.module), torch.no_grad():
-            probs = self.scores(x).softmax(-1)[0]
+            out = self.scores(x)
+        if out.ndim == 4:
+            top = out[0].argmax(0).reshape(-1)
+            probs = torch.bincount(top, minlength=out.shape[1]).to(out.dtype) / top.numel()
+        elif out.ndim == 2:
+            probs = out.softmax(-1)[0]
+        else:
+            raise ValueError("model.predict ranks classes of a classifier (N×K) or a dense "
+                             f"output (N×C×H×W); this model returns {tuple(out.shape)}")
         k = min(k, probs.numel())
         values, indices = probs.topk(k)
         return [(int(i), self.label(int(i)), float(v)) for v, i in zip(values, indices)]
@@ -161,7 +186,11 @@ class Model:
     def num_classes(self) -> int:
         if self._labels is not None:
             return len(self._labels)
-        return self._layer_index().num_classes
+        n = self._layer_index().num_classes
+        if n is None:
+            raise ValueError("the model's output is not class scores, so it has no number of "
+                             "classes; pass labels=... to cw.Model, or use a callable target")
+        return n
 
     def label(self, index: int) -> str:
         return label_of(self.labels, index)
@@ -178,8 +207,8 @@ class Model:
     def _layer_index(self) -> LayerIndex:
         """The layer index, from one dry forward pass on the first call."""
         if self._index is None:
-            self._index = LayerIndex.dry_run(self.module, self.scores, self.input_size,
-                                             self.device)
+            self._index = LayerIndex.dry_run(self.module, self.run, self.input_size,
+                                             self.device, check_dtype(self.module))
         return self._index
 
     def layer_info(self, name: str | None = None):
@@ -241,8 +270,36 @@ class Model:
         for n in names:
             self.check_layer(n)
         x, _ = self.prepare(image)
-        found = self.cache.outputs(self.module, x, names, self.scores)
+        found = self.cache.outputs(self.module, x, names, self.run)
         return found[layer] if isinstance(layer, str) else found
+
+
+class _Pick:
+    """``output="out"`` / ``output=0``: the item of a dict or tuple output."""
+
+    def __init__(self, key):
+        self.key = key
+
+    def __call__(self, out):
+        try:
+            return out[self.key]
+        except (KeyError, IndexError, TypeError) as exc:
+            keys = list(out.keys()) if isinstance(out, dict) else None
+            raise ValueError(f"cw.Model(output={self.key!r}): the model's output "
+                             f"({type(out).__name__}{f' with keys {keys}' if keys else ''}) "
+                             f"has no item {self.key!r}") from exc
+
+    def __repr__(self) -> str:
+        return f"output[{self.key!r}]"
+
+
+def pick(output):
+    """``cw.Model``'s ``output``: ``None``, a callable, or a key / index made a callable."""
+    if output is None or callable(output):
+        return output
+    if isinstance(output, (str, int)) and not isinstance(output, bool):
+        return _Pick(output)
+    raise TypeError(f"output must be a key ('out'), an index or a callable, not {type(output).__name__}")
 
 
 def check_dtype(module: nn.Module, who: str = "") -> torch.dtype:

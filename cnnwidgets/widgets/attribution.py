@@ -9,6 +9,8 @@ dropped. With ``evaluate`` on, every shown map also gets its deletion and insert
 """
 from __future__ import annotations
 
+import html
+
 import ipywidgets as widgets
 import traitlets
 
@@ -16,6 +18,7 @@ from ..engine.attribution import Cancelled, attribute, get_method, methods
 from ..engine.attribution.core import check_map_layer, default_layer
 from ..engine.metrics import deletion, insertion
 from ..engine.model import as_model
+from ..engine.targets import check as check_target, class_of, name_of, rectangle
 from ..render.attribution import COLORMAPS
 from .attribution_figures import MAX_PANELS, AttributionFigures
 from .base import KEEP, WidgetBase
@@ -96,7 +99,10 @@ def _attribute_all(model, image, names, *, target, layer, params, evaluate, canc
 class AttributionExplorer(WidgetBase):
     """Explore attribution maps of ``model`` on ``image``.
 
-    ``method``: the main method; ``target``: class index or label (``None`` = top-1);
+    ``method``: the main method; ``target``: class index or label (``None`` = top-1), or any
+    target ``cw.attribute`` takes (a list of classes, ``cw.targets.Region`` / ``Box``, a
+    callable), whose name is shown; for a dense output the *region* sliders and button pick a
+    rectangle of output pixels for the chosen class;
     ``layer``: layer for CAM methods (``""`` = the method's default); ``params``: the main
     method's parameters (defaults filled in); ``compare``: up to three more methods shown
     side by side (with their default parameters); ``alpha``, ``cmap``: overlay look;
@@ -183,6 +189,8 @@ class AttributionExplorer(WidgetBase):
                                             button_style="warning", disabled=True,
                                             layout=widgets.Layout(width="120px"))
         self.param_box = widgets.VBox()
+        self.target_label = widgets.HTML()
+        self.region_box = self._region_controls()
         self.bind(self.method_select, "method")
         self.bind(self.top_select, "target")
         self.bind(self.label_search, "target", to_trait=_search_target, to_control=lambda _: KEEP)
@@ -194,12 +202,43 @@ class AttributionExplorer(WidgetBase):
         self.bind(self.evaluate_check, "evaluate")
         self.cancel_button.on_click(self.guarded(lambda b: self.cancel(), clear=False))
         return widgets.VBox([
-            self.method_select, self.top_select, self.label_search, self.layer_select,
+            self.method_select, self.top_select, self.label_search, self.target_label,
+            self.region_box, self.layer_select,
             widgets.HTML("<b>parameters</b>"), self.param_box,
             widgets.HTML("<b>view</b>"), self.alpha_slider, self.cmap_select,
             self.compare_select, widgets.HTML("<b>evaluate</b>"), self.evaluate_check,
             self.cancel_button,
         ], layout=widgets.Layout(width="320px"))
+
+    def _region_controls(self) -> widgets.VBox:
+        """For a dense output (N×C×H×W): row and column ranges of output pixels and a button
+        that explains the chosen class over them (``cw.targets.Region``); empty otherwise."""
+        shape = self.model.output_shape
+        if shape is None or len(shape) != 3:
+            return widgets.VBox()
+        _, h, w = shape
+        layout = widgets.Layout(width="300px")
+        self.region_rows = widgets.IntRangeSlider(value=(0, h - 1), min=0, max=h - 1,
+                                                  description="rows", layout=layout)
+        self.region_cols = widgets.IntRangeSlider(value=(0, w - 1), min=0, max=w - 1,
+                                                  description="columns", layout=layout)
+        self.region_button = widgets.Button(description="explain this region",
+                                            tooltip="the class's scores summed over these "
+                                                    "output pixels")
+        self.region_button.on_click(self.guarded(lambda b: self.pick_region()))
+        return widgets.VBox([widgets.HTML("<b>region of the output</b>"), self.region_rows,
+                             self.region_cols, self.region_button])
+
+    def pick_region(self, rows=None, cols=None) -> None:
+        """Explain the current class over a rectangle of output pixels (the sliders' when
+        ``rows`` / ``cols`` are not given)."""
+        if rows is not None:
+            self.region_rows.value = tuple(rows)
+        if cols is not None:
+            self.region_cols.value = tuple(cols)
+        cls = class_of(self.model, self.target)
+        self.target = rectangle(self.model, self.top[0][0] if cls is None else cls,
+                                self.region_rows.value, self.region_cols.value)
 
     # ------------------------------------------------------------------ validation
     @traitlets.validate("method")
@@ -209,9 +248,7 @@ class AttributionExplorer(WidgetBase):
     @traitlets.validate("target")
     def _valid_target(self, proposal):
         value = proposal.value
-        if value is None:
-            return self.top[0][0]
-        return self.model.target_index(value)
+        return check_target(self.model, self.top[0][0] if value is None else value, self.image)
 
     @traitlets.validate("layer")
     def _valid_layer(self, proposal):
@@ -292,7 +329,8 @@ class AttributionExplorer(WidgetBase):
         names = [self.method] + [n for n in self.compare if n != self.method]
         target, layer, params = self.target, self.layer, dict(self.params)
         evaluate = self.evaluate
-        label = self.model.label(target)
+        label = name_of(self.model, target, self.image)
+        self.target_label.value = f"explaining: <b>{html.escape(label)}</b>"
         self.status.value = f"computing {', '.join(names)} for “{label}”…"
         self.cancel_button.disabled = False
 
@@ -322,7 +360,8 @@ class AttributionExplorer(WidgetBase):
                 self.figures.show_curves(curves)
             took = ", ".join(f"{r.method} {r.seconds:.2f} s" for r in results
                              if not isinstance(r, Exception))
-            self.status.value = f"“{label}” (class {target}): {took}"
+            which = f" (class {target})" if isinstance(target, int) else ""
+            self.status.value = f"“{label}”{which}: {took}"
 
         self.submit(work, done, background=self.background,
                     failed=lambda exc: setattr(self.cancel_button, "disabled", True))

@@ -7,6 +7,7 @@ import traitlets
 
 from ..engine.fixations import Fixations, fixations
 from ..engine.model import as_model
+from ..engine.targets import check as check_target, name_of
 from ..render.fixations import (
     draw_fixations,
     draw_heatmap,
@@ -26,12 +27,13 @@ class FixationExplorer(WidgetBase):
     class neuron down to the pixels and shows where the kept points lie on that layer's grid.
     Right: the heatmap (Gaussian blur of the points) with its ``sigma``.
 
-    State (traitlets, settable from code): ``target`` (class index), ``layer`` (a name of
+    State (traitlets, settable from code): ``target`` (class index, or any target
+    ``cw.fixations`` takes: a list of classes, ``cw.targets.Region``…), ``layer`` (a name of
     ``fixations.trace``), ``sigma`` (pixels; 0 = the default for the input size),
     ``outlier_removal``, ``show_box``. ``background=False`` computes in the calling thread.
     """
 
-    target = traitlets.Int()
+    target = traitlets.Any(-1)
     layer = traitlets.Unicode()
     sigma = traitlets.Float(0.0)
     outlier_removal = traitlets.Bool(True)
@@ -90,7 +92,7 @@ class FixationExplorer(WidgetBase):
 
         if sigma is not None:
             self.sigma = float(sigma)
-        first = top_ids[0] if target is None else model.target_index(target, image)
+        first = top_ids[0] if target is None else check_target(model, target, image)
         if first == self.target:  # the trait default equals the target: observe won't fire
             self._compute()
         else:
@@ -99,11 +101,14 @@ class FixationExplorer(WidgetBase):
     # ------------------------------------------------------------------ validation
     @traitlets.validate("target")
     def _valid_target(self, proposal):
-        value = int(proposal["value"])
-        if value not in self._valid_targets:
-            raise traitlets.TraitError(
-                f"target {value} is not a class of the model (0–{len(self.model.labels) - 1})")
-        return value
+        value = proposal["value"]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = int(value)
+            if value not in self._valid_targets:
+                raise traitlets.TraitError(
+                    f"target {value} is not a class of the model (0–{len(self.model.labels) - 1})")
+            return value
+        return check_target(self.model, value, self.image)
 
     @traitlets.validate("sigma")
     def _valid_sigma(self, proposal):
@@ -128,7 +133,8 @@ class FixationExplorer(WidgetBase):
         self._compute()
 
     def _compute(self):
-        self.status.value = f"<i>backtracking {self.model.label(self.target)!r}…</i>"
+        self.status.value = (f"<i>backtracking "
+                             f"{name_of(self.model, self.target, self.image)!r}…</i>")
         target = self.target
         self.submit(
             lambda cancel: fixations(self.model, self.image, target, **self.fixation_kwargs),
@@ -142,8 +148,9 @@ class FixationExplorer(WidgetBase):
         keep = self.layer if self.layer in result.trace else names[0]
         with self.quietly():
             self.layer_slider.max = len(names) - 1
+        which = f"class {result.target}, " if isinstance(result.target, int) else ""
         self.status.value = (
-            f"{result.label!r} (class {result.target}, p = {result.probability:.1%}): "
+            f"{result.label!r} ({which}p = {result.probability:.1%}): "
             f"{len(result.all_points)} pixels reached through {len(names) - 1} layers")
         if self.layer == keep:
             self._draw_layer()

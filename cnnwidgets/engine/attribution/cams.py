@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..relu_rules import relu_rule
-from .core import classifier_weights
+from .core import class_weights
 from .registry import Param, register
 
 CAM_BATCH = Param("batch_size", int, 32, (1, 1024), "masked or ablated copies per forward pass")
@@ -22,9 +22,9 @@ def weighted_sum(weights: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 @register("cam", kind="cam", layer=True, signed=False,
           help="Σ_k w_ck A_k with the final linear layer's weights (Zhou et al. 2016; GAP models)")
 def cam(ctx):
-    a, logits = ctx.layer_value()
-    ctx.base_score = float(logits[0, ctx.target])
-    w = classifier_weights(ctx.model, a.shape[1])[ctx.target]
+    a, out = ctx.layer_value()
+    w = class_weights(ctx, a.shape[1])
+    ctx.base_score = float(ctx.target.score(out)[0])
     raw = weighted_sum(w, a)  # no ReLU in the paper's definition
     return raw, raw.clamp(min=0)
 
@@ -80,8 +80,8 @@ def layer_cam(ctx):
 @register("eigen_cam", kind="cam", layer=True, signed=False,
           help="projection of the activations on their first principal component (Muhammad 2020)")
 def eigen_cam(ctx):
-    a, logits = ctx.layer_value()
-    ctx.base_score = float(logits[0, ctx.target])
+    a, out = ctx.layer_value()
+    ctx.base_score = float(ctx.target.score(out)[0])
     c, h, w = a.shape[1:]
     flat = a[0].reshape(c, h * w).T.double()  # hw × C
     flat = flat - flat.mean(dim=0)
@@ -117,8 +117,8 @@ def distinct_masks(a: torch.Tensor):
           kind="cam", layer=True,
           help="channels as input masks, weighted by the softmax of the masked scores (Wang 2020)")
 def score_cam(ctx, batch_size):
-    a, logits = ctx.layer_value()
-    ctx.base_score = float(logits[0, ctx.target])
+    a, out = ctx.layer_value()
+    ctx.base_score = float(ctx.target.score(out)[0])
     first, inverse = distinct_masks(a[0])  # each distinct mask is scored once
     # S_k = f(X ∘ s(Up(A_k))), s: min-max scaling to [0, 1]
     scores = ctx.masked_scores(a[0, first], batch_size, "score-cam")[inverse]
@@ -128,8 +128,8 @@ def score_cam(ctx, batch_size):
 @register("ablation_cam", params=[CAM_BATCH], kind="cam", layer=True,
           help="weights = relative score drop when each channel is zeroed (Desai & Ramaswamy 2020)")
 def ablation_cam(ctx, batch_size):
-    a, logits = ctx.layer_value()
-    y = logits[0, ctx.target]
+    a, out = ctx.layer_value()
+    y = ctx.target.score(out)[0]
     ctx.base_score = float(y)
     c = a.shape[1]
     drops = torch.empty(c, dtype=a.dtype, device=a.device)

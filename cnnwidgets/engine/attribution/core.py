@@ -26,10 +26,11 @@ from .. import fast
 from ..checks import check_progress
 from ..hooks import cancel_points, layer_not_found, resolve, restored, this_thread
 from ..memory import fit_batch
-from ..model import Model, as_model
+from ..model import Model, as_model, check_dtype
 from ..progress import PROGRESS_DELAY, Cancelled, check_cancel, is_cancelled
 from .registry import get_method
 from ..relu_rules import relu_rule
+from .. import targets as targets_
 
 
 
@@ -48,14 +49,17 @@ class Attribution:
     #: (3×H×W for gradient and occlusion methods, the h×w layer map for CAM methods, H×W for RISE)
     raw: np.ndarray
     method: str  #: registered method name
-    target: int  #: class index explained
+    #: what was explained: the class index for one class of a classifier (as before); else the
+    #: target as it can be passed again (a list of classes, a ``cw.targets.Region`` with its
+    #: mask, a ``cw.targets.Box``, the callable)
+    target: Any
     layer: str | None  #: layer read by a CAM method (``"name:input"`` = that module's input)
     params: dict = field(default_factory=dict)  #: every parameter value used, defaults included
-    label: str = ""  #: the target's class label
+    label: str = ""  #: the target's class label (or name, for other targets)
     image: np.ndarray | None = None  #: the display image H×W×3 in [0, 1] the map aligns with
     signed: bool = False  #: whether ``map`` has a sign
     fine: bool = False  #: whether ``map`` is pixel-level (reduced from an input-shaped raw)
-    score: float | None = None  #: the target's logit for the unperturbed input
+    score: float | None = None  #: the target's score (a logit) for the unperturbed input
     seconds: float = 0.0  #: wall-clock time of the computation
 
     def plot(self, ax=None, *, alpha: float = 0.5, cmap: str | None = None, title: bool = True):
@@ -80,7 +84,8 @@ class Attribution:
 class Context:
     """What a method gets: the input, target and layer, and the primitives it computes with.
 
-    * :meth:`logits` / :meth:`score`: the class scores / the target's score of a batch;
+    * :meth:`logits` / :meth:`score`: the model's output / the target's score of a batch
+      (``target.score(output)`` reads it off an output: :mod:`..targets`);
     * :meth:`input_grad`: the gradient of the score at the input (optionally with a ReLU rule);
     * :meth:`input_grad_sum`: the (weighted) sum of input gradients over many inputs;
     * :meth:`layer_value`, :meth:`layer_and_grad`, :meth:`tap`: a layer's activations, their
@@ -93,12 +98,18 @@ class Context:
 
     model: Model  #: the wrapped model
     x: torch.Tensor  #: 1×3×H×W prepared input on the model's device (no grad)
-    target: int  #: resolved class index
+    #: the resolved target (:class:`..targets.Resolved`; an int or label given here is
+    #: resolved); ``target.score(output)`` is its score per image, and for one class of a
+    #: classifier it indexes like the class index (``logits[:, ctx.target]``)
+    target: Any
     layer: str | None  #: resolved layer ("name" or "name:input") for layer methods
     method: str = ""  #: method name (for progress bars and errors)
     cancel: Any = None  #: ``threading.Event`` or callable returning True to stop
     progress: Any = None  #: True / False / None (auto) / callable(done, total)
     base_score: float | None = None  #: the target logit of ``x``, once computed
+
+    def __post_init__(self):
+        self.target = targets_.resolve(self.model, self.target)
 
     # ----------------------------------------------------------- running the model
     def check_cancel(self) -> None:
@@ -106,13 +117,14 @@ class Context:
         if is_cancelled(self.cancel):
             raise Cancelled(f"{self.method} was cancelled")
 
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class scores N×K of a prepared batch (graph kept when grad is enabled)."""
+    def logits(self, batch: torch.Tensor):
+        """The model's output for a prepared batch: class scores N×K, a dense map N×C×H×W…
+        (graph kept when grad is enabled)."""
         return fast.logits(self.model, batch)
 
     def score(self, batch: torch.Tensor) -> torch.Tensor:
-        """The target's logit for each image of the batch (N,)."""
-        return self.logits(batch)[:, self.target]
+        """The target's score for each image of the batch (N,)."""
+        return self.target.score(self.logits(batch))
 
     def input_grad(self, batch: torch.Tensor, rule: str | None = None):
         """``(∂score/∂batch, score)`` for a batch in one forward and one backward pass,
@@ -154,12 +166,12 @@ class Context:
             try:
                 with self.tap(replace=lambda t: values):
                     out = self.logits(self.x)
-            except RuntimeError:  # the network does not broadcast (x.view(1, -1), say)
+            except (RuntimeError, ValueError):  # it does not broadcast (x.view(1, -1), say)
                 out = None
-        if out is None or out.shape[0] != n:
+        if not isinstance(out, torch.Tensor) or out.shape[0] != n:
             with self.tap(replace=lambda t: values):
                 out = self.logits(self.x.expand(n, *self.x.shape[1:]))
-        return out[:, self.target]
+        return self.target.score(out)
 
     def batches(self, total: int, batch_size: int, desc: str | None = None) -> Iterator[tuple]:
         """``(start, stop)`` index pairs covering ``range(total)`` in equal chunks of at most
@@ -216,7 +228,7 @@ class Context:
         return a.detach(), g.detach(), s.detach()
 
     def layer_value(self, layer: str | None = None):
-        """``(A, logits)``: the layer's activations 1×C×h×w and the class scores, no grad."""
+        """``(A, output)``: the layer's activations 1×C×h×w and the model's output, no grad."""
         with torch.no_grad(), self.tap(layer) as box:
             logits = self.logits(self.x)
         return box["value"].detach(), logits
@@ -289,9 +301,10 @@ def default_layer(model: Model) -> str:
                 this_thread(lambda m, a, o: seen.__setitem__("last", o))))
             handles.append(resolve(model.module, pool).register_forward_pre_hook(
                 this_thread(lambda m, a: seen.__setitem__("pool", a[0] if a else None))))
-            x = torch.zeros(1, 3, *model.input_size, device=model.device)
+            x = torch.zeros(1, 3, *model.input_size, device=model.device,
+                            dtype=check_dtype(model.module))
             with restored(model.module), torch.no_grad():
-                model.scores(x)
+                model.run(x)
         finally:
             for h in handles:
                 h.remove()
@@ -320,6 +333,21 @@ def check_map_layer(model: Model, layer: str) -> str:
             f"C×h×w feature map; pick a feature-map layer, e.g. {', '.join(maps[-4:])} "
             "(model.layers() lists them all)")
     return layer
+
+
+def class_weights(ctx, channels: int) -> torch.Tensor:
+    """CAM's weights (C,) for the context's target: the final linear layer's rows of its
+    classes, summed; a clear error for a target that is not classes of a classifier."""
+    classes = ctx.target.classes
+    if classes is None:
+        from .registry import methods
+
+        others = [m for m in methods() if m != "cam"]
+        raise ValueError(
+            f"cam reads the final linear classifier's weights of a class, so it explains class "
+            f"scores only, not the target {ctx.target.name!r}; methods that explain any target: "
+            f"{', '.join(others)}")
+    return classifier_weights(ctx.model, channels)[list(classes)].sum(0)
 
 
 def classifier_weights(model: Model, channels: int) -> torch.Tensor:
@@ -396,7 +424,9 @@ def attribute(
 ) -> Attribution:
     """Explain ``model``'s score for ``target`` on ``image`` with an attribution ``method``.
 
-    ``target``: ``None`` (top-1), a class index or a label. ``layer``: for CAM methods (default:
+    ``target``: ``None`` (top-1), a class index or a label, a list of classes (their sum), a
+    ``cw.targets.Region`` / ``cw.targets.Box``, or a callable ``output -> one score per image``
+    (see :mod:`cnnwidgets.engine.targets`). ``layer``: for CAM methods (default:
     the last feature map, see :func:`default_layer`); ``"name:input"`` reads a module's input.
     ``params``: the method's own parameters (``cw.methods()`` lists methods;
     ``cnnwidgets.engine.attribution.get_method(name).params`` their specs).
@@ -421,13 +451,12 @@ def attribute(
         x, display = model.prepare(image)
         start = time.perf_counter()
         with input_only(model.module):
-            if target is None:
+            def output():
                 with torch.no_grad():
-                    logits = model.scores(x)
-                index = int(logits[0].argmax())
-            else:
-                index = model.target_index(target, image)
-            ctx = Context(model, x.detach(), index, layer_name, spec.name, cancel, progress)
+                    return model.run(x)
+
+            goal = targets_.resolve(model, target, output)
+            ctx = Context(model, x.detach(), goal, layer_name, spec.name, cancel, progress)
             out = spec.fn(ctx, **values)
     raw, heat = out if isinstance(out, tuple) else (out, None)
     raw = _as_tensor(raw)
@@ -440,10 +469,10 @@ def attribute(
         map=_to_map(heat, size, spec.signed, fine),
         raw=raw.numpy().astype(np.float32),
         method=spec.name,
-        target=index,
+        target=goal.index if goal.index is not None else goal.spec,
         layer=layer_name,
         params=values,
-        label=model.label(index),
+        label=goal.name,
         image=display,
         signed=spec.signed,
         fine=fine,

@@ -28,7 +28,7 @@ from .registry import Param, register
 def fixations_method(ctx, sigma, outlier_removal):
     """raw: the H×W mask of kept fixation points; map: their Gaussian-blurred heatmap."""
     fix = backtrack(ctx.model.module, ctx.x, ctx.target, outlier_removal=outlier_removal,
-                    output=ctx.model.output)
+                    output=ctx.model.output, model=ctx.model)
     h, w = fix.image_size
     heat = fix.heatmap(sigma * math.sqrt(h * w) / 224.0)
     return torch.from_numpy(fix.mask()), torch.from_numpy(heat)

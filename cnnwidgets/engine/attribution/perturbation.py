@@ -95,6 +95,8 @@ def rise_masks(n: int, size, cells: int, p: float, generator: torch.Generator) -
     ],
     kind="perturbation",
     help="average of random masks weighted by the class probability (Petsiuk et al. 2018)",
+    # (for a dense output: the class's mean probability over the region; boxes and callable
+    # targets: their score — see targets.Resolved.probability)
 )
 def rise(ctx, n_masks, cells, p, baseline, batch_size, seed):
     x = ctx.x
@@ -107,6 +109,6 @@ def rise(ctx, n_masks, cells, p, baseline, batch_size, seed):
         ctx.base_score = float(ctx.score(x)[0])
         for lo, hi in ctx.batches(n_masks, batch_size, "rise"):
             masks = masks_from(grid[lo:hi], dy[lo:hi], dx[lo:hi], size).to(x.device)[:, None]
-            probs = ctx.logits(base + masks * (x - base)).softmax(-1)[:, ctx.target]
+            probs = ctx.target.probability(ctx.logits(base + masks * (x - base)))
             total += torch.einsum("n,nhw->hw", probs, masks[:, 0])
     return total / (n_masks * p)

@@ -13,7 +13,8 @@ Registering a method from outside this package is a one-liner::
               kind="other", help="what it shows")
     def my_method(ctx, sigma):
         # ctx is a cnnwidgets.engine.attribution.core.Context: ctx.model, ctx.x (1×3×H×W),
-        # ctx.target (int), ctx.layer, ctx.score(batch), ctx.batches(...), ctx.check_cancel()
+        # ctx.target (the resolved target: ctx.target.score(output); indexes like the class
+        # index for one class), ctx.layer, ctx.score(batch), ctx.batches(...), ctx.check_cancel()
         return raw                      # or (raw, heat): see core.Context / core.Output
 
 after which ``cw.methods()`` lists it and ``cw.attribute(model, image, "my_method")`` runs it.

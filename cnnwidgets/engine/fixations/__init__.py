@@ -82,6 +82,13 @@ Extensions the authors did not cover, made here (each also noted at its rule):
   to the element it was read from.
 * **several outputs**: a model returning a tuple or dict is backtracked from the scores
   ``cw.Model(output=...)`` picks (without it, from a tuple's first element).
+* **targets beyond one class** (:mod:`..targets`): the backtrack starts from every output
+  neuron the target's score reads — several classes, a ``Region``'s pixels of a dense output,
+  a ``Box``'s score, or for a callable the neurons its gradient reaches — and carries their
+  union down, as the authors' rules do for the kept neurons of any layer.
+* **resizing** (``F.interpolate``, ``nn.Upsample``: segmentation heads, ASPP's pooled branch):
+  each point moves, in its channel, to the input pixel it reads most from (the one it copies
+  in ``nearest`` mode, the largest interpolation weight in the linear modes).
 """
 from __future__ import annotations
 
@@ -113,7 +120,11 @@ def fixations(
     position: str = "auto",
     progress: bool = False,
 ) -> Fixations:
-    """CNN Fixations of ``image`` for class ``target`` (None: the top-1 prediction).
+    """CNN Fixations of ``image`` for ``target`` (None: the top-1 prediction).
+
+    ``target``: a class index or label, a list of classes, a ``cw.targets.Region`` (a dense
+    output's class over a mask of output pixels), a ``cw.targets.Box`` or a callable on a tensor
+    output (:mod:`..targets`): the backtrack starts from every output neuron its score reads.
 
     ``model`` is a ``cw.Model`` (or a bare ``nn.Module``, wrapped with ImageNet defaults).
     Returns a :class:`Fixations` with the input points, the per-layer trace (output → input),
@@ -132,11 +143,9 @@ def fixations(
     outlier_removal = check_bool(outlier_removal, "outlier_removal", who="cw.fixations")
     progress = check_progress(progress, who="cw.fixations")
     x, _ = model.prepare(image)
-    tgt = None if target is None else model.target_index(target)
-    result = backtrack(model.module, x, tgt, position=position, leaf_modules=leaf_modules,
-                       progress=progress, outlier_removal=outlier_removal, output=model.output)
-    result.label = model.label(result.target)
-    return result
+    return backtrack(model.module, x, target, position=position, leaf_modules=leaf_modules,
+                     progress=progress, outlier_removal=outlier_removal, output=model.output,
+                     model=model)
 
 
 def fixation_attribution(model, image, target=None, layer=None, sigma=None,

@@ -28,12 +28,13 @@ class Fixations:
     trace: "OrderedDict[str, np.ndarray]"
     #: layer name → one sample's output shape (C, h, w) (vectors: (F, 1, 1))
     shapes: dict
-    #: class index the backtrack started from, and its label
-    target: int
+    #: class index the backtrack started from (or the target as it can be passed again: a
+    #: list of classes, a ``cw.targets.Region`` with its mask, a ``Box``), and its label
+    target: object
     label: str
     #: (H, W) of the network input, = ``model.prepare(image)[1].shape[:2]``
     image_size: tuple
-    #: the target's logit and softmax probability in the forward pass
+    #: the target's score (a logit) and probability in the forward pass (:mod:`..targets`)
     score: float = float("nan")
     probability: float = float("nan")
     #: whether ``points``, ``heatmap`` and ``box`` use outlier removal

@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 
 from ..hooks import restored
+from ..targets import Resolved, resolve
 from .graph import run_graph, trace_graph
 from .points import flat_to_chw, shape3
 from .registry import UnsupportedOperationError, describe, rule_for
@@ -61,7 +62,8 @@ class PointWalk:
         return UnsupportedOperationError(
             f"CNN Fixations has no backtracking rule for {describe(node)} (graph node "
             f"{node.name!r}){': ' + why if why else ''}. Supported: linear, Conv2d, max/average/"
-            "adaptive pooling, mean over spatial dims, flatten/view/reshape, permute/transpose, add, "
+            "adaptive pooling, mean over spatial dims, resizing (interpolate, upsample), "
+            "flatten/view/reshape, permute/transpose, add, "
             "multiply by a gate, cat, padding, batch/layer norm, dropout, LRN and elementwise "
             "activations"
         )
@@ -156,9 +158,16 @@ def backtrack(
     progress: bool = False,
     outlier_removal: bool = True,
     output=None,
+    model=None,
 ) -> Fixations:
     """CNN Fixations of a prepared input ``x`` (1×C×H×W, or 1×F for a vector network) for the
     class index ``target`` (None: the top-1 score); the engine behind :func:`fixations`.
+
+    With ``model`` (the ``cw.Model`` of ``module``) or a resolved ``target``
+    (:class:`..targets.Resolved`), ``target`` is anything :func:`..targets.resolve` takes, and
+    the backtrack starts from every output neuron the target's score reads (a region's pixels,
+    several classes, a box's score; for a callable, the neurons its gradient reaches): the union
+    rule, as for the kept neurons of any layer.
 
     ``output``: the callable that picks the class scores out of what the module returns (a
     ``cw.Model``'s ``output``, e.g. ``lambda out: out["logits"]``); ``None``: the module's
@@ -176,14 +185,24 @@ def backtrack(
         values, out = run_graph(graph, module, x)
     logits_node = _scores_node(graph, values, out, output)
     logits = values[logits_node]
-    if logits.dim() != 2:
-        raise ValueError(f"the model returned scores of shape {tuple(logits.shape)}, not N×K")
-    tgt = int(logits[0].argmax()) if target is None else int(target)
-    if not 0 <= tgt < logits.shape[1]:
-        raise ValueError(f"target {tgt} is out of range for {logits.shape[1]} classes")
+    if model is not None or isinstance(target, Resolved):
+        goal = target if isinstance(target, Resolved) else resolve(model, target, lambda: logits)
+        seeds = torch.unique(goal.neurons(logits))
+        tgt = goal.index if goal.index is not None else goal.spec
+        label, score = goal.name, float(goal.score(logits)[0])
+        probability = float(goal.probability(logits)[0])
+    else:
+        if logits.dim() != 2:
+            raise ValueError(f"the model returned scores of shape {tuple(logits.shape)}, not N×K")
+        tgt = int(logits[0].argmax()) if target is None else int(target)
+        if not 0 <= tgt < logits.shape[1]:
+            raise ValueError(f"target {tgt} is out of range for {logits.shape[1]} classes")
+        seeds = torch.tensor([tgt], device=logits.device)
+        label, score = f"class {tgt}", float(logits[0, tgt])
+        probability = float(logits[0].float().softmax(-1)[tgt])
 
     walk = PointWalk(graph, module, values, position)
-    walk.points[logits_node] = torch.tensor([tgt], device=logits.device)
+    walk.points[logits_node] = seeds
     trace, shapes, input_idx = walk.walk_back(logits_node, progress)
     h, w = x.shape[-2:] if x.dim() == 4 else (1, 1)
     if input_idx is None:
@@ -191,17 +210,16 @@ def backtrack(
     else:
         _, i, j = flat_to_chw(input_idx, shape3(x))
         pts = torch.unique(torch.stack([i, j], 1), dim=0).cpu().numpy().astype(np.int64)
-    probs = logits[0].float().softmax(-1)
     return Fixations(
         all_points=pts,
         keep=outlier_mask(pts, (h, w)),
         trace=trace,
         shapes=shapes,
         target=tgt,
-        label=f"class {tgt}",
+        label=label,
         image_size=(int(h), int(w)),
-        score=float(logits[0, tgt]),
-        probability=float(probs[tgt]),
+        score=score,
+        probability=probability,
         outlier_removal=bool(outlier_removal),
     )
 
