@@ -126,13 +126,15 @@ def capture(
     grads: bool = False,
     keep_graph: bool = False,
     replace: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
+    store: bool = True,
 ):
     """Record the named layers' outputs (and optionally inputs and output gradients).
 
     ``keep_graph=True`` stores the outputs attached to the autograd graph (for methods that
     differentiate with respect to them); otherwise a detached clone is stored, safe from later
     in-place operations. ``replace(name, output)`` may return a tensor that replaces the
-    layer's output in the forward pass (for ablation and masking methods).
+    layer's output in the forward pass (for ablation and masking methods). ``store=False``
+    records no outputs (a replacement that lasts many passes: ``cw.ablate``).
     """
     record = Captured()
     handles = []
@@ -152,7 +154,7 @@ def capture(
                     if new is not None:
                         output = new if isinstance(output, torch.Tensor) else output
                         out = new
-                if out is not None:
+                if out is not None and store:
                     record.outputs[name] = out if keep_graph else out.detach().clone()
                     if grads and out.requires_grad:
 
