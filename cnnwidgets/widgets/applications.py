@@ -419,7 +419,7 @@ class PruningExplorer(WidgetBase):
             self._compute(curves=False)
 
     def _concept_clicked(self, change):
-        if change["new"]:
+        if change["new"] and not self._showing:  # not when the list is being refilled
             self.criterion = change["new"]
 
     def _compute(self, curves: bool):
