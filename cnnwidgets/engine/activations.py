@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .cache import TensorCache, weights_state
-from .hooks import capture, hooked, restored
+from .hooks import capture, replacing, restored
 
 
 def input_key(x: torch.Tensor) -> str:
@@ -35,10 +35,10 @@ class ActivationCache(TensorCache):
         """``{name: output}`` for the input ``x`` (1×3×H×W); the layers not cached are captured
         in one pass of ``forward`` (the network, run on ``x``).
 
-        While a hook that fires on this thread is on the network (``cw.ablate``, a user's
-        hook) the cache is neither read nor written: the hook may change what the layers
-        output, and the cache's key cannot see it."""
-        if hooked(module):
+        While ``cw.ablate`` switches units off on this thread (:func:`~.hooks.replacing`) the
+        cache is neither read nor written: the layers then output what the weights do not
+        say, and the cache's key cannot see it."""
+        if replacing(module):
             with restored(module), torch.no_grad(), capture(module, names) as rec:
                 forward(x)
             return {n: self._taken(rec, n) for n in names}

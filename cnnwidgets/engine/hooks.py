@@ -101,6 +101,16 @@ def hooked(module: nn.Module) -> bool:
                (getattr(m, name, None) for name in HOOK_DICTS) if d)
 
 
+def replacing(module: nn.Module) -> bool:
+    """Whether a :func:`capture` that replaces layer outputs (``cw.ablate``) is active on this
+    thread on ``module`` or a module inside it: the network then computes another function
+    than its weights say, and results cached by weights (the activation cache) must not be
+    read or written."""
+    me = threading.get_ident()
+    return any(getattr(h, "cw_replaces", False) and getattr(h, "cw_thread", None) == me
+               for m in module.modules() for h in m._forward_hooks.values())
+
+
 def _first_tensor(value):
     if isinstance(value, torch.Tensor):
         return value
@@ -166,7 +176,9 @@ def capture(
                     return output
                 return None
 
-            handles.append(layer.register_forward_hook(this_thread(hook)))
+            bound = this_thread(hook)
+            bound.cw_replaces = replace is not None  # read by replacing()
+            handles.append(layer.register_forward_hook(bound))
         yield record
     finally:
         for h in handles:

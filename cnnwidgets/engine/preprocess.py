@@ -105,7 +105,7 @@ class Preprocess:
                 f"that size; this model's input is {self.input_size}. Pass the original image "
                 "(it is resized and cropped as the model expects)")
         pixels = pixels.detach().to("cpu", torch.float32)
-        display = pixels.permute(1, 2, 0).contiguous().numpy()
+        display = pixels.permute(1, 2, 0).numpy().copy()  # never a view of the caller's array
         return self.normalize(pixels[None]), display
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
