@@ -143,7 +143,7 @@ def attack(model, image, method: str = "fgsm", epsilon: float = 4 / 255, steps: 
                     loss = sign * F.cross_entropy(model.scores(model.normalize(adv)), label)
                     bar.check()  # a stop asked during the forward pass skips the backward
                     (grad,) = torch.autograd.grad(loss, adv)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 adv = adv.detach() + alpha * grad.sign()
                 if method == "pgd":
                     adv = x01 + (adv - x01).clamp(-epsilon, epsilon)
