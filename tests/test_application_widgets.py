@@ -106,6 +106,8 @@ def test_pruning_explorer_reacts_to_its_controls(model, dissection):
     lines = w._curve_art["lines"]
     np.testing.assert_allclose(lines["weight_l1"].get_ydata(),
                                w.curves[("conv2", "weight_l1")].agreement)
+    np.testing.assert_allclose(w._curve_art["drops"]["weight_l1"].get_ydata(),
+                               w.curves[("conv2", "weight_l1")].prob_drop)
     assert "3 units off" in w._panels[1]["title"].get_text()  # round(0.25 · 12)
     w.fraction_slider.value = 1.0
     assert "12 units off" in w._panels[1]["title"].get_text()

@@ -106,37 +106,42 @@ def update_channels(artists: dict, mosaic, title: str | None = None) -> None:
 
 
 def draw_prune_curves(ax) -> dict:
-    """Agreement with the intact network against the fraction of units off, one line per
-    criterion, and a vertical line at the chosen fraction."""
+    """Against the fraction of units off, one colour per criterion: the top-1 agreement with
+    the intact network (solid) and the mean drop of its class's probability (dashed); a
+    vertical line at the chosen fraction."""
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("fraction of the layer's units switched off", fontsize=8)
-    ax.set_ylabel("top-1 agreement with the intact network", fontsize=8)
+    ax.set_ylabel("agreement (solid), probability drop (dashed)", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     cursor = ax.axvline(0.0, color="black", lw=1, ls="--")
-    return {"ax": ax, "lines": {}, "cursor": cursor, "legend": None}
+    return {"ax": ax, "lines": {}, "drops": {}, "cursor": cursor, "legend": None}
 
 
 def update_prune_curves(artists: dict, curves, fraction: float | None = None,
                         highlight: str | None = None, title: str | None = None) -> None:
-    """``curves``: ``(name, fractions, agreement)`` per criterion; lines are made once per name
-    and updated after; names no longer given are hidden."""
-    ax, lines = artists["ax"], artists["lines"]
+    """``curves``: ``(name, fractions, agreement, drop)`` per criterion; lines are made once
+    per name and updated after; names no longer given are hidden."""
+    ax, lines, drops = artists["ax"], artists["lines"], artists["drops"]
     names = []
-    for i, (name, fractions, agreement) in enumerate(curves):
+    for name, fractions, agreement, drop in curves:
         names.append(name)
         if name not in lines:
-            (lines[name],) = ax.plot([], [], "-o", ms=3, lw=1.2, label=name,
-                                     color=CRITERION_COLORS[len(lines) % len(CRITERION_COLORS)])
-        lines[name].set_data(np.asarray(fractions, float), np.asarray(agreement, float))
+            color = CRITERION_COLORS[len(lines) % len(CRITERION_COLORS)]
+            (lines[name],) = ax.plot([], [], "-o", ms=3, lw=1.2, label=name, color=color)
+            (drops[name],) = ax.plot([], [], "--", lw=1.0, color=color)
+        x = np.asarray(fractions, float)
+        lines[name].set_data(x, np.asarray(agreement, float))
+        drops[name].set_data(x, np.asarray(drop, float))
     for name, line in lines.items():
-        line.set_visible(name in names)
-        line.set_linewidth(2.6 if name == highlight else 1.2)
+        for art in (line, drops[name]):
+            art.set_visible(name in names)
+            art.set_linewidth(2.6 if name == highlight else 1.2)
     shown = [lines[n] for n in names]
     if artists["legend"] is not None:
         artists["legend"].remove()
-    artists["legend"] = ax.legend(shown, names, fontsize=7, loc="lower left") if shown else None
+    artists["legend"] = ax.legend(shown, names, fontsize=7, loc="center right") if shown else None
     if fraction is not None:
         artists["cursor"].set_xdata([fraction, fraction])
     if title is not None:

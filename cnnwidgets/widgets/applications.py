@@ -268,7 +268,8 @@ class PruningExplorer(WidgetBase):
 
     Left: for every criterion (weight L1, mean activation, random — and, with a
     ``dissection``, the chosen concept), how often the top-1 class of ``images`` is still the
-    intact network's as a growing fraction of the layer's units is off. Right: the chosen
+    intact network's (solid) and how much that class's probability drops (dashed) as a
+    growing fraction of the layer's units is off. Right: the chosen
     image's Grad-CAM and prediction, intact and with ``fraction`` of the units off by
     ``criterion``. With a dissection, a list of the layer's concepts (with their detector
     counts): click one to switch its detectors off first.
@@ -454,8 +455,8 @@ class PruningExplorer(WidgetBase):
     # ------------------------------------------------------------------ drawing
     def _show(self, out):
         layer = out["layer"]
-        shown = [(name, c.fractions, c.agreement) for (lay, name), c in self.curves.items()
-                 if lay == layer]
+        shown = [(name, c.fractions, c.agreement, c.prob_drop)
+                 for (lay, name), c in self.curves.items() if lay == layer]
         curve = self.curves[(layer, out["criterion"])]
         draw.update_prune_curves(self._curve_art, shown, out["fraction"], out["criterion"],
                                  title=f"{layer}: {curve.n_images} images, {curve.channels} units")
@@ -464,13 +465,7 @@ class PruningExplorer(WidgetBase):
             update_attribution(art, a.map, a.image, signed=a.signed, fine=a.fine,
                                title=f"{name}: {pred[0][1][:22]} {pred[0][2]:.0%}")
         self.status.value = (f"{len(out['off'])} of {curve.channels} units of {layer} off by "
-                             f"{curve.how}; the top-1 agrees on "
-                             f"{_at(curve, out['fraction']):.0%} of the images at the nearest "
-                             "measured fraction")
+                             f"{curve.how} ({curve.n_images} images, {curve.seconds:.1f} s per "
+                             "curve)")
         self.canvas.draw_idle()
 
-
-def _at(curve, fraction):
-    """The agreement at the measured fraction nearest ``fraction`` (no maths: a lookup)."""
-    nearest = min(range(len(curve.fractions)), key=lambda i: abs(curve.fractions[i] - fraction))
-    return curve.agreement[nearest]
