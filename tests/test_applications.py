@@ -412,3 +412,34 @@ def test_prune_curve_restores_the_model_and_cancels():
         cw.prune_curve(model, [colour(1, 0, 1)], "conv", "random", [0.5, 1], cancel=lambda: True)
     assert_same_state(net, before)
     assert hook_count(net) == hooks
+
+
+def test_methods_inside_an_ablation_see_the_ablated_network(tiny):
+    """With both conv channels off, every class score is 0 whatever the input: the saliency is
+    zero inside the block (the fast paths step aside) and not after it."""
+    img = np.random.default_rng(2).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    with cw.ablate(tiny, {"conv": [0, 1]}):
+        inside = cw.attribute(tiny, img, "saliency", target=0)
+        assert [p for _, _, p in tiny.predict(img, k=3)] == pytest.approx([1 / 3] * 3)
+    after = cw.attribute(tiny, img, "saliency", target=0)
+    assert np.abs(inside.raw).max() == 0 and np.abs(after.raw).max() > 0
+
+
+def test_an_ablation_holds_for_its_own_thread_only(tiny):
+    img = np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    x, _ = tiny.prepare(img)
+    seen = {}
+
+    def other():
+        with torch.no_grad():
+            seen["other"] = tiny.module(x)
+
+    with cw.ablate(tiny, {"conv": [0, 1]}), torch.no_grad():
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        seen["own"] = tiny.module(x)
+    with torch.no_grad():
+        intact = tiny.module(x)
+    assert torch.equal(seen["own"], torch.zeros_like(intact))
+    assert torch.equal(seen["other"], intact)
