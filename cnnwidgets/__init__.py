@@ -8,6 +8,14 @@ from importlib import import_module
 
 from . import datasets, metrics
 from .engine import (
+    Adversarial,
+    Drift,
+    Pixels,
+    PruneCurve,
+    ablate,
+    attack,
+    layer_drift,
+    prune_curve,
     DissectionResult,
     Fixations,
     LayerNotFoundError,
@@ -35,6 +43,8 @@ _LAZY = {
     "FeatureVisualizer": "cnnwidgets.widgets.optvis",
     "InversionExplorer": "cnnwidgets.widgets.optvis",
     "Explorer": "cnnwidgets.widgets.explorer",
+    "AttackExplorer": "cnnwidgets.widgets.applications",
+    "PruningExplorer": "cnnwidgets.widgets.applications",
 }
 
 
@@ -49,6 +59,8 @@ def __dir__():
 
 
 __all__ = [
+    "Adversarial", "Drift", "Pixels", "PruneCurve", "ablate", "attack", "layer_drift",
+    "prune_curve",
     "Attribution", "Cancelled", "DissectionResult", "Fixations", "LayerNotFoundError", "Model",
     "Visualization", "attribute", "available_models", "datasets", "deconv", "dissect",
     "fixations", "invert", "load_image", "load_model", "methods", "metrics", "objectives", "sample_image",

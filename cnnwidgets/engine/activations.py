@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .cache import TensorCache, weights_state
-from .hooks import capture, restored
+from .hooks import capture, replacing, restored
 
 
 def input_key(x: torch.Tensor) -> str:
@@ -33,7 +33,15 @@ class ActivationCache(TensorCache):
     def outputs(self, module: nn.Module, x: torch.Tensor, names: list[str],
                 forward: Callable[[torch.Tensor], object]) -> dict[str, torch.Tensor]:
         """``{name: output}`` for the input ``x`` (1×3×H×W); the layers not cached are captured
-        in one pass of ``forward`` (the network, run on ``x``)."""
+        in one pass of ``forward`` (the network, run on ``x``).
+
+        While ``cw.ablate`` switches units off on this thread (:func:`~.hooks.replacing`) the
+        cache is neither read nor written: the layers then output what the weights do not
+        say, and the cache's key cannot see it."""
+        if replacing(module):
+            with restored(module), torch.no_grad(), capture(module, names) as rec:
+                forward(x)
+            return {n: self._taken(rec, n) for n in names}
         key = (input_key(x), hash(weights_state(*module.modules())))
         found = {n: self.get((key, n)) for n in names}
         missing = [n for n, v in found.items() if v is None]
@@ -41,12 +49,15 @@ class ActivationCache(TensorCache):
             with restored(module), torch.no_grad(), capture(module, missing) as rec:
                 forward(x)
             for n in missing:
-                if n not in rec.outputs:
-                    raise ValueError(f"layer {n!r} did not produce a tensor output")
-                value = rec.outputs[n][0].to("cpu")
-                self.put((key, n), value)
-                found[n] = value
+                found[n] = self._taken(rec, n)
+                self.put((key, n), found[n])
         return found
+
+    @staticmethod
+    def _taken(rec, name: str) -> torch.Tensor:
+        if name not in rec.outputs:
+            raise ValueError(f"layer {name!r} did not produce a tensor output")
+        return rec.outputs[name][0].to("cpu")
 
     def fitting(self, sizes: Iterable[tuple[str, int]], max_bytes: int | None = None) -> list[str]:
         """The names of ``(name, bytes)`` pairs taken in order while their total stays within

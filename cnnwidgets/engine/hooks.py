@@ -159,6 +159,16 @@ def cancel_points(cancel, what: str):
         _running.cancel = outer
 
 
+def replacing(module: nn.Module) -> bool:
+    """Whether a :func:`capture` that replaces layer outputs (``cw.ablate``) is active on this
+    thread on ``module`` or a module inside it: the network then computes another function
+    than its weights say, and results cached by weights (the activation cache) must not be
+    read or written."""
+    me = threading.get_ident()
+    return any(getattr(h, "cw_replaces", False) and getattr(h, "cw_thread", None) == me
+               for m in module.modules() for h in m._forward_hooks.values())
+
+
 def _first_tensor(value):
     if isinstance(value, torch.Tensor):
         return value
@@ -184,13 +194,15 @@ def capture(
     grads: bool = False,
     keep_graph: bool = False,
     replace: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
+    store: bool = True,
 ):
     """Record the named layers' outputs (and optionally inputs and output gradients).
 
     ``keep_graph=True`` stores the outputs attached to the autograd graph (for methods that
     differentiate with respect to them); otherwise a detached clone is stored, safe from later
     in-place operations. ``replace(name, output)`` may return a tensor that replaces the
-    layer's output in the forward pass (for ablation and masking methods).
+    layer's output in the forward pass (for ablation and masking methods). ``store=False``
+    records no outputs (a replacement that lasts many passes: ``cw.ablate``).
     """
     record = Captured()
     handles = []
@@ -210,7 +222,7 @@ def capture(
                     if new is not None:
                         output = new if isinstance(output, torch.Tensor) else output
                         out = new
-                if out is not None:
+                if out is not None and store:
                     record.outputs[name] = out if keep_graph else out.detach().clone()
                     if grads and out.requires_grad:
 
@@ -222,7 +234,9 @@ def capture(
                     return output
                 return None
 
-            handles.append(layer.register_forward_hook(this_thread(hook)))
+            bound = this_thread(hook)
+            bound.cw_replaces = replace is not None  # read by replacing()
+            handles.append(layer.register_forward_hook(bound))
         yield record
     finally:
         for h in handles:

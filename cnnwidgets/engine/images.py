@@ -75,6 +75,35 @@ def sample_image(name: str = "cat") -> Image.Image:
     return load_image(array)
 
 
+def sample_variants(n: int = 200, seed: int = 0, names=None) -> list[Image.Image]:
+    """``n`` offline photos for measurements over many images (``cw.prune_curve``): the
+    sample photos (``names``, default all of them) in turn, each with a seeded random crop
+    (60–100% of each side), a horizontal flip half of the time, and brightness, contrast and
+    saturation changed by up to ±25%. The same ``seed`` gives the same images."""
+    from PIL import ImageEnhance
+
+    from .checks import check_int
+
+    n = check_int(n, "n", 1, 100_000, who="sample_variants")
+    seed = check_int(seed, "seed", 0, 2**32 - 1, who="sample_variants")
+    names = sample_images() if names is None else [str(v) for v in names]
+    photos = [sample_image(name) for name in names]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        cw_, ch = (max(MIN_SIDE, int(round(d * rng.uniform(0.6, 1.0)))) for d in (w, h))
+        x0, y0 = int(rng.integers(0, w - cw_ + 1)), int(rng.integers(0, h - ch + 1))
+        image = photo.crop((x0, y0, x0 + cw_, y0 + ch))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            image = enhance(image).enhance(float(rng.uniform(0.75, 1.25)))
+        out.append(image)
+    return out
+
+
 def load_image(source) -> Image.Image:
     """Load ``source`` as an 8-bit RGB ``PIL.Image``.
 

@@ -23,6 +23,32 @@ def _triple(values, name: str, low, who: str) -> tuple[float, float, float]:
     return tuple(check_float(v, name, low, None, low_open=True, who=who) for v in values)
 
 
+class Pixels:
+    """An image that is already the crop a network sees: ``values`` 3×H×W, floats in [0, 1]
+    (``torch.Tensor``, or an H×W×3 / 3×H×W numpy array). Passed as an ``image`` argument, it
+    reaches the network exactly — not resized, not rounded to 8 bits — only normalised, so a
+    computed image (an adversarial example, a reconstruction) is explained as it was made.
+    Its size must be the model's ``input_size``."""
+
+    def __init__(self, values):
+        t = torch.as_tensor(np.asarray(values) if not isinstance(values, torch.Tensor) else values)
+        if t.ndim == 3 and t.shape[-1] == 3 and t.shape[0] != 3:
+            t = t.permute(2, 0, 1)
+        if t.ndim != 3 or t.shape[0] != 3 or not t.is_floating_point():
+            raise ValueError("cw.Pixels needs float pixels 3×H×W or H×W×3, "
+                             f"not {t.dtype} of shape {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()) or float(t.min()) < 0 or float(t.max()) > 1:
+            raise ValueError("cw.Pixels needs values in [0, 1] (model.denormalize(x) undoes a "
+                             "network input's normalisation)")
+        self.values = t.detach().to("cpu", torch.float32).contiguous()
+
+    def __cw_pixels__(self) -> torch.Tensor:
+        return self.values
+
+    def __repr__(self) -> str:
+        return f"cw.Pixels({tuple(self.values.shape)})"
+
+
 class Preprocess:
     """A model's preprocessing (see :class:`~cnnwidgets.engine.model.Model` for the arguments):
     ``transform`` when given, else resize so that the shorter side is ``input_size / crop``,
@@ -47,7 +73,12 @@ class Preprocess:
 
     def prepare(self, image) -> tuple[torch.Tensor, np.ndarray]:
         """``(tensor 1×3×H×W, display image H×W×3 float in [0, 1])``; the display image is the
-        crop the network sees, so overlays line up."""
+        crop the network sees, so overlays line up. An object with ``__cw_pixels__``
+        (:class:`Pixels`, ``cw.Adversarial``) is taken exactly as it is: its pixels are already
+        that crop, so they are neither resized nor rounded to 8 bits, only normalised."""
+        exact = getattr(type(image), "__cw_pixels__", None)
+        if exact is not None:
+            return self._exact(exact(image))
         pil = load_image(image)
         crop = self._crop(pil)
         display = np.asarray(crop, dtype=np.float32) / 255.0
@@ -63,6 +94,19 @@ class Preprocess:
             display = np.asarray(crop.resize((w, h), Image.Resampling.BILINEAR),
                                  dtype=np.float32) / 255.0
         return tensor, display
+
+    def _exact(self, pixels) -> tuple[torch.Tensor, np.ndarray]:
+        """The network input of pixels that are already the crop it sees (3×H×W in [0, 1])."""
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 3 or pixels.shape[0] != 3:
+            raise ValueError("__cw_pixels__ must return a 3×H×W float tensor in [0, 1]")
+        if tuple(pixels.shape[1:]) != self.input_size:
+            raise ValueError(
+                f"these pixels are {tuple(pixels.shape[1:])}, made for a network whose input is "
+                f"that size; this model's input is {self.input_size}. Pass the original image "
+                "(it is resized and cropped as the model expects)")
+        pixels = pixels.detach().to("cpu", torch.float32)
+        display = pixels.permute(1, 2, 0).numpy().copy()  # never a view of the caller's array
+        return self.normalize(pixels[None]), display
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

@@ -96,6 +96,14 @@ CASES = [
     # method dropdown must change them
     Case("explorer", "Explorer", "w = cw.Explorer(model, image)", prepare=(("tab", 1),),
          control=("select", 0, "next"), timeout=120),
+    # the attack menu: FGSM → PGD redraws the adversarial image, maps, fixations and drift
+    Case("attack", "AttackExplorer", "w = cw.AttackExplorer(model, image)",
+         control=("select", 0, "next"), timeout=150),
+    # the layer menu: the curves of the next layer and the image with its units off
+    Case("pruning", "PruningExplorer",
+         "w = cw.PruningExplorer(model, cw.datasets.sample_variants(4), "
+         "layers=['_blocks.4._bn0', '_blocks.10._bn0'], fractions=(0, 0.5, 1))",
+         control=("select", 0, "next"), timeout=150),
 ]
 
 # The break used by the detector test (and by CNNWIDGETS_BROWSER_BREAK=1): every ipympl canvas
