@@ -21,7 +21,9 @@ from .engine import (
     sample_images,
 )
 from .engine.attribution import Attribution, Cancelled, attribute, methods
+from .engine.compare import Comparison, compare
 from .engine.optvis import Visualization, deconv, invert, objectives, visualize
+from .engine.training import Monitor, NonFiniteLoss, Snapshot, TrainResult, train
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,8 @@ _LAZY = {
     "FeatureVisualizer": "cnnwidgets.widgets.optvis",
     "InversionExplorer": "cnnwidgets.widgets.optvis",
     "Explorer": "cnnwidgets.widgets.explorer",
+    "TrainingMonitor": "cnnwidgets.widgets.training",
+    "CompareExplorer": "cnnwidgets.widgets.compare",
 }
 
 
@@ -48,8 +52,9 @@ def __dir__():
 
 
 __all__ = [
-    "Attribution", "Cancelled", "DissectionResult", "Fixations", "LayerNotFoundError", "Model",
+    "Attribution", "Cancelled", "Comparison", "DissectionResult", "Fixations", "LayerNotFoundError", "Model",
     "Visualization", "attribute", "available_models", "datasets", "deconv", "dissect",
     "fixations", "invert", "load_image", "load_model", "methods", "metrics", "objectives", "sample_image",
-    "sample_images", "visualize", *_LAZY,
+    "sample_images", "visualize", "compare", "train", "Monitor", "NonFiniteLoss", "Snapshot",
+    "TrainResult", *_LAZY,
 ]
