@@ -158,7 +158,7 @@ def test_snapshot_filters_are_the_weights_of_their_step_even_from_disk(tmp_path)
     for k in range(7):  # snapshot k (the oldest ones read back from disk) holds w0 + k
         snap = monitor.snapshots[k]
         assert snap.step == k
-        np.testing.assert_array_equal(snap.filters, (w0 + k).numpy())
+        np.testing.assert_allclose(snap.filters, (w0 + k).numpy(), rtol=0, atol=1e-5)
     assert monitor.snapshots[3].accuracy == 0.5 and monitor.snapshots[3].loss == 1.0
     assert monitor.snapshots.at_step(4).step == 4
 
@@ -244,3 +244,19 @@ def test_dead_units_by_hand():
     for i, t in enumerate([0, 1]):
         expected = torch.relu(w[t, 0] / 64 * a0[i]).numpy()
         np.testing.assert_allclose(snap.cams[i], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_snapshots_count_concept_detectors_as_cw_dissect_does():
+    torch.manual_seed(0)
+    net = small_cnn(classes=4, width=4)
+    concepts = cw.datasets.SyntheticConcepts(n_images=12, size=32, seed=0)
+    monitor = cw.Monitor(net, images=torch.rand(2, 3, 32, 32), concepts=concepts, quantile=0.05)
+    snap = monitor.snapshots[0]
+    assert monitor.concept_layer == "8"  # the last convolution
+    result = cw.dissect(monitor.model, concepts, ["8"], quantile=0.05, progress=False)
+    expected = {}
+    for r in result.detectors("8"):
+        expected[r.concept] = expected.get(r.concept, 0) + 1
+    assert snap.detectors == expected
+    assert sum(snap.detectors.values()) <= 8  # at most every unit of the layer
+    assert hook_count(net) == 0

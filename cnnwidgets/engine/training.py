@@ -63,6 +63,13 @@ class Snapshot:
     predictions: np.ndarray  #: K int64: the network's top class for each fixed image
     dead: dict  #: layer → share of its units never above zero on the fixed images
     weights: dict = field(default_factory=dict)  #: name → array, when the monitor keeps weights
+    #: concept → how many units of the dissected layer detect it (when given concepts)
+    detectors: dict = field(default_factory=dict)
+
+    @property
+    def detector_count(self) -> int:
+        """Units of the dissected layer that detect some concept (0 without concepts)."""
+        return int(sum(self.detectors.values()))
 
     @property
     def nbytes(self) -> int:
@@ -154,21 +161,25 @@ def _save(snap: Snapshot, path: Path) -> None:
               if isinstance(getattr(snap, f.name), np.ndarray)}
     dead = list(snap.dead.items())
     np.savez(path, **arrays, _scalars=np.array([snap.step, snap.loss, snap.accuracy]),
-             _dead_names=np.array([k for k, _ in dead], dtype=object),
+             _dead_names=np.array([k for k, _ in dead], dtype=str),
              _dead_values=np.array([v for _, v in dead], dtype=np.float64),
-             _weight_names=np.array(list(snap.weights), dtype=object),
+             _weight_names=np.array(list(snap.weights), dtype=str),
+             _detector_names=np.array(list(snap.detectors), dtype=str),
+             _detector_counts=np.array(list(snap.detectors.values()), dtype=np.int64),
              **{f"_w{i}": v for i, v in enumerate(snap.weights.values())})
 
 
 def _load(path: Path) -> Snapshot:
-    with np.load(path, allow_pickle=True) as z:
+    with np.load(path) as z:
         step, loss, accuracy = z["_scalars"].tolist()
         names = z["_weight_names"].tolist()
         return Snapshot(
             step=int(step), loss=float(loss), accuracy=float(accuracy), filters=z["filters"],
             maps=z["maps"], cams=z["cams"], targets=z["targets"], predictions=z["predictions"],
             dead=dict(zip(z["_dead_names"].tolist(), z["_dead_values"].tolist())),
-            weights={n: z[f"_w{i}"] for i, n in enumerate(names)})
+            weights={n: z[f"_w{i}"] for i, n in enumerate(names)},
+            detectors=dict(zip(z["_detector_names"].tolist(),
+                               (int(v) for v in z["_detector_counts"]))))
 
 
 # ------------------------------------------------------------------------------ the monitor
@@ -235,13 +246,17 @@ class Monitor:
     ``dead_layers``: layers whose dead units are counted (default: every convolution).
     ``memory_bytes``: snapshots kept in memory before the oldest go to ``spill_dir``.
     ``keep_weights``: also keep the weights (``monitor.model_at(step)`` rebuilds the network).
+    ``concepts``: a concept data set (``cw.datasets.SyntheticConcepts``…): each snapshot then
+    dissects ``concept_layer`` (default: the last convolution) on it with ``cw.dissect`` (at
+    ``quantile``) and counts the units that detect each concept (a small dissection).
     ``initial``: take snapshot 0 at once, before training.
     """
 
     def __init__(self, model, data=None, *, images=None, labels=None, every: int = 10,
                  n_images: int = 4, layer: str | None = None, cam_layer: str | None = None,
                  dead_layers=None, memory_bytes: int = 64 * 2**20, spill_dir=None,
-                 keep_weights: bool = False, initial: bool = True):
+                 keep_weights: bool = False, concepts=None, concept_layer: str | None = None,
+                 quantile: float = 0.02, initial: bool = True):
         who = "cw.Monitor"
         self.every = check_int(every, "every", 1, None, who=who)
         n_images = check_int(n_images, "n_images", 1, 64, who=who)
@@ -276,6 +291,10 @@ class Monitor:
         for n in self.dead_layers:
             self.model.check_layer(n)
         self.keep_weights = bool(keep_weights)
+        self.concepts = concepts
+        self.concept_layer = concept_layer or convs[-1]
+        self.model.check_layer(self.concept_layer)
+        self.quantile = check_float(quantile, "quantile", 0, 1, low_open=True, who=who)
         self.snapshots = SnapshotStore(memory_bytes, None if spill_dir is None else Path(spill_dir))
         self.history: list[tuple[int, float, float]] = []  #: (step, loss, accuracy) per step
         self.steps = 0  #: training steps seen
@@ -335,7 +354,20 @@ class Monitor:
                     for k, v in module.state_dict().items()} if self.keep_weights else {})
         return Snapshot(self.steps, float(loss), float(accuracy), filters, maps, cams,
                         targets.numpy().astype(np.int64), predictions.numpy().astype(np.int64),
-                        dead, weights)
+                        dead, weights, self._dissect())
+
+    def _dissect(self) -> dict:
+        """concept → number of detector units of ``concept_layer`` (empty without concepts)."""
+        if self.concepts is None:
+            return {}
+        from .dissection import dissect
+
+        result = dissect(self.model, self.concepts, [self.concept_layer], quantile=self.quantile,
+                         progress=False, features="recompute")
+        counts: dict = {}
+        for record in result.detectors(self.concept_layer):
+            counts[record.concept] = counts.get(record.concept, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
     def _grad_cam(self, x1: torch.Tensor, target: int) -> np.ndarray:
         """The engine's Grad-CAM (``cw.attribute``'s ``grad_cam``) of one prepared input."""

@@ -17,7 +17,8 @@ from ..render.feature_maps import draw_overlay, update_overlay
 from .base import WidgetBase, make_figure
 
 #: the attribution methods offered (quick ones: the widget recomputes both columns per change)
-METHODS = ("grad_cam", "grad_cam_pp", "layer_cam", "eigen_cam", "saliency", "gradient_x_input")
+METHODS = ("grad_cam", "grad_cam_pp", "layer_cam", "eigen_cam", "saliency", "gradient_x_input",
+           "fixations")
 
 
 class CompareExplorer(WidgetBase):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import html
-import time
 
 import ipywidgets as widgets
 import traitlets
@@ -10,10 +9,6 @@ import traitlets
 from ..engine.training import Monitor, train
 from ..render import training as R
 from .base import WidgetBase, make_figure
-
-#: seconds between two redraws of the curves while training runs
-CURVE_INTERVAL = 0.25
-
 
 class TrainingMonitor(WidgetBase):
     """Loss and accuracy curves growing live, a slider over the snapshots (drag back in time
@@ -49,7 +44,6 @@ class TrainingMonitor(WidgetBase):
         self.data = data
         self.result = None
         self._shown = max(1, min(int(shown), len(self.monitor.images)))
-        self._last_curves = 0.0
         with self.hold_trait_notifications():
             self.epochs, self.lr, self.optimizer, self.batch_size = epochs, lr, optimizer, batch_size
         self._build()
@@ -137,14 +131,9 @@ class TrainingMonitor(WidgetBase):
     def _listener(self):
         """The monitor's listener: called in the training thread after each step."""
         push = self.latest_on_main(lambda _: self._refresh())
-
-        def listener(monitor, snap):
-            now = time.perf_counter()
-            if snap is not None or now - self._last_curves >= CURVE_INTERVAL:
-                self._last_curves = now
-                push(snap)
-
-        return listener
+        # on the kernel's main thread, newest only: steps that come while a redraw waits are
+        # shown by that redraw (it reads the monitor's whole history)
+        return lambda monitor, snap: push(snap)
 
     def _refresh(self) -> None:
         """Curves to the latest step; the slider to the latest snapshot (shown when following)."""
@@ -180,7 +169,12 @@ class TrainingMonitor(WidgetBase):
             R.update_maps(self._maps[i], snap.maps[i],
                           title=f"{self.monitor.layer}" if i == 0 else "")
         loss = "" if snap.loss != snap.loss else f", loss {snap.loss:.3f}"
-        self._title.set_text(f"step {snap.step}{loss}")
+        found = ""
+        if self.monitor.concepts is not None:
+            top = ", ".join(f"{c} ×{n}" for c, n in list(snap.detectors.items())[:4])
+            found = (f"; {snap.detector_count} concept detectors in "
+                     f"{self.monitor.concept_layer}" + (f" ({top})" if top else ""))
+        self._title.set_text(f"step {snap.step}{loss}{found}")
         self._step_label.value = f"step <b>{snap.step}</b> of {self.monitor.steps}"
         R.update_marker(self._curves, snap.step)
         self.figure.canvas.draw_idle()
