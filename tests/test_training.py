@@ -128,16 +128,14 @@ def test_monitor_takes_snapshots_every_n_steps():
     assert snap.filters.shape == (4, 3, 3, 3)
     np.testing.assert_array_equal(monitor.snapshots[0].filters.shape, snap.filters.shape)
     assert snap.maps.shape == (4, 4, 16, 16)  # the first convolution's maps of the 4 images
+    assert monitor.first_conv == "0" and monitor.cam_layer == "13"
     assert snap.cams.shape[0] == 4 and (snap.cams >= 0).all()
     assert snap.targets.tolist() == monitor.labels.tolist()
-    assert set(snap.dead) == set(net_convs(net))
+    assert list(snap.dead) == ["2", "5", "9", "13"]  # the ReLU modules
+    assert all(0.0 <= v <= 1.0 for v in snap.dead.values())
     steps, losses, accs = monitor.curves()
     assert steps.tolist() == list(range(1, 9)) and np.allclose(losses, result.losses)
     assert not np.array_equal(monitor.snapshots[0].filters, snap.filters)  # it trained
-
-
-def net_convs(net):
-    return [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
 
 
 def test_snapshot_filters_are_the_weights_of_their_step_even_from_disk(tmp_path):
@@ -179,9 +177,10 @@ def test_snapshots_stay_bounded_over_a_long_run():
 
 def test_monitor_leaves_no_hook_and_restores_state_after_success_and_error():
     net = small_cnn(classes=4, width=4)
-    net.insert(2, Boom())
+    net.insert(2, Boom())  # between the first batch norm and its ReLU
     net.train()
-    net[3].weight.requires_grad_(False)
+    frozen = net[4].weight  # the second convolution
+    frozen.requires_grad_(False)
     for p in net.parameters():
         if p.requires_grad:
             p.grad = torch.ones_like(p)
@@ -191,7 +190,7 @@ def test_monitor_leaves_no_hook_and_restores_state_after_success_and_error():
     def check():
         assert hook_count(net) == 0
         assert all(m.training for m in net.modules())
-        assert net[3].weight.requires_grad is False and net[0].weight.requires_grad
+        assert frozen.requires_grad is False and net[0].weight.requires_grad
         assert all(torch.equal(p.grad, torch.ones_like(p)) for p in net.parameters()
                    if p.requires_grad)
 
@@ -252,10 +251,10 @@ def test_snapshots_count_concept_detectors_as_cw_dissect_does():
     concepts = cw.datasets.SyntheticConcepts(n_images=12, size=32, seed=0)
     monitor = cw.Monitor(net, images=torch.rand(2, 3, 32, 32), concepts=concepts, quantile=0.05)
     snap = monitor.snapshots[0]
-    assert monitor.concept_layer == "8"  # the last convolution
-    result = cw.dissect(monitor.model, concepts, ["8"], quantile=0.05, progress=False)
+    assert monitor.concept_layer == "11"  # the last convolution
+    result = cw.dissect(monitor.model, concepts, ["11"], quantile=0.05, progress=False)
     expected = {}
-    for r in result.detectors("8"):
+    for r in result.detectors("11"):
         expected[r.concept] = expected.get(r.concept, 0) + 1
     assert snap.detectors == expected
     assert sum(snap.detectors.values()) <= 8  # at most every unit of the layer

@@ -234,6 +234,18 @@ def _wrap(model, images: torch.Tensor | None, classes) -> Model:
                  labels=classes, crop=1.0)
 
 
+#: activation modules whose output is zero where a unit does not fire
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish)
+
+
+def default_dead_layers(model: Model) -> list[str]:
+    """The layers whose dead units a monitor counts: the activation modules that run once per
+    pass (a unit is dead there when it is never above zero), else the convolutions."""
+    modules = dict(model.module.named_modules())
+    acts = [n for n in model.layers() if isinstance(modules.get(n), ACTIVATIONS)]
+    return acts or model.layers("conv")
+
+
 class Monitor:
     """Snapshots of a network over training (see the module docstring).
 
@@ -243,7 +255,8 @@ class Monitor:
     K×3×H×W tensor of network inputs to follow (``labels``: their classes, for Grad-CAM).
     ``every``: steps between snapshots. ``layer``: the layer whose maps are kept (default:
     the first convolution); ``cam_layer``: Grad-CAM's layer (default: as ``cw.attribute``);
-    ``dead_layers``: layers whose dead units are counted (default: every convolution).
+    ``dead_layers``: layers whose dead units are counted (default: every ReLU-like module
+    that runs once a pass, or every convolution when the network has none).
     ``memory_bytes``: snapshots kept in memory before the oldest go to ``spill_dir``.
     ``keep_weights``: also keep the weights (``monitor.model_at(step)`` rebuilds the network).
     ``concepts``: a concept data set (``cw.datasets.SyntheticConcepts``…): each snapshot then
@@ -287,7 +300,8 @@ class Monitor:
         self.model.check_layer(self.layer)
         self.cam_layer = (default_layer(self.model) if cam_layer is None
                           else check_map_layer(self.model, cam_layer))
-        self.dead_layers = list(convs if dead_layers is None else dead_layers)
+        self.dead_layers = list(default_dead_layers(self.model) if dead_layers is None
+                                else dead_layers)
         for n in self.dead_layers:
             self.model.check_layer(n)
         self.keep_weights = bool(keep_weights)
@@ -458,8 +472,9 @@ def train(model, data, epochs: float = 1, lr: float = 0.01, *, monitor: Monitor 
     ``data``: a data set of ``(image, class)`` items (shuffled with ``seed``, in batches of
     ``batch_size``) or a loader of ``(images, labels)`` batches. ``epochs`` may be fractional.
     ``monitor``: a :class:`Monitor` (or ``cw.TrainingMonitor``) told every step. A NaN loss
-    stops training, with a warning and ``result.stopped`` saying so; ``cancel`` (an event)
-    stops it too. The network's training flags are put back as they were (its weights, of
+    stops training, with a warning and ``result.stopped`` saying so, and that step is not
+    applied (weights and batch-norm statistics stay those of the step before); ``cancel`` (an
+    event) stops it too. The network's training flags are put back as they were (its weights, of
     course, are trained); the global random state is left as it was.
     """
     who = "cw.train"
@@ -509,6 +524,8 @@ def train(model, data, epochs: float = 1, lr: float = 0.01, *, monitor: Monitor 
                         _check_batch(x, y, who)
                     x, y = x.to(device), y.to(device)
                     module.train()
+                    # batch-norm statistics as they were: a NaN step must not leave them NaN
+                    buffers = [(b, b.detach().clone()) for b in module.buffers()]
                     logits = scores(x)
                     if steps == 0:
                         _check_scores(y, logits, who)
@@ -518,6 +535,10 @@ def train(model, data, epochs: float = 1, lr: float = 0.01, *, monitor: Monitor 
                     value = float(loss.detach())
                     if math.isfinite(value):
                         opt.step()
+                    else:  # not applied: the weights and statistics stay those of the last step
+                        with torch.no_grad():
+                            for b, old in buffers:
+                                b.copy_(old)
                     steps += 1
                     acc = float((logits.detach().argmax(1) == y).float().mean())
                     history.append((steps, value, acc))
@@ -545,14 +566,19 @@ def train(model, data, epochs: float = 1, lr: float = 0.01, *, monitor: Monitor 
 
 def small_cnn(classes: int = 4, width: int = 16, kernel: int = 3, stride: int = 1,
               in_channels: int = 3) -> nn.Sequential:
-    """A four-convolution classifier for small images (e.g. 32 px); ``kernel`` and ``stride``
-    set its first layer (the design choice the monitor shows: a large stride aliases, a large
-    kernel learns coarser filters). Deterministic given the global seed."""
+    """A four-convolution classifier for small images (e.g. 32 px): convolution, batch norm
+    and ReLU four times, two max-pools, global max pooling and a linear layer. ``kernel`` and
+    ``stride`` set its first layer (the design choice the monitor shows: a large stride
+    aliases and keeps fewer positions, a large kernel learns coarser filters). Batch norm and
+    the global max make it learn :class:`~.datasets.SyntheticShapes` within a few epochs (without
+    them the loss stays on its plateau for many more). Deterministic given the global seed."""
     w = width
+
+    def block(cin, cout, k=3, s=1):
+        return [nn.Conv2d(cin, cout, k, stride=s, padding=k // 2), nn.BatchNorm2d(cout), nn.ReLU()]
+
     return nn.Sequential(
-        nn.Conv2d(in_channels, w, kernel, stride=stride, padding=kernel // 2), nn.ReLU(),
-        nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, classes),
+        *block(in_channels, w, kernel, stride), *block(w, w), nn.MaxPool2d(2),
+        *block(w, 2 * w), nn.MaxPool2d(2), *block(2 * w, 2 * w),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(2 * w, classes),
     )
