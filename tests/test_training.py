@@ -122,8 +122,9 @@ def test_monitor_takes_snapshots_every_n_steps():
     assert sorted(monitor.labels.tolist()) == [0, 1, 2, 3]  # one image of each class
     result = cw.train(net, data, epochs=1, lr=0.01, batch_size=8, monitor=monitor)
     assert result.steps == 8 and monitor.steps == 8
-    assert monitor.snapshots.steps == [0, 3, 6]
-    snap = monitor.snapshots[-1]
+    assert monitor.snapshots.steps == [0, 3, 6, 8]  # and one where the run ended
+    assert monitor.snapshots[-1].loss == result.history[-1][1]
+    snap = monitor.snapshots[-2]
     assert snap.step == 6 and snap.loss == pytest.approx(result.history[5][1])
     assert snap.filters.shape == (4, 3, 3, 3)
     np.testing.assert_array_equal(monitor.snapshots[0].filters.shape, snap.filters.shape)

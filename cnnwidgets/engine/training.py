@@ -471,7 +471,8 @@ def train(model, data, epochs: float = 1, lr: float = 0.01, *, monitor: Monitor 
 
     ``data``: a data set of ``(image, class)`` items (shuffled with ``seed``, in batches of
     ``batch_size``) or a loader of ``(images, labels)`` batches. ``epochs`` may be fractional.
-    ``monitor``: a :class:`Monitor` (or ``cw.TrainingMonitor``) told every step. A NaN loss
+    ``monitor``: a :class:`Monitor` (or ``cw.TrainingMonitor``) told every step, and asked for
+    a last snapshot where the run ends (when its ``every`` did not fall there). A NaN loss
     stops training, with a warning and ``result.stopped`` saying so, and that step is not
     applied (weights and batch-norm statistics stay those of the step before); ``cancel`` (an
     event) stops it too. The network's training flags are put back as they were (its weights, of
@@ -557,6 +558,11 @@ def train(model, data, epochs: float = 1, lr: float = 0.01, *, monitor: Monitor 
                     if total is not None and steps >= total:
                         break
                 epoch += 1
+            if (monitor is not None and history and stopped != "cancelled"
+                    and not (stopped or "").startswith("the loss became")):
+                final = getattr(monitor, "monitor", monitor)  # the widget's engine monitor
+                if final.snapshots.steps[-1:] != [final.steps]:
+                    final.snapshot(*history[-1][1:])  # where the run ended, whatever ``every``
         finally:
             _put_back(saved)
             opt.zero_grad(set_to_none=True)
