@@ -193,7 +193,7 @@ def test_mismatched_input_sizes_are_resized_and_said():
     a, b = wrap(net, 16), wrap(net, 24)
     images = smooth_images(6)
     with pytest.warns(UserWarning, match="different input sizes"):
-        result = cw.compare(a, b, images, ["conv1"], ["conv1"])
+        result = cw.compare(a, b, images, ["conv1"], ["conv1"], max_grid=32)
     assert result.input_sizes == ((16, 16), (24, 24))
     assert any("16×16" in n and "24×24" in n for n in result.notes)
     m = result.matches("conv1", "conv1")

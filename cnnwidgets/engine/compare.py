@@ -7,7 +7,8 @@ Two measures, both computed from the activations of the same images:
   unit of network A is matched with the unit of network B whose vector correlates best with
   its own (Pearson correlation, signed: an anti-correlated unit is not a match). The two
   layers' maps are resampled bilinearly to the common grid first (the larger of the two grids,
-  at most ``max_grid`` a side), so layers of different resolution can be matched.
+  at most ``max_grid`` a side, 16 by default: larger grids cost more than the forward passes
+  and add little, the deep layers being 7×7), so layers of different resolution can be matched.
 * **Linear CKA** (Kornblith et al., "Similarity of neural network representations revisited",
   ICML 2019): each image's whole layer output (C·h·w values) is one example; with X (n × p) and
   Y (n × q) centred over the n images,
@@ -35,8 +36,8 @@ from .checks import check_int
 from .hooks import LayerNotFoundError, capture, restored
 from .model import Model, as_model
 
-__all__ = ["Comparison", "UnitMatches", "compare", "gram", "linear_cka", "cka_from_grams",
-           "unit_correlation"]
+__all__ = ["Comparison", "UnitMatches", "compare", "correlation", "gram", "linear_cka",
+           "cka_from_grams", "match_units", "standardised", "unit_correlation"]
 
 
 # ------------------------------------------------------------------------------ the maths
@@ -67,21 +68,30 @@ def linear_cka(x, y) -> float:
     return cka_from_grams(gram(x), gram(y))
 
 
+def standardised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each column of ``x`` (M rows × C units) centred and scaled to norm 1 (float32), and a
+    mask of the columns that are constant (left at zero)."""
+    z = x.to(torch.float32)
+    z = z - z.mean(dim=0, keepdim=True)
+    norm = z.norm(dim=0)
+    dead = norm <= 1e-6 * max(1.0, float(norm.max()) if norm.numel() else 1.0)
+    return z / torch.where(dead, torch.ones_like(norm), norm), dead
+
+
+def correlation(za, dead_a, zb, dead_b) -> torch.Tensor:
+    """Pearson correlations Ca × Cb from two :func:`standardised` matrices; NaN for constant
+    units."""
+    corr = (za.T @ zb).to(torch.float64)
+    corr[dead_a] = float("nan")
+    corr[:, dead_b] = float("nan")
+    return corr
+
+
 def unit_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation between every unit of ``a`` (M × Ca) and every unit of ``b``
     (M × Cb) over the M rows: a Ca × Cb matrix; NaN in the rows or columns of units that are
     constant over the M rows."""
-    a = a.to(torch.float64)
-    b = b.to(torch.float64)
-    a = a - a.mean(dim=0, keepdim=True)
-    b = b - b.mean(dim=0, keepdim=True)
-    na, nb = a.norm(dim=0), b.norm(dim=0)
-    corr = (a.T @ b) / (na[:, None] * nb[None, :])
-    dead_a = na <= 1e-12 * max(1.0, float(na.max()) if na.numel() else 1.0)
-    dead_b = nb <= 1e-12 * max(1.0, float(nb.max()) if nb.numel() else 1.0)
-    corr[dead_a] = float("nan")
-    corr[:, dead_b] = float("nan")
-    return corr
+    return correlation(*standardised(a), *standardised(b))
 
 
 # ------------------------------------------------------------------------------ results
@@ -203,15 +213,24 @@ def _grid(a: torch.Tensor, b: torch.Tensor, max_grid: int) -> tuple[int, int]:
 def _on_grid(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """N×C×h×w resampled to the grid (bilinear) and laid out as (N·gh·gw) × C."""
     if tuple(t.shape[2:]) != tuple(grid):
-        t = F.interpolate(t, size=grid, mode="bilinear", align_corners=False)
+        shrink = t.shape[2] > grid[0] or t.shape[3] > grid[1]  # average, do not alias
+        t = F.interpolate(t, size=grid, mode="bilinear", align_corners=False, antialias=shrink)
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
 def match_units(a: torch.Tensor, b: torch.Tensor, layer_a: str, layer_b: str,
-                max_grid: int = 32) -> UnitMatches:
-    """Match the units of two layers' outputs over the same images (N×Ca×h×w, N×Cb×h'×w')."""
+                max_grid: int = 16, cache: dict | None = None) -> UnitMatches:
+    """Match the units of two layers' outputs over the same images (N×Ca×h×w, N×Cb×h'×w').
+    ``cache``: a dict that keeps each layer's standardised maps per grid across pairs."""
     grid = _grid(a, b, max_grid)
-    corr = unit_correlation(_on_grid(a, grid), _on_grid(b, grid))
+    cache = {} if cache is None else cache
+
+    def prepared(t, key):
+        if (key, grid) not in cache:
+            cache[(key, grid)] = standardised(_on_grid(t, grid))
+        return cache[(key, grid)]
+
+    corr = correlation(*prepared(a, ("a", layer_a)), *prepared(b, ("b", layer_b)))
     filled = torch.nan_to_num(corr, nan=-np.inf)
     score, partner = filled.max(dim=1)
     none = ~torch.isfinite(score)
@@ -223,7 +242,7 @@ def match_units(a: torch.Tensor, b: torch.Tensor, layer_a: str, layer_b: str,
 
 def compare(model_a, model_b, images, layers_a: Sequence[str] | str | None = None,
             layers_b: Sequence[str] | str | None = None, *, match: bool = True,
-            max_grid: int = 32, batch_size: int = 16) -> Comparison:
+            max_grid: int = 16, batch_size: int = 16) -> Comparison:
     """Compare two networks on the same ``images``: unit matches and a layer × layer CKA matrix.
 
     ``images``: a list of images (anything ``cw.load_image`` takes), at least two (CKA
@@ -272,8 +291,9 @@ def compare(model_a, model_b, images, layers_a: Sequence[str] | str | None = Non
                     for la in layers_a], dtype=np.float64)
     pairs = {}
     if match:
+        cache: dict = {}
         for la in layers_a:
             for lb in layers_b:
-                pairs[(la, lb)] = match_units(acts_a[la], acts_b[lb], la, lb, max_grid)
+                pairs[(la, lb)] = match_units(acts_a[la], acts_b[lb], la, lb, max_grid, cache)
     return Comparison(a.name, b.name, layers_a, layers_b, cka, len(images),
                       (tuple(a.input_size), tuple(b.input_size)), notes, pairs)
