@@ -99,23 +99,29 @@ def update_filters(artist, filters: np.ndarray, title: str | None = None) -> Non
 
 
 # ------------------------------------------------------------------ dead units
-def draw_dead(ax, layers) -> list:
-    """One horizontal bar per layer: the share of its units that never fire."""
+def draw_dead(ax, layers) -> dict:
+    """One horizontal bar per layer on a grey 0–100 % track: the share of its units that never
+    fire, written at the track's end; returns ``{"bars", "labels"}``."""
     layers = list(layers)
-    bars = ax.barh(np.arange(len(layers)), np.zeros(len(layers)), color="#7a7a7a", height=0.7)
+    rows = np.arange(len(layers))
+    ax.barh(rows, np.ones(len(layers)), color="#ececec", height=0.7)  # the track: 0 to 100 %
+    bars = ax.barh(rows, np.zeros(len(layers)), color="#7a7a7a", height=0.7)
+    labels = [ax.text(0.98, row, "", ha="right", va="center", fontsize=7, color="#333333")
+              for row in rows]
     ax.set_yticks(np.arange(len(layers)), [_short(n) for n in layers], fontsize=7)
     ax.set_ylim(len(layers) - 0.5, -0.5)
     ax.set_xlim(0, 1)
     ax.tick_params(labelsize=7)
     ax.set_title("dead units (never > 0)", fontsize=9, loc="left", y=1.0)
-    return list(bars)
+    return {"bars": list(bars), "labels": labels}
 
 
-def update_dead(bars, fractions) -> None:
-    for bar, v in zip(bars, fractions):
+def update_dead(artists: dict, fractions) -> None:
+    for bar, label, v in zip(artists["bars"], artists["labels"], fractions):
         v = float(v)
         bar.set_width(v)
         bar.set_color("#d9432f" if v >= 0.25 else "#7a7a7a")
+        label.set_text(f"{100 * v:.0f} %")
 
 
 def _short(name: str, n: int = 14) -> str:
