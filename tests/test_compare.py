@@ -209,3 +209,15 @@ def test_too_few_images_and_bad_images():
         cw.compare(a, a, noise_images(1), ["conv1"], ["conv1"])
     with pytest.raises(TypeError, match="list of images"):
         cw.compare(a, a, 42, ["conv1"], ["conv1"])
+
+
+def test_default_images_are_the_photos_and_their_mirrors_plus_a_new_image():
+    from cnnwidgets.engine.compare import default_images
+
+    photos = [cw.sample_image(n) for n in cw.sample_images()]
+    images = default_images()
+    assert len(images) == 2 * len(photos)
+    first = np.asarray(images[len(photos)])
+    np.testing.assert_array_equal(first, np.asarray(photos[0])[:, ::-1])  # mirrored
+    assert len(default_images(cw.sample_image("cat"))) == 2 * len(photos)  # not twice
+    assert len(default_images(noise_images(1, 32)[0])) == 2 * len(photos) + 1

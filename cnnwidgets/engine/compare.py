@@ -36,7 +36,7 @@ from .checks import check_int
 from .hooks import LayerNotFoundError, capture, restored
 from .model import Model, as_model
 
-__all__ = ["Comparison", "UnitMatches", "compare", "correlation", "gram", "linear_cka",
+__all__ = ["Comparison", "UnitMatches", "compare", "correlation", "default_images", "gram", "linear_cka",
            "cka_from_grams", "match_units", "standardised", "unit_correlation"]
 
 
@@ -152,6 +152,23 @@ class Comparison:
 
 
 # ------------------------------------------------------------------------------ the run
+def default_images(image=None) -> list:
+    """Images to compare networks on when none are given: ``image`` (when it is not one of
+    the sample photos), the sample photos and their mirror images. CKA centres over the
+    images, so a handful reads high whatever the networks: give more where you can."""
+    from PIL import ImageOps
+
+    from .images import load_image, sample_image, sample_images
+
+    photos = [sample_image(n) for n in sample_images()]
+    images = photos + [ImageOps.mirror(p) for p in photos]
+    if image is None:
+        return images
+    first = load_image(image)
+    same = any(first.size == p.size and first.tobytes() == p.tobytes() for p in photos)
+    return images if same else [first, *images]
+
+
 def _default_layers(model: Model, count: int = 4) -> list[str]:
     """``count`` convolutions spread evenly through the network (the layer menu's ones)."""
     listed = model.layers()

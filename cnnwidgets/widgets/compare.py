@@ -7,9 +7,9 @@ import ipywidgets as widgets
 import traitlets
 
 from ..engine.attribution import attribute
-from ..engine.compare import Comparison, compare
+from ..engine.compare import Comparison, compare, default_images
 from ..engine.featuremaps import feature_maps
-from ..engine.images import load_image, sample_image, sample_images
+from ..engine.images import load_image, sample_image
 from ..engine.model import as_model
 from ..render import compare as RC
 from ..render.attribution import draw_attribution, update_attribution
@@ -31,8 +31,8 @@ class CompareExplorer(WidgetBase):
     random one, two architectures, or two snapshots of a training monitor
     (``monitor.model_at(step)``).
 
-    ``images``: the images the comparison is measured on (default: ``image`` and the sample
-    photos); ``layers_a`` / ``layers_b``: as ``cw.compare``; ``comparison``: a ready
+    ``images``: the images the comparison is measured on (default: ``image``, the sample
+    photos and their mirror images); ``layers_a`` / ``layers_b``: as ``cw.compare``; ``comparison``: a ready
     ``cw.Comparison`` of these two models.
 
     State (traitlets): ``layer_a``, ``layer_b``, ``unit`` (a unit of ``layer_a``), ``method``.
@@ -52,7 +52,7 @@ class CompareExplorer(WidgetBase):
         self.image = load_image(image if image is not None else sample_image("cat"))
         if comparison is None:
             if images is None:
-                images = [self.image] + [sample_image(n) for n in sample_images()]
+                images = default_images(self.image)
             comparison = compare(self.model_a, self.model_b, images, layers_a, layers_b)
         self.comparison = comparison
         self._attributions = {}
@@ -99,7 +99,7 @@ class CompareExplorer(WidgetBase):
         self.figure, self.canvas = make_figure(10.5, 5.4, dpi=85)
         grid = self.figure.add_gridspec(2, 3, width_ratios=[1.25, 1, 1], wspace=0.25,
                                         hspace=0.25, left=0.14, right=0.98, top=0.92,
-                                        bottom=0.16)
+                                        bottom=0.22)
         self._ax_cka = self.figure.add_subplot(grid[:, 0])
         self._cka, self._cell = RC.draw_cka(self._ax_cka, c.cka, c.layers_a, c.layers_b,
                                             f"A: {c.name_a}", f"B: {c.name_b}")
