@@ -221,3 +221,20 @@ def test_default_images_are_the_photos_and_their_mirrors_plus_a_new_image():
     np.testing.assert_array_equal(first, np.asarray(photos[0])[:, ::-1])  # mirrored
     assert len(default_images(cw.sample_image("cat"))) == 2 * len(photos)  # not twice
     assert len(default_images(noise_images(1, 32)[0])) == 2 * len(photos) + 1
+
+
+def test_no_hook_stays_after_a_network_raises():
+    from test_engine import Boom
+
+    net_a, net_b = Net(), Net(seed=2)
+    net_b.pool = nn.Sequential(Boom(), nn.AvgPool2d(2))
+    net_b.pool[0].armed = True
+    net_b.train()
+    b = wrap(net_b)
+    net_b.pool[0].armed = False
+    b.layers()  # the layer index from a pass that runs
+    net_b.pool[0].armed = True
+    with pytest.raises(RuntimeError, match="boom"):
+        cw.compare(wrap(net_a), b, noise_images(2), ["conv1"], ["conv1"])
+    assert hook_count(net_a) == 0 and hook_count(net_b) == 0
+    assert all(m.training for m in net_b.modules())
