@@ -30,7 +30,9 @@ from .engine import (
     targets,
 )
 from .engine.attribution import Attribution, Cancelled, attribute, methods
+from .engine.compare import Comparison, compare
 from .engine.optvis import Visualization, deconv, invert, objectives, visualize
+from .engine.training import Monitor, NonFiniteLoss, Snapshot, TrainResult, train
 
 __version__ = "0.1.0"
 
@@ -45,6 +47,8 @@ _LAZY = {
     "Explorer": "cnnwidgets.widgets.explorer",
     "AttackExplorer": "cnnwidgets.widgets.applications",
     "PruningExplorer": "cnnwidgets.widgets.applications",
+    "TrainingMonitor": "cnnwidgets.widgets.training",
+    "CompareExplorer": "cnnwidgets.widgets.compare",
 }
 
 
@@ -64,5 +68,6 @@ __all__ = [
     "Attribution", "Cancelled", "DissectionResult", "Fixations", "LayerNotFoundError", "Model",
     "Visualization", "attribute", "available_models", "datasets", "deconv", "dissect",
     "fixations", "invert", "load_image", "load_model", "methods", "metrics", "objectives", "sample_image",
-    "sample_images", "targets", "visualize", *_LAZY,
+    "sample_images", "targets", "visualize", "compare", "train", "Comparison", "Monitor",
+    "NonFiniteLoss", "Snapshot", "TrainResult", *_LAZY,
 ]

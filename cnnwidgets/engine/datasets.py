@@ -193,6 +193,69 @@ class SyntheticConcepts:
         raise ValueError(f"unknown shape {name!r}")
 
 
+class SyntheticShapes:
+    """A small, offline image classification task: which shape is drawn (``classes``: circle,
+    square, triangle, ring), one per image, over a flat or textured background.
+
+    Made from the same drawing as :class:`SyntheticConcepts` (the Broden colours, the same
+    shapes and textures), so a network trained on it can also be dissected on those concepts.
+    It trains to a visible result in a minute or two on two CPU cores: a four-layer CNN on
+    32-px images reaches well above chance within a few epochs of 2,000 images.
+
+    Items are ``(image, label)``: a float32 array 3×size×size in [0, 1] (a network input, no
+    normalisation) and the class index, generated from ``(seed, index)`` alone, so any item
+    can be made in any order and in any ``DataLoader`` worker. ``textured``: the share of
+    images with a textured background (harder: edges everywhere).
+    """
+
+    def __init__(self, n_images: int = 2000, size: int = 32, seed: int = 0,
+                 textured: float = 0.3):
+        who = "SyntheticShapes"
+        self.n_images = check_int(n_images, "n_images", 1, None, who=who)
+        self.size = check_int(size, "size", 16, 1024, who=who)
+        self.seed = check_int(seed, "seed", 0, None, who=who)
+        textured = float(textured)
+        if not 0.0 <= textured <= 1.0:
+            raise ValueError(f"{who}: textured must be a share from 0 to 1, not {textured}")
+        self.textured = textured
+        self.classes = list(SHAPES)
+        self._palette = np.array(list(COLORS.values()), dtype=np.float32) / 255.0
+
+    def __len__(self) -> int:
+        return self.n_images
+
+    def __repr__(self) -> str:
+        return (f"SyntheticShapes(n_images={self.n_images}, size={self.size}, seed={self.seed}, "
+                f"textured={self.textured})")
+
+    def label(self, index: int) -> int:
+        """The class of item ``index`` (without drawing it)."""
+        return int(np.random.default_rng([self.seed, int(index), 1]).integers(len(SHAPES)))
+
+    def __getitem__(self, index: int):
+        index = int(index)
+        if index < 0:
+            index += self.n_images
+        if not 0 <= index < self.n_images:
+            raise IndexError(f"index {index} out of range for {self.n_images} images")
+        label = self.label(index)
+        rng = np.random.default_rng([self.seed, index, 2])
+        S = self.size
+        yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
+        n_colors = len(COLORS)
+        fg, bg, bg2 = (int(v) for v in rng.choice(n_colors, size=3, replace=False))
+        color = np.full((S, S), bg, np.int64)
+        if rng.random() < self.textured:
+            name = TEXTURES[int(rng.integers(len(TEXTURES)))]
+            color[SyntheticConcepts._texture(name, yy, xx, rng)] = bg2
+        r = float(rng.uniform(0.22, 0.36)) * S
+        cy, cx = rng.uniform(r, S - r, size=2)
+        shape = SyntheticConcepts._shape(SHAPES[label], yy + 0.5 - cy, xx + 0.5 - cx, r)
+        color[shape] = fg
+        image = self._palette[color].transpose(2, 0, 1)
+        return np.ascontiguousarray(image), label
+
+
 # ---------------------------------------------------------------------------------- Broden
 #: Broden's pixel-level categories (masks in PNG files) and image-level ones (label numbers).
 BRODEN_PIXEL = ("color", "object", "part", "material")

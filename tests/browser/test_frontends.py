@@ -104,6 +104,16 @@ CASES = [
          "w = cw.PruningExplorer(model, cw.datasets.sample_variants(4), "
          "layers=['_blocks.4._bn0', '_blocks.10._bn0'], fractions=(0, 0.5, 1))",
          control=("select", 0, "next"), timeout=150),
+    # a small CNN on the synthetic shapes: the curves are empty until Start (by design); Start
+    # trains in the background, the curves grow and the panels follow the newest snapshot
+    Case("training_monitor", "TrainingMonitor",
+         "import torch; from cnnwidgets.engine.training import small_cnn\ntorch.manual_seed(0)\n"
+         "w = cw.TrainingMonitor(small_cnn(), cw.datasets.SyntheticShapes(512, 32), every=4, "
+         "epochs=1)", control=("button", "Start"), starts_blank=True, timeout=120),
+    # Lite0 against a random ResNet-18: the layer-A menu takes the next layer pair
+    Case("compare", "CompareExplorer",
+         "w = cw.CompareExplorer(model, cw.load_model('resnet18', pretrained=False), image)",
+         control=("select", 0, "next"), timeout=120),
 ]
 
 # The break used by the detector test (and by CNNWIDGETS_BROWSER_BREAK=1): every ipympl canvas
