@@ -9,11 +9,13 @@ from importlib import import_module
 from . import datasets, metrics
 from .engine import (
     DissectionResult,
+    Evaluation,
     Fixations,
     LayerNotFoundError,
     Model,
     available_models,
     dissect,
+    evaluate,
     fixations,
     load_image,
     load_model,
@@ -34,6 +36,7 @@ _LAZY = {
     "FeatureVisualizer": "cnnwidgets.widgets.optvis",
     "InversionExplorer": "cnnwidgets.widgets.optvis",
     "Explorer": "cnnwidgets.widgets.explorer",
+    "EvaluationExplorer": "cnnwidgets.widgets.evaluation",
 }
 
 
@@ -48,8 +51,8 @@ def __dir__():
 
 
 __all__ = [
-    "Attribution", "Cancelled", "DissectionResult", "Fixations", "LayerNotFoundError", "Model",
+    "Attribution", "Cancelled", "DissectionResult", "Evaluation", "Fixations", "LayerNotFoundError", "Model",
     "Visualization", "attribute", "available_models", "datasets", "deconv", "dissect",
-    "fixations", "invert", "load_image", "load_model", "methods", "metrics", "objectives", "sample_image",
+    "evaluate", "fixations", "invert", "load_image", "load_model", "methods", "metrics", "objectives", "sample_image",
     "sample_images", "visualize", *_LAZY,
 ]

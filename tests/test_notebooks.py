@@ -18,6 +18,7 @@ def test_notebook_runs(path, monkeypatch):
     # the kernel imports this checkout's cnnwidgets, and nothing may reach the network
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("CNNWIDGETS_OFFLINE", "1")
+    monkeypatch.setenv("CNNWIDGETS_QUICK", "1")  # notebooks that read it run smaller
     monkeypatch.setenv("TORCH_HOME", str(ROOT / ".no-torch-home"))  # no cached weights reused
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
