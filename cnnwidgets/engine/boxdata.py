@@ -283,7 +283,8 @@ class SyntheticBoxes:
     gravel, the moon — or the Hubble deep field, randomly cropped, scaled and tinted) with one
     object pasted on it (:data:`OBJECTS`: the cat, the espresso cup, the moped, the rocket,
     each cut from its photo), resized so that its longer side is ``scale`` (a range, as a
-    fraction of the image's shorter side) and placed at a random spot. Its box is exactly
+    fraction of the image's shorter side) and placed at a random spot at least a tenth of the
+    image's size from its edges (a model's centre crop may still cut it). Its box is exactly
     where it was pasted, and its class the object's ImageNet class. With probability
     ``distractor`` a second, different object is pasted where it does not overlap the first:
     its box is not a box of the item's class (a map must find the right object).
@@ -377,7 +378,8 @@ class SyntheticBoxes:
         name = self.objects[int(rng.integers(len(self.objects)))]
         obj = self._object(name, rng)
         h, w = obj.shape[:2]
-        x, y = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+        mx, my = min(W // 10, (W - w) // 2), min(H // 10, (H - h) // 2)  # off the very edges
+        x, y = int(rng.integers(mx, W - w - mx + 1)), int(rng.integers(my, H - h - my + 1))
         image[y:y + h, x:x + w] = obj
         box = (x, y, x + w, y + h)
         others = [n for n in self.objects if n != name]
