@@ -269,7 +269,7 @@ class ImageFolderBoxes:
 OBJECTS = {
     "cat": ("chelsea", (30, 0, 420, 300), 285, "Egyptian cat"),
     "espresso": ("coffee", (75, 15, 482, 392), 967, "espresso"),
-    "moped": ("motorcycle_left", (88, 60, 690, 455), 665, "moped"),
+    "moped": ("stereo_motorcycle", (88, 60, 690, 455), 665, "moped"),
     "rocket": ("rocket", (283, 122, 362, 412), 657, "missile"),
 }
 #: Backgrounds (scikit-image data functions): textures and a sky photo.
@@ -336,7 +336,8 @@ class SyntheticBoxes:
         if name not in self._photos:
             from skimage import data as skdata  # local import: scikit-image is slow to import
 
-            array = np.asarray(getattr(skdata, name)())
+            array = getattr(skdata, name)()
+            array = np.asarray(array[0] if isinstance(array, tuple) else array)  # stereo: left
             if array.ndim == 2:
                 array = np.repeat(array[..., None], 3, 2)
             self._photos[name] = Image.fromarray(np.ascontiguousarray(array[..., :3]))
