@@ -146,9 +146,15 @@ def box_hits(heat, truth, thresholds=None, deltas=DELTAS) -> tuple[np.ndarray, n
             largest[i], best[i] = largest[i - 1], best[i - 1]  # the same boxes
             continue
         previous = mask
-        labels, count = _components(mask)
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        if not len(rows):
+            continue  # nothing on: no box, no hit (and none at higher thresholds)
+        # label only the mask's bounding region (it shrinks as τ rises), then shift back
+        r0, c0 = rows[0], cols[0]
+        labels, count = _components(mask[r0:rows[-1] + 1, c0:cols[-1] + 1])
         if count:
             boxes, areas = _component_boxes(labels, count)
+            boxes += (c0, r0, c0, r0)
             ious = iou_matrix(boxes, truth).max(1)  # per component, its best true box
             largest[i] = ious[int(np.argmax(areas))] >= deltas
             best[i] = ious.max() >= deltas
