@@ -388,7 +388,7 @@ def wilson(hits: float, n: int, z: float = 1.959963984540054) -> tuple[float, fl
     p = hits / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def mean_interval(values) -> tuple[float, float, float]:
