@@ -35,7 +35,8 @@ def draw_bars(ax, bars: dict, *, selected: int | None = None):
         containers.append(c)
     ax.set_xticks(x, [f"{name}\n({better} better)" for _, name, better in metrics],
                   fontsize=8)
-    ax.set_ylim(0, max(1.0, float(np.nanmax(high)) if np.isfinite(high).any() else 1.0))
+    top = float(np.nanmax(high)) if np.isfinite(high).any() else 1.0
+    ax.set_ylim(0, 1.18 * max(1.0, top))  # headroom for the legend above the bars
     ax.set_ylabel("value (bars: 95% interval)", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     if methods:
@@ -86,6 +87,6 @@ def update_gallery(cells, entries):
             x0, y0, x1, y1 = box
             ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
                                    edgecolor=MAP_COLOR, linewidth=1.5, linestyle="--"))
-        ax.set_title(entry.get("title", ""), fontsize=7)
+        ax.set_title(entry.get("title", ""), fontsize=6)
         ax.set_axis_off()
     return cells
