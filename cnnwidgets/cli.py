@@ -20,6 +20,7 @@ import importlib
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 PROG = "cnnwidgets"
@@ -282,13 +283,16 @@ def _evaluate(args) -> int:
             dataset = ImageFolderBoxes(args.data, args.annotations, limit=args.limit)
         else:
             dataset = SyntheticBoxes(args.synthetic, seed=args.seed)
+        started = time.perf_counter()
         result = evaluate(model, dataset, args.methods, args.metrics, targets=args.targets,
                           threshold=args.threshold, steps=args.steps,
                           batch_size=args.batch_size, num_workers=args.workers,
                           cache_dir=args.cache_dir, progress=not args.quiet)
         if _rank() == 0:
+            seconds = time.perf_counter() - started
             path = result.save(out)
-            print(f"saved {result!r} to {path}")
+            print(f"evaluated {len(dataset)} images in {seconds:.2f} s; saved {result!r} to "
+                  f"{path}")
             for target in result.targets:
                 print(f"\ntarget: {target}")
                 print(result.table("markdown" if args.markdown else "text", target=target))
