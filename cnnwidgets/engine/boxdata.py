@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .checks import check_float, check_int
+from .datasets import seeded_index
 from .labels import imagenet_synsets
 
 __all__ = ["AnnotationError", "BoxProblem", "ImageFolderBoxes", "OBJECTS", "SyntheticBoxes",
@@ -146,7 +147,7 @@ class ImageFolderBoxes:
         self.clipped = 0
         self._spec = {"class": "ImageFolderBoxes", "root": str(self.root),
                       "annotations": None if annotations is None else str(annotations),
-                      "limit": limit}
+                      "synsets": None if synsets is None else list(synsets), "limit": limit}
         names = list(synsets) if synsets is not None else imagenet_synsets()
         self.synsets = names
         self._synset_index = {s: i for i, s in enumerate(names)}
@@ -368,11 +369,7 @@ class SyntheticBoxes:
         return np.asarray(piece.resize((min(w, W), min(h, H)), Image.Resampling.BILINEAR))
 
     def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if index < 0:
-            index += self.n_images
-        if not 0 <= index < self.n_images:
-            raise IndexError(f"index {index} out of range for {self.n_images} images")
+        index = seeded_index(index, self.n_images)
         rng = np.random.default_rng([self.seed, index])
         H, W = self.size
         image = self._background(rng)
