@@ -17,11 +17,13 @@ from .engine import (
     layer_drift,
     prune_curve,
     DissectionResult,
+    Evaluation,
     Fixations,
     LayerNotFoundError,
     Model,
     available_models,
     dissect,
+    evaluate,
     fixations,
     load_image,
     load_model,
@@ -49,6 +51,7 @@ _LAZY = {
     "PruningExplorer": "cnnwidgets.widgets.applications",
     "TrainingMonitor": "cnnwidgets.widgets.training",
     "CompareExplorer": "cnnwidgets.widgets.compare",
+    "EvaluationExplorer": "cnnwidgets.widgets.evaluation",
 }
 
 
@@ -68,6 +71,6 @@ __all__ = [
     "Attribution", "Cancelled", "DissectionResult", "Fixations", "LayerNotFoundError", "Model",
     "Visualization", "attribute", "available_models", "datasets", "deconv", "dissect",
     "fixations", "invert", "load_image", "load_model", "methods", "metrics", "objectives", "sample_image",
-    "sample_images", "targets", "visualize", "compare", "train", "Comparison", "Monitor",
+    "sample_images", "targets", "visualize", "evaluate", "Evaluation", "compare", "train", "Comparison", "Monitor",
     "NonFiniteLoss", "Snapshot", "TrainResult", *_LAZY,
 ]

@@ -3,18 +3,24 @@
     cnnwidgets dissect --model efficientnet_lite0 --layers _blocks.2 _blocks.4._bn0 \\
         --synthetic 1000 --size 112 --out dissection.npz
     cnnwidgets dissect --model resnet18 --broden /data/broden1_224 --layers layer4 --out r18.npz
+    cnnwidgets evaluate --model resnet50 --data /data/ILSVRC2012_val --methods grad_cam fixations \
+        --out e.npz
+    cnnwidgets evaluate --synthetic 40 --methods grad_cam fixations --out e.npz
 
 Under ``torchrun --nproc_per_node N cnnwidgets dissect ...`` (or ``python -m torch.distributed.run
 ... -m cnnwidgets.cli dissect ...``) every process takes a shard of the data set (gloo backend on
-CPU, nccl on GPU) and rank 0 saves the merged result, identical to a one-process run.
+CPU, nccl on GPU) and rank 0 saves the merged result, identical to a one-process run; the same
+for ``evaluate``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 PROG = "cnnwidgets"
@@ -164,28 +170,90 @@ def _parser():
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error")
+
+    e = sub.add_parser("evaluate", help="attribution methods measured on images with boxes "
+                       "(localisation, MaxBoxAcc, pointing, deletion, insertion)")
+    e.add_argument("--model", default="efficientnet_lite0",
+                   help="a cw.load_model name, or 'module:factory' returning an nn.Module")
+    e.add_argument("--random-weights", action="store_true",
+                   help="random weights (pretrained=False) for a torchvision model")
+    e.add_argument("--methods", nargs="+", default=["grad_cam"],
+                   help="attribution methods (cw.methods())")
+    e.add_argument("--metrics", nargs="+", default=["localization", "pointing", "deletion",
+                                                    "insertion"],
+                   choices=["localization", "pointing", "deletion", "insertion"])
+    e.add_argument("--targets", nargs="+", default=["label"], choices=["label", "top1"],
+                   help="explain the true class (label) and / or the predicted one (top1)")
+    source = e.add_mutually_exclusive_group()
+    source.add_argument("--data", metavar="DIR_OR_CSV",
+                        help="the ILSVRC validation layout (images + VOC XML) or a boxes CSV")
+    source.add_argument("--synthetic", type=_int_at_least(1), default=40, metavar="N",
+                        help="N images of the offline cw.datasets.SyntheticBoxes (default)")
+    e.add_argument("--annotations", default=None,
+                   help="the folder of the XML files, when not under --data")
+    e.add_argument("--limit", type=_int_at_least(1), default=None,
+                   help="only the first N images of --data")
+    e.add_argument("--seed", type=int, default=0, help="synthetic data set seed")
+    e.add_argument("--threshold", type=_fraction(open_low=False, open_high=False),
+                   default=0.2, help="the CAM box rule's fraction of the map's maximum")
+    e.add_argument("--steps", type=_int_at_least(1), default=50,
+                   help="steps of the deletion / insertion curves")
+    e.add_argument("--batch-size", type=_int_at_least(1), default=16)
+    e.add_argument("--workers", type=_int_at_least(0), default=0, help="DataLoader workers")
+    e.add_argument("--cache-dir", default=None,
+                   help="keep finished blocks here; a stopped run resumes from them")
+    e.add_argument("--device", type=_device, default=None,
+                   help="cpu, cuda, cuda:N or mps; default: where the model is")
+    e.add_argument("--out", required=True, help="where to save the evaluation (.npz)")
+    e.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
     return parser
 
 
-def _dissect(args) -> int:
+@contextlib.contextmanager
+def _process_group(device):
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), the default process group for the run (gloo on
+    CPU, nccl on CUDA), destroyed after; nothing in a single process."""
     import torch.distributed as dist
 
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if (device or "").startswith("cuda") else "gloo")
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _model_on_device(args):
+    import torch.distributed as dist
+
+    model = _load_model(args.model, pretrained=not args.random_weights)
+    if args.device:
+        device = args.device
+        if device == "cuda" and dist.is_initialized():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        model.module.to(device)
+    return model
+
+
+def _dissect(args) -> int:
     from .engine.datasets import Broden, SyntheticConcepts
     from .engine.dissection import dissect
 
     out = _out_path(args.out)
-    started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if (args.device or "").startswith("cuda") else "gloo"
-        dist.init_process_group(backend)
-        started = True
-    try:
-        model = _load_model(args.model, pretrained=not args.random_weights)
-        if args.device:
-            device = args.device
-            if device == "cuda" and dist.is_initialized():
-                device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            model.module.to(device)
+    with _process_group(args.device):
+        model = _model_on_device(args)
         if args.broden:
             dataset = Broden(args.broden)
         else:
@@ -193,15 +261,41 @@ def _dissect(args) -> int:
         result = dissect(model, dataset, args.layers, args.quantile, args.iou_threshold,
                          batch_size=args.batch_size, num_workers=args.workers,
                          progress=not args.quiet, features=args.features)
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        if rank == 0:
+        if _rank() == 0:
             path = result.save(out)
             print(f"saved {result!r} to {path}")
             for layer, counts in result.summary().items():
                 print(f"  {layer}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    finally:
-        if started:
-            dist.destroy_process_group()
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .engine.boxdata import ImageFolderBoxes, SyntheticBoxes
+    from .engine.evaluation import evaluate
+
+    out = Path(args.out)
+    out = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
+    with _process_group(args.device):
+        model = _model_on_device(args)
+        if args.data:
+            if not Path(args.data).exists():
+                raise ValueError(f"--data {args.data!r}: no such folder or file")
+            dataset = ImageFolderBoxes(args.data, args.annotations, limit=args.limit)
+        else:
+            dataset = SyntheticBoxes(args.synthetic, seed=args.seed)
+        started = time.perf_counter()
+        result = evaluate(model, dataset, args.methods, args.metrics, targets=args.targets,
+                          threshold=args.threshold, steps=args.steps,
+                          batch_size=args.batch_size, num_workers=args.workers,
+                          cache_dir=args.cache_dir, progress=not args.quiet)
+        if _rank() == 0:
+            seconds = time.perf_counter() - started
+            path = result.save(out)
+            print(f"evaluated {len(dataset)} images in {seconds:.2f} s; saved {result!r} to "
+                  f"{path}")
+            for target in result.targets:
+                print(f"\ntarget: {target}")
+                print(result.table("markdown" if args.markdown else "text", target=target))
     return 0
 
 
@@ -211,7 +305,7 @@ def main(argv=None) -> int:
     with status 2 and argparse's usage message."""
     args = _parser().parse_args(argv)
     try:
-        return _dissect(args)
+        return _evaluate(args) if args.command == "evaluate" else _dissect(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -18,6 +18,14 @@ def nbytes(value) -> int:
     return 64
 
 
+def hash_weights(h, module) -> None:
+    """Feed every tensor of ``module.state_dict()`` (its name, then its bytes) to the hash
+    ``h`` (a ``hashlib`` object): the part of a cache key that says "these weights"."""
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
+
+
 def weights_state(*modules) -> tuple:
     """What the modules' own weights and buffers are now (not their children's): each tensor's
     storage, version, dtype, device and shape. It changes when one is updated in place

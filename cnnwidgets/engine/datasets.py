@@ -108,11 +108,7 @@ class SyntheticConcepts:
                 "seed": self.seed}
 
     def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if index < 0:
-            index += self.n_images
-        if not 0 <= index < self.n_images:
-            raise IndexError(f"index {index} out of range for {self.n_images} images")
+        index = seeded_index(index, self.n_images)
         rng = np.random.default_rng([self.seed, index])
         S = self.size
         yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
@@ -394,6 +390,17 @@ class Broden:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def seeded_index(index, n: int) -> int:
+    """``index`` of a generated data set of ``n`` items as a plain int in 0 … n − 1 (negative
+    counts from the end); an ``IndexError`` outside."""
+    index = int(index)
+    if index < 0:
+        index += n
+    if not 0 <= index < n:
+        raise IndexError(f"index {index} out of range for {n} images")
+    return index
 
 
 def item_image(item) -> np.ndarray:

@@ -50,8 +50,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache import hash_weights
 from .checks import check_float, check_int
 from .datasets import concept_number, item_image
+from .distributed import all_gather_cat, all_reduce, rank_and_world
 from .hooks import cancel_points, capture, restored
 from .images import to_uint8
 from .model import Model, as_model
@@ -200,39 +202,8 @@ def _collate(items):
 # ----------------------------------------------------------------------------- distributed
 
 
-def _dist():
-    """``(rank, world_size)`` of the initialised default process group, else ``(0, 1)``."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _all_reduce(t: torch.Tensor, op="sum") -> torch.Tensor:
-    if _dist()[1] == 1:
-        return t
-    dist = torch.distributed
-    t = t.clone()
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
-                           "max": dist.ReduceOp.MAX}[op])
-    return t
-
-
-def _all_gather_cat(t: torch.Tensor, dim: int, pad_value) -> torch.Tensor:
-    """Concatenate every rank's ``t`` along ``dim`` (sizes along ``dim`` may differ)."""
-    if _dist()[1] == 1:
-        return t
-    dist = torch.distributed
-    world = dist.get_world_size()
-    size = torch.tensor([t.shape[dim]], dtype=torch.int64)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    top = int(max(s.item() for s in sizes))
-    pad = list(t.shape)
-    pad[dim] = top - t.shape[dim]
-    padded = torch.cat([t, torch.full(pad, pad_value, dtype=t.dtype)], dim)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p.narrow(dim, 0, int(s.item())) for p, s in zip(parts, sizes)], dim)
+# rank, world size and the collectives live in .distributed (shared with cw.evaluate)
+_dist, _all_reduce, _all_gather_cat = rank_and_world, all_reduce, all_gather_cat
 
 
 # ----------------------------------------------------------------------------- pass 1 state
@@ -937,9 +908,7 @@ def _layer_list(model: Model, layers) -> list[str]:
 
 def _fingerprint(model: Model, dataset, layers, quantile, iou_threshold, extra) -> str:
     h = hashlib.blake2b(digest_size=12)
-    for name, t in model.module.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
+    hash_weights(h, model.module)
     spec = dataset.spec() if hasattr(dataset, "spec") else {"class": type(dataset).__name__}
     h.update(json.dumps([spec, len(dataset), list(dataset.concepts), list(layers),
                          float(quantile), float(iou_threshold), model.mean, model.std,

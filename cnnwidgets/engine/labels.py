@@ -13,6 +13,19 @@ def imagenet_labels() -> list[str]:
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
+def imagenet_synsets() -> list[str]:
+    """The 1,000 ILSVRC-2012 WordNet synset ids (``"n01440764"``, …) in class-index order (the
+    order of torchvision's and timm's ImageNet classifiers: the ids sorted), from the plain
+    text list shipped with cnnwidgets (``engine/data/imagenet_synsets.txt``, one id a line).
+
+    The list was taken from timm's ``timm/data/_info/imagenet_synsets.txt`` (the wheel on this
+    project's package mirror); torchvision ships only the class names, not the ids."""
+    from pathlib import Path
+
+    path = Path(__file__).with_name("data") / "imagenet_synsets.txt"
+    return path.read_text().split()
+
+
 def default_labels(count: int) -> list[str]:
     """ImageNet's names for 1,000 classes, else ``"class 0"``, ``"class 1"``, …"""
     return imagenet_labels() if count == 1000 else [f"class {i}" for i in range(count)]

@@ -115,6 +115,12 @@ class Model:
         tensor, display = self._preprocess.prepare(image)
         return tensor.to(self.device, dtype), display
 
+    def map_boxes(self, boxes, width: int, height: int) -> tuple[np.ndarray, int, int]:
+        """Boxes in a ``width`` × ``height`` image's pixels → the pixels of the crop the
+        network sees (aligned with ``prepare(image)[1]`` and with attribution maps), with the
+        numbers of boxes clipped and dropped; see :meth:`.preprocess.Preprocess.map_boxes`."""
+        return self._preprocess.map_boxes(boxes, width, height)
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Map images in [0, 1] (N×3×H×W) to the network's input space."""
         return self._preprocess.normalize(x)

@@ -123,11 +123,37 @@ class Preprocess:
         mean, std = self._stats(x)
         return x * std + mean
 
+    def crop_geometry(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """For an image of ``width`` × ``height`` pixels: ``(resized width, resized height,
+        left, top)`` of the resize and centre crop (the crop is ``input_size`` from
+        ``(left, top)`` of the resized image)."""
+        H, W = self.input_size
+        scale = max(H / self.crop / height, W / self.crop / width)
+        rw, rh = max(W, round(width * scale)), max(H, round(height * scale))
+        return rw, rh, (rw - W) // 2, (rh - H) // 2
+
+    def map_boxes(self, boxes, width: int, height: int) -> tuple[np.ndarray, int, int]:
+        """Boxes ``(x0, y0, x1, y1)`` in the pixels of a ``width`` × ``height`` image (pixel
+        edges: ``x1``, ``y1`` excluded, so a box of one pixel is ``(x, y, x + 1, y + 1)``)
+        → the same boxes in the pixels of the crop the network sees (``prepare``'s display
+        image), through the resize and the centre crop. Returns ``(K×4 float32 boxes, number
+        clipped, number dropped)``: a box reaching outside the crop is clipped to it, one left
+        less than a pixel wide or high is dropped."""
+        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        rw, rh, left, top = self.crop_geometry(int(width), int(height))
+        H, W = self.input_size
+        sx, sy = rw / width, rh / height
+        moved = np.stack([b[:, 0] * sx - left, b[:, 1] * sy - top,
+                          b[:, 2] * sx - left, b[:, 3] * sy - top], 1)
+        clipped = np.stack([moved[:, 0].clip(0, W), moved[:, 1].clip(0, H),
+                            moved[:, 2].clip(0, W), moved[:, 3].clip(0, H)], 1)
+        keep = ((clipped[:, 2] - clipped[:, 0]) >= 1) & ((clipped[:, 3] - clipped[:, 1]) >= 1)
+        changed = (np.abs(clipped - moved) > 1e-9).any(1)
+        return (clipped[keep].astype(np.float32), int((changed & keep).sum()),
+                int((~keep).sum()))
+
     def _crop(self, pil: Image.Image) -> Image.Image:
         H, W = self.input_size
-        w, h = pil.size
-        scale = max(H / self.crop / h, W / self.crop / w)
-        rw, rh = max(W, round(w * scale)), max(H, round(h * scale))
+        rw, rh, left, top = self.crop_geometry(*pil.size)
         resized = pil.resize((rw, rh), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        left, top = (rw - W) // 2, (rh - H) // 2
         return resized.crop((left, top, left + W, top + H))

@@ -86,6 +86,12 @@ CASES = [
          "result = cw.dissect(model, cw.datasets.SyntheticConcepts(24, 64), ['_blocks.10'], "
          "progress=False)\nw = cw.DissectionExplorer(result)", control=("select", 1, "next"),
          timeout=120),
+    # a small evaluation (6 offline images, localisation and pointing only); the method
+    # dropdown must redraw the bars' outline and the gallery
+    Case("evaluation", "EvaluationExplorer",
+         "ev = cw.evaluate(model, cw.datasets.SyntheticBoxes(6, seed=0), ['grad_cam', "
+         "'saliency'], ['localization', 'pointing'], progress=False)\n"
+         "w = cw.EvaluationExplorer(ev, model)", control=("select", 0, "next"), timeout=150),
     # grey until Start (by design); Start must form the picture and draw the loss curve. A
     # small, short run: the figure is judged when it settles, the run may still be going on
     Case("feature_vis", "FeatureVisualizer",
