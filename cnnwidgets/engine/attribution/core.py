@@ -86,6 +86,7 @@ class Context:
     * :meth:`layer_value`, :meth:`layer_and_grad`, :meth:`tap`: a layer's activations, their
       gradients, and a layer replaced;
     * :meth:`masked_scores`: the scores of the input masked by upsampled maps (Score-CAM);
+    * :meth:`occluded_scores`: the scores of the input with boxes occluded (occlusion);
     * :meth:`batches`: index ranges with progress, memory fitting and cancellation.
 
     How they run fast is not the method's concern (:mod:`..fast`)."""
@@ -98,6 +99,7 @@ class Context:
     cancel: Any = None  #: ``threading.Event`` or callable returning True to stop
     progress: Any = None  #: True / False / None (auto) / callable(done, total)
     base_score: float | None = None  #: the target logit of ``x``, once computed
+    memo: dict = field(default_factory=dict, repr=False)  #: what the primitives keep for ``x``
 
     # ----------------------------------------------------------- running the model
     def check_cancel(self) -> None:
@@ -141,6 +143,14 @@ class Context:
         (``(v − min) / (max − min + 1e-8)``): Score-CAM's masked copies."""
         return fast.masked_scores(self.model, self.target, self.x, maps,
                                   self.batches(maps.shape[0], batch_size, desc))
+
+    def occluded_scores(self, boxes, size, baseline: torch.Tensor,
+                        threshold: float = 1.0) -> torch.Tensor:
+        """The target's score (n,) for the input with each box ``(top, left)`` of ``boxes``
+        (``size`` = (h, w), clipped at the edge) showing ``baseline`` (1×C×H×W) instead.
+        ``threshold`` τ < 1: Krypton's projective-field approximation (:mod:`..incremental`)."""
+        return fast.occluded_scores(self.model, self.target, self.x, boxes, size, baseline,
+                                    threshold, self.memo)
 
     def batches(self, total: int, batch_size: int, desc: str | None = None) -> Iterator[tuple]:
         """``(start, stop)`` index pairs covering ``range(total)`` in equal chunks of at most

@@ -20,6 +20,11 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return [i * stride for i in range(count)]
 
 
+def every_other(starts: list[int]) -> list[int]:
+    """Every other window start, the last one kept (the coarse pass covers the edge too)."""
+    return sorted(set(starts[::2]) | {starts[-1]})
+
+
 @register(
     "occlusion",
     params=[
@@ -27,32 +32,65 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
         Param("stride", int, 16, (1, 1024), "step between patches, in input pixels"),
         Param("baseline", str, "zeros", help="what the patch shows: zero input or black",
               choices=("zeros", "black")),
+        Param("exact", bool, True, help="the exact map; off: Krypton's two approximations "
+              "(threshold, drill_down), faster"),
+        Param("threshold", float, 0.5, (0.05, 1.0), "approximate only: largest share of a "
+              "map's side a patch's changed region may grow to (Krypton's τ; 1 = exact)",
+              step=0.05),
+        Param("drill_down", float, 0.25, (0.0, 1.0), "approximate only: share of the other "
+              "windows run after the coarse pass, where its map is highest", step=0.05),
         BATCH,
     ],
     kind="perturbation",
     signed=True,
     help="score drop when a patch is replaced by the baseline, averaged per pixel (Zeiler 2014)",
 )
-def occlusion(ctx, window, stride, baseline, batch_size):
+def occlusion(ctx, window, stride, baseline, exact, threshold, drill_down, batch_size):
+    """Zeiler & Fergus's occlusion: slide a patch showing the baseline over the image; each
+    pixel gets the mean drop of the target's score over the patches that cover it.
+
+    ``exact=False`` is Krypton's approximate mode (Nakandala et al., SIGMOD 2019): the changed
+    region of a layer grows no larger than ``threshold`` of the map's side (projective-field
+    threshold), and *adaptive drill-down*: every other window first (twice the stride), then
+    the ``drill_down`` share of the remaining windows where that coarse map is highest — the
+    rest of the map is the coarse pass's. (Krypton drills into a share of the image's area;
+    here a share of the windows, so that the windows run are always windows of the exact
+    map.) How the scores are computed — incremental inference from the image's stored
+    activations — is the context's concern (:meth:`Context.occluded_scores`)."""
     x = ctx.x
     _, _, H, W = x.shape
     kh, kw = min(window, H), min(window, W)
     base = baseline_for(ctx, baseline)
-    boxes = [(r, c) for r in window_starts(H, kh, stride) for c in window_starts(W, kw, stride)]
+    rows, cols = window_starts(H, kh, stride), window_starts(W, kw, stride)
     total = torch.zeros(H, W, dtype=x.dtype, device=x.device)
     count = torch.zeros(H, W, dtype=x.dtype, device=x.device)
-    with torch.no_grad():
-        y = float(ctx.score(x)[0])
-        ctx.base_score = y
+    tau = 1.0 if exact else threshold
+
+    def occlude(boxes):
         for lo, hi in ctx.batches(len(boxes), batch_size, "occlusion"):
-            batch = x.repeat(hi - lo, 1, 1, 1)
-            for i, (r, c) in enumerate(boxes[lo:hi]):
-                batch[i, :, r:r + kh, c:c + kw] = base[0, :, r:r + kh, c:c + kw]
-            drops = y - ctx.score(batch)
+            drops = y - ctx.occluded_scores(boxes[lo:hi], (kh, kw), base, tau)
             for (r, c), d in zip(boxes[lo:hi], drops):
                 total[r:r + kh, c:c + kw] += d
                 count[r:r + kh, c:c + kw] += 1
-    heat = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+    def mean():
+        return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+    with torch.no_grad():
+        y = float(ctx.score(x)[0])
+        ctx.base_score = y
+        boxes = [(r, c) for r in rows for c in cols]
+        if exact:
+            occlude(boxes)
+        else:
+            coarse = [(r, c) for r in every_other(rows) for c in every_other(cols)]
+            occlude(coarse)
+            heat = mean()
+            done = set(coarse)
+            rest = [b for b in boxes if b not in done]
+            rest.sort(key=lambda b: -float(heat[b[0]:b[0] + kh, b[1]:b[1] + kw].mean()))
+            occlude(rest[:round(drill_down * len(rest))])
+    heat = mean()
     return heat.expand(x.shape[1], H, W), heat
 
 
