@@ -258,10 +258,9 @@ def resnet18():
 
 
 def lite0():
-    from efficientnet_lite_pytorch import EfficientNet
-
-    torch.manual_seed(0)
-    return _with_statistics(EfficientNet.from_name("efficientnet-lite0", num_classes=10))
+    # its trained weights (shipped with the package, offline): with random ones its scores
+    # barely move when a patch is occluded (drops ~1e-8), too small to compare anything
+    return cw.load_model("efficientnet_lite0", device="cpu").module
 
 
 def occlusion(model, image, on, **kw):
@@ -270,11 +269,11 @@ def occlusion(model, image, on, **kw):
 
 
 @pytest.mark.parametrize("build,size,window,stride", [(resnet18, 64, 16, 8),
-                                                      (lite0, 64, 16, 12)])
+                                                      (lite0, 96, 24, 18)])
 def test_networks_map_equals_plain_occlusion_and_captum(build, size, window, stride):
     captum = pytest.importorskip("captum.attr")
     net = build()
-    model = cw.Model(net, input_size=(size, size), labels=[str(i) for i in range(10)])
+    model = cw.Model(net, input_size=(size, size))
     image = cw.sample_image("cat")
     kw = dict(window=window, stride=stride, baseline="zeros", batch_size=16)
     ours = occlusion(model, image, True, **kw).raw
@@ -303,7 +302,7 @@ def test_resnet_runs_incrementally_up_to_the_global_pooling():
 
 
 def test_approximate_mode():
-    net = make("residual")
+    net = make("residual", torch.float32)
     labels = [str(i) for i in range(5)]
     model = cw.Model(net, input_size=(24, 24), labels=labels, mean=(0, 0, 0), std=(1, 1, 1))
     image = cw.sample_image("cat")
@@ -312,7 +311,7 @@ def test_approximate_mode():
     # no cut and every window drilled into: the exact map
     same = cw.attribute(model, image, "occlusion", target=2, progress=False, exact=False,
                         threshold=1.0, drill_down=1.0, **kw)
-    np.testing.assert_allclose(same.raw, exact.raw, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(same.raw, exact.raw, rtol=1e-5, atol=1e-6 * np.abs(exact.raw).max())
     # no drill-down: only every other window (starts 0, 6, 12, 18 of 0, 3, …, 18): 16 copies
     totals = []
     cw.attribute(model, image, "occlusion", target=2, exact=False, drill_down=0.0,
