@@ -40,7 +40,9 @@ Nothing here runs while a hook is registered on the network (hooks are part of t
 from __future__ import annotations
 
 import math
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -181,6 +183,8 @@ class Session:
         from ..fixations.graph import run_graph
 
         self.graph = graph
+        self.lock = threading.Lock()  # one run at a time (a run's threshold and records)
+        self.placeholder = next(n for n in graph.nodes if n.op == "placeholder")
         self.modules = dict(root.named_modules())
         self.root = root
         clean, _ = run_graph(graph, root, x)
@@ -218,13 +222,15 @@ class Session:
     def run(self, start: Patch, threshold: float = 1.0, clock=None):
         """The network's output (N×…) for the copies of the input ``start`` describes.
         ``clock(node, seconds)``, when given, is told how long each node took (benchmarks)."""
+        with self.lock:
+            self.threshold = threshold
+            self.sizes, self.whole = {}, []
+            return self._run(start, clock)
+
+    def _run(self, start: Patch, clock):
         from ..fixations.graph import _evaluate
 
-        self.threshold = threshold
-        self.sizes, self.whole = {}, []
-        env: dict = {}
-        placeholder = next(n for n in self.graph.nodes if n.op == "placeholder")
-        env[placeholder] = start
+        env: dict = {self.placeholder: start}
         n_copies = start.n
         for node in self.order:
             began = time.perf_counter() if clock is not None else 0.0
@@ -315,23 +321,40 @@ def _shape(node: fx.Node, args, kwargs, n_copies: int):
     return shape if dim is None else shape[dim]
 
 
+_SESSIONS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_SESSIONS_LOCK = threading.Lock()
+
+
 def session(module: nn.Module, x: torch.Tensor, fold: bool = True) -> "Session | None":
     """The incremental-inference session of ``module`` for the image ``x`` (1×C×H×W), or
     ``None`` where it may not run (a hook on the network, training mode, a network ``torch.fx``
-    cannot trace, an input that is not an image batch)."""
+    cannot trace, an input that is not an image batch). The last one made for a network is
+    kept, and served again for the same image while the network's modules, weights and
+    buffers are the same (an explorer's next window or stride)."""
+    from ..cache import weights_state
     from ..fixations.graph import trace_graph
     from ..fixations.registry import UnsupportedOperationError
     from . import rules  # noqa: F401  (the rules register themselves)
 
     if module.training or hooked(module) or x.dim() != 4:
         return None
+    state = (tuple(id(m) for m in module.modules()), weights_state(*module.modules()), fold)
+    with _SESSIONS_LOCK:
+        kept = _SESSIONS.get(module)
+    if kept is not None and kept[0] == state and kept[1].shape == x.shape \
+            and kept[1].dtype == x.dtype and kept[1].device == x.device \
+            and torch.equal(kept[1], x):
+        return kept[2]
     try:
         graph = trace_graph(module)
     except UnsupportedOperationError:
         return None
     if sum(1 for n in graph.nodes if n.op == "placeholder") != 1:
         return None
-    return Session(graph, module, x, fold=fold)
+    made = Session(graph, module, x.detach().clone(), fold=fold)
+    with _SESSIONS_LOCK:
+        _SESSIONS[module] = (state, made.clean[made.placeholder], made)
+    return made
 
 
 def occluded_input(x: torch.Tensor, base: torch.Tensor, boxes: Sequence[tuple[int, int]],
