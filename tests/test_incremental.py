@@ -322,3 +322,12 @@ def test_approximate_mode():
     cw.attribute(model, image, "occlusion", target=2, exact=False, drill_down=0.25,
                  progress=lambda done, total: totals.append(total), **kw)
     assert set(totals) == {16, 8}
+
+
+def test_fill_in_interpolates_the_windows_not_run():
+    from cnnwidgets.engine.attribution.perturbation import fill_in
+
+    nan = float("nan")
+    drops = torch.tensor([[1.0, nan, 3.0], [nan, nan, nan], [5.0, nan, 7.0]])
+    # beside two known windows: their mean; among four diagonal ones: theirs
+    assert fill_in(drops).tolist() == [[1.0, 2.0, 3.0], [3.0, 4.0, 5.0], [5.0, 6.0, 7.0]]
