@@ -236,8 +236,10 @@ def rank_correlation(a, b) -> float:
 
 def occlusion_rows(model_name, args):
     """Occlusion at the two settings: ours exact (incremental inference) and approximate
-    (``exact=False``, default threshold and drill-down), each in alternating pairs with Captum's
-    ``Occlusion`` (same window, stride, zero baseline, 32 copies per pass); then how far the
+    (``exact=False``, default threshold and drill-down) and Captum's ``Occlusion`` (same window,
+    stride, zero baseline, 32 copies per pass) in rounds of alternating order (one untimed call
+    of each first, except with ``--quick``; ours / Captum is the median of the rounds' ratios);
+    then how far the
     approximate map is from the exact one (Spearman's rank correlation, the pointing game of
     both on the cat's head) and, for one batch of 32 copies, where the exact mode's time goes
     (:func:`where_time_goes`)."""
@@ -253,21 +255,28 @@ def occlusion_rows(model_name, args):
     print(f"{'window/stride':14} {'mode':12} {'ours s':>8} {'Captum s':>9} {'ours/Captum':>12} "
           f"{'aim':>7} {'pairs':>5} {'pair ratios':>11}")
     for window, stride in OCCLUSION_SETTINGS:
+        maps = {}
+
         def captum(window=window, stride=stride):
             ca.Occlusion(net).attribute(x, sliding_window_shapes=(3, window, window),
                                         strides=(3, stride, stride), baselines=0.0,
                                         target=TARGET, perturbations_per_eval=32)
-        maps = {}
-        for mode, extra, goal in (("exact", {}, "≤ 0.20"), ("approximate", {"exact": False},
-                                                             "≤ 0.05")):
-            def ours(extra=extra, mode=mode, window=window, stride=stride):
+
+        def ours(mode, window=window, stride=stride):
+            def run():
                 maps[mode] = cw.attribute(model, image, "occlusion", target=TARGET,
                                           progress=False, window=window, stride=stride,
-                                          baseline="zeros", batch_size=32, **extra)
-            o, p, ratios = timed_pair(ours, captum, args.slow_repeats)
-            print(f"{f'{window}/{stride}':14} {mode:12} {o:8.2f} {p:9.2f} "
-                  f"{statistics.median(ratios):12.3f} {goal:>7} {len(ratios):5d} "
-                  f"{min(ratios):.3f}–{max(ratios):.3f}", flush=True)
+                                          baseline="zeros", batch_size=32,
+                                          exact=mode == "exact")
+            return run
+
+        times = timed_rounds({"exact": ours("exact"), "approximate": ours("approximate"),
+                              "Captum": captum}, args.slow_repeats, warm=not args.quick)
+        for mode, goal in (("exact", "≤ 0.20"), ("approximate", "≤ 0.05")):
+            ratios = [a / b for a, b in zip(times[mode], times["Captum"])]
+            print(f"{f'{window}/{stride}':14} {mode:12} {statistics.median(times[mode]):8.2f} "
+                  f"{statistics.median(times['Captum']):9.2f} {statistics.median(ratios):12.3f} "
+                  f"{goal:>7} {len(ratios):5d} {min(ratios):.3f}–{max(ratios):.3f}", flush=True)
         exact, approx = maps["exact"], maps["approximate"]
         hits = [cw.metrics.pointing_game(a, HEAD).hit for a in (exact, approx)]
         print(f"{'':14} approximate vs exact: rank correlation "
@@ -275,6 +284,20 @@ def occlusion_rows(model_name, args):
               f"the head: exact {'hit' if hits[0] else 'miss'}, approximate "
               f"{'hit' if hits[1] else 'miss'}", flush=True)
     where_time_goes(model, x)
+
+
+def timed_rounds(fns: dict, rounds: int, warm: bool = True) -> dict:
+    """Seconds of each callable of ``fns`` over ``rounds`` rounds whose order alternates (as
+    listed, then reversed, …), after one untimed call of each when ``warm``."""
+    if warm:
+        for fn in fns.values():
+            _once(fn)
+    times = {name: [] for name in fns}
+    order = list(fns)
+    for i in range(rounds):
+        for name in (order if i % 2 == 0 else order[::-1]):
+            times[name].append(_once(fns[name]))
+    return times
 
 
 def where_time_goes(model, x, window=32, stride=16, copies=32):
@@ -298,8 +321,12 @@ def where_time_goes(model, x, window=32, stride=16, copies=32):
         run.run(start)  # warm-up
         seconds: dict = {}
         run.run(start, clock=lambda node, s: seconds.__setitem__(node, s))
+        from cnnwidgets.engine import fast
+
+        batch = x.repeat(copies, 1, 1, 1)
+        fast.logits(model, batch)  # warm-up (builds the twin)
         full = time.perf_counter()
-        model.scores(x.repeat(copies, 1, 1, 1))
+        fast.logits(model, batch)
         full = time.perf_counter() - full
     stages: dict = {}
     for node, s in seconds.items():
@@ -312,8 +339,8 @@ def where_time_goes(model, x, window=32, stride=16, copies=32):
             entry[2] = tuple(run.clean[node].shape[-2:]) if run.clean[node].dim() == 4 else None
     total = sum(seconds.values())
     print(f"\n   where the time goes, window {window} / stride {stride}, {copies} copies: "
-          f"{total * 1000:.0f} ms incremental, {full * 1000:.0f} ms for the network on the "
-          f"copies (no twin)")
+          f"{total * 1000:.0f} ms incremental, {full * 1000:.0f} ms for the network's fast twin "
+          f"on the copies")
     print(f"   {'stage':28} {'ms':>7} {'share':>6}  box at its end / map")
     for stage, (s, size, shape) in stages.items():
         box = ("whole" if size is None else f"{size[0]}×{size[1]}") if size != "?" else "—"

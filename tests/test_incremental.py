@@ -20,6 +20,7 @@ from cnnwidgets.engine.attribution.perturbation import every_other, window_start
 from cnnwidgets.engine.hooks import hook_count, restored
 from cnnwidgets.engine.incremental import Patch, clean_window, occluded_input, span
 from cnnwidgets.engine.incremental.rules import changed_rows
+from test_fast import _with_statistics  # batch-norm statistics far from (0, 1)
 
 
 @contextlib.contextmanager
@@ -241,15 +242,6 @@ def test_no_session_where_a_hook_must_fire():
 
 
 # --------------------------------------------------------------------------- whole networks
-def _with_statistics(net):
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return net.eval()
-
-
 def resnet18():
     import torchvision
 

@@ -31,7 +31,8 @@ A convolution followed only by its eval-mode batch norm runs with the norm folde
 
 Approximation (Krypton's *projective-field threshold*, ``threshold`` τ < 1): a box that would
 grow beyond ``ceil(τ · side)`` rows (or columns) of a map is cut to that many, around its
-centre; the values outside are then the stored ones. τ = 1 is exact.
+centre; the values outside are then the stored ones. τ = 1 is exact. (Krypton's other
+approximation, adaptive drill-down, chooses which windows to score: the occlusion method's.)
 
 Nothing here runs while a hook is registered on the network (hooks are part of the network;
 :func:`..hooks.hooked`), for a network ``torch.fx`` cannot trace, or in training mode:
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..hooks import hooked
@@ -113,14 +115,15 @@ class Patch:
         if bool(((r0 >= 0) & (r0 + self.h <= h) & (c0 >= 0) & (c0 + self.w <= w)).all()):
             # every box inside its window (the usual case): pasted in, one slice per place
             places = r0 * (w + 1) + c0
-            for place in torch.unique(places).tolist():
+            kinds, counts = torch.unique(places, return_counts=True)
+            for place, count in zip(kinds.tolist(), counts.tolist()):
                 a, b = divmod(place, w + 1)
                 rows, cols = slice(a, a + self.h), slice(b, b + self.w)
-                if places.numel() == 1 or bool((places == place).all()):
+                if count == self.n:
                     out[:, :, rows, cols] = self.values
                 else:
-                    which = (places == place).nonzero()[:, 0]
-                    out[which, :, rows, cols] = self.values[which]
+                    for i in (places == place).nonzero()[:, 0].tolist():
+                        out[i, :, rows, cols] = self.values[i]
             return out
         rows = top[:, None] - self.top[:, None] + torch.arange(h, device=top.device)  # N×h
         cols = left[:, None] - self.left[:, None] + torch.arange(w, device=top.device)  # N×w
@@ -147,16 +150,15 @@ def clean_window(full: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: i
     """N×C×h×w (a new tensor, channels-last): rows ``top[i] …``, columns ``left[i] …`` of
     ``full`` (1×C×H×W) for each ``i``, ``fill`` outside the map."""
     H, W = full.shape[-2:]
-    rows = top[:, None] + torch.arange(h, device=top.device)  # N×h
-    cols = left[:, None] + torch.arange(w, device=top.device)  # N×w
     hwc = full[0].permute(1, 2, 0)  # H×W×C: a view (contiguous when full is channels-last)
-    out = hwc[rows.clamp(0, H - 1)[:, :, None], cols.clamp(0, W - 1)[:, None, :]]  # N×h×w×C
-    out = out.permute(0, 3, 1, 2)
-    inside_r, inside_c = (rows >= 0) & (rows < H), (cols >= 0) & (cols < W)
-    if not (bool(inside_r.all()) and bool(inside_c.all())):
-        outside = ~(inside_r[:, :, None] & inside_c[:, None, :])[:, None]
-        out.masked_fill_(outside, fill)
-    return out
+    tops, lefts = top.tolist(), left.tolist()
+    above, below = max(0, -min(tops)), max(0, max(tops) + h - H)
+    before, after = max(0, -min(lefts)), max(0, max(lefts) + w - W)
+    if above or below or before or after:  # windows that leave the map read ``fill`` there
+        hwc = F.pad(hwc, (0, 0, before, after, above, below), value=fill)
+    out = torch.stack([hwc[t + above:t + above + h, c + before:c + before + w]
+                       for t, c in zip(tops, lefts)])  # N×h×w×C
+    return out.permute(0, 3, 1, 2)
 
 
 def span(low: torch.Tensor, high: torch.Tensor, size: int, threshold: float = 1.0):
