@@ -110,6 +110,12 @@ class Patch:
         if (h, w) == (self.h, self.w) and torch.equal(top, self.top) \
                 and torch.equal(left, self.left):
             return self.values
+        H, W = self.full.shape[-2:]
+        if (self.h, self.w) == (H, W) and bool((top == top[0]).all()) \
+                and bool((left == left[0]).all()):
+            # the whole map changed (deep layers): the window is the values, padded or cut
+            t, c = int(top[0]), int(left[0])
+            return F.pad(self.values, (-c, c + w - W, -t, t + h - H), value=fill)
         out = clean_window(self.full, top, left, h, w, fill)
         r0, c0 = self.top - top, self.left - left  # each box's place in its window
         if bool(((r0 >= 0) & (r0 + self.h <= h) & (c0 >= 0) & (c0 + self.w <= w)).all()):
