@@ -34,16 +34,22 @@ def changed_rows(first: torch.Tensor, length: int, pad: int, k: int, s: int, d: 
 def sliding(run, x: Patch, out_full: torch.Tensor, kernel, stride, dilation, pads, op,
             fill: float = 0.0) -> Patch:
     """A sliding-window operation (convolution, pooling) on the changed region: the output's
-    box from :func:`changed_rows`, its values ``op(window)`` where ``window`` is the input
-    around the box (``pads`` = rows above, columns left of the map; ``fill`` outside it) and
-    ``op`` runs without padding."""
+    box from :func:`changed_rows`, its values ``op(window, (0, 0))`` where ``window`` is the
+    input around the box (``pads`` = rows above, columns left of the map; ``fill`` outside it);
+    ``op(t, padding)`` runs the operation with that padding (the operation's own padding value,
+    which ``fill`` must be)."""
     (kh, kw), (sh, sw), (dh, dw), (top, left) = kernel, stride, dilation, pads
     oh, ow = out_full.shape[-2:]
     t, h = changed_rows(x.top, x.h, top, kh, sh, dh, oh, run.threshold)
     l, w = changed_rows(x.left, x.w, left, kw, sw, dw, ow, run.threshold)
-    window = x.window(t * sh - top, l * sw - left, (h - 1) * sh + dh * (kh - 1) + 1,
-                      (w - 1) * sw + dw * (kw - 1) + 1, fill)
-    return Patch(out_full, op(window), t, l)
+    rows, cols = (h - 1) * sh + dh * (kh - 1) + 1, (w - 1) * sw + dw * (kw - 1) + 1
+    H, W = x.full.shape[-2:]
+    if ((x.h, x.w, h, w) == (H, W, oh, ow) and rows - H - top == top
+            and cols - W - left == left):
+        # the whole map in and out, padded alike on both sides: the operation pads itself
+        return Patch(out_full, op(x.values, (top, left)), t, l)
+    window = x.window(t * sh - top, l * sw - left, rows, cols, fill)
+    return Patch(out_full, op(window, (0, 0)), t, l)
 
 
 def _trusted(run, node: fx.Node, compute) -> bool:
@@ -85,7 +91,7 @@ def convolve(run, node: fx.Node, x: Patch, out_full: torch.Tensor, weight: torch
 
     def conv(p: Patch, out, w, b):
         return sliding(run, p, out, kernel, stride, dilation, (top, left),
-                       lambda t: F.conv2d(t, w, b, stride, 0, dilation, m.groups))
+                       lambda t, pad: F.conv2d(t, w, b, stride, pad, dilation, m.groups))
 
     if type(m) is not nn.Conv2d and not _trusted(
             run, node, lambda p: conv(p, run.clean[node], m.weight, m.bias)):
@@ -117,15 +123,15 @@ def pooling(run, node, args, kwargs):
             return None
         dilation, fill = height_width(m.dilation), float("-inf")
 
-        def op(t):
-            return F.max_pool2d(t, kernel, stride, 0, dilation)
+        def op(t, pad):
+            return F.max_pool2d(t, kernel, stride, pad, dilation)
     else:
         if m.ceil_mode or (not m.count_include_pad and any(pad)):
             return None
         dilation, fill = (1, 1), 0.0
 
-        def op(t):
-            return F.avg_pool2d(t, kernel, stride, 0, False, True, m.divisor_override)
+        def op(t, pad):
+            return F.avg_pool2d(t, kernel, stride, pad, False, True, m.divisor_override)
 
     def pool(p: Patch):
         return sliding(run, p, run.clean[node], kernel, stride, dilation, pad, op, fill)
