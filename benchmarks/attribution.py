@@ -448,10 +448,15 @@ def main():
               f"load average {os.getloadavg()[0]:.1f} (the machine is shared: absolute times vary)")
         if args.quick:
             print("# --quick: a smoke run (one pair per row, no settling pause); not a measurement")
-        print(f"# protocol: every row one warm-up call per side, then pairs in alternating order "
-              f"(ours-peer, peer-ours, ...); pairs: single-pass {args.single_repeats}, "
-              f"SmoothGrad / IG {args.repeats}, slow {args.slow_repeats}, "
-              f"Score-CAM {args.score_cam_repeats}")
+        if args.occlusion:
+            print(f"# protocol: ours exact, ours approximate and Captum in {args.slow_repeats} "
+                  "rounds of alternating order, one untimed call of each first "
+                  f"{'(skipped: --quick)' if args.quick else ''}")
+        else:
+            print(f"# protocol: every row one warm-up call per side, then pairs in alternating order "
+                  f"(ours-peer, peer-ours, ...); pairs: single-pass {args.single_repeats}, "
+                  f"SmoothGrad / IG {args.repeats}, slow {args.slow_repeats}, "
+                  f"Score-CAM {args.score_cam_repeats}")
         start = time.perf_counter()
         for name in args.models:
             if args.ab:

@@ -6,7 +6,6 @@ ResNet-18 and EfficientNet-Lite0 (random weights, small inputs) and against Capt
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import numpy as np
 import pytest

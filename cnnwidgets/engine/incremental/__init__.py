@@ -54,7 +54,8 @@ from torch import fx, nn
 from ..hooks import hooked
 from ..ruletable import ClassName, RuleTable
 
-__all__ = ["ClassName", "Patch", "Session", "rule", "session", "span"]
+__all__ = ["ClassName", "Patch", "Session", "Whole", "clean_window", "occluded_input", "rule",
+           "session", "span"]
 
 _TABLE = RuleTable("incremental-inference rule")
 
