@@ -6,6 +6,10 @@
                                                 # IG on EfficientNet), one pair, no settling
     python benchmarks/attribution.py --ab fold  # one speed trick of cnnwidgets.engine.fast
                                                 # on / off in alternating pairs (see ab)
+    python benchmarks/attribution.py --occlusion  # occlusion only: exact (incremental) and
+                                                # approximate against Captum at window 32 /
+                                                # stride 16 and 16 / 8, the approximate map's
+                                                # agreement, and where the time goes
 
 Models: ResNet-18 with RANDOM weights (torchvision, ``weights=None``: nothing is downloaded)
 and EfficientNet-Lite0 with its trained weights (shipped, offline).
@@ -217,6 +221,145 @@ def bench(model_name, args):
     return rows
 
 
+OCCLUSION_SETTINGS = ((32, 16), (16, 8))  # (window, stride), the issue's two
+HEAD = (20, 60, 210, 200)  # the cat's head in the 224 px crop (x0, y0, x1, y1; notebook 02)
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rank correlation of two maps (pixels ranked; ties broken by position)."""
+    import numpy as np
+
+    ra = np.argsort(np.argsort(a.ravel())).astype(float)
+    rb = np.argsort(np.argsort(b.ravel())).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def occlusion_rows(model_name, args):
+    """Occlusion at the two settings: ours exact (incremental inference) and approximate
+    (``exact=False``, default threshold and drill-down) and Captum's ``Occlusion`` (same window,
+    stride, zero baseline, 32 copies per pass) in rounds of alternating order (one untimed call
+    of each first, except with ``--quick``; ours / Captum is the median of the rounds' ratios);
+    then how far the
+    approximate map is from the exact one (Spearman's rank correlation, the pointing game of
+    both on the cat's head) and, for one batch of 32 copies, where the exact mode's time goes
+    (:func:`where_time_goes`)."""
+    import captum.attr as ca
+
+    torch.manual_seed(0)
+    model = cw.load_model(model_name, pretrained=model_name == "efficientnet_lite0")
+    net = model.module
+    image = cw.sample_image("cat")
+    x, _ = model.prepare(image)
+    weights = "trained weights" if model_name == "efficientnet_lite0" else "RANDOM weights"
+    print(f"\n## occlusion, {model_name} ({weights}) at 224 px, 32 copies per pass")
+    print(f"{'window/stride':14} {'mode':12} {'ours s':>8} {'Captum s':>9} {'ours/Captum':>12} "
+          f"{'aim':>7} {'pairs':>5} {'pair ratios':>11}")
+    for window, stride in OCCLUSION_SETTINGS:
+        maps = {}
+
+        def captum(window=window, stride=stride):
+            ca.Occlusion(net).attribute(x, sliding_window_shapes=(3, window, window),
+                                        strides=(3, stride, stride), baselines=0.0,
+                                        target=TARGET, perturbations_per_eval=32)
+
+        def ours(mode, window=window, stride=stride):
+            def run():
+                maps[mode] = cw.attribute(model, image, "occlusion", target=TARGET,
+                                          progress=False, window=window, stride=stride,
+                                          baseline="zeros", batch_size=32,
+                                          exact=mode == "exact")
+            return run
+
+        times = timed_rounds({"exact": ours("exact"), "approximate": ours("approximate"),
+                              "Captum": captum}, args.slow_repeats, warm=not args.quick)
+        for mode, goal in (("exact", "≤ 0.20"), ("approximate", "≤ 0.05")):
+            ratios = [a / b for a, b in zip(times[mode], times["Captum"])]
+            print(f"{f'{window}/{stride}':14} {mode:12} {statistics.median(times[mode]):8.2f} "
+                  f"{statistics.median(times['Captum']):9.2f} {statistics.median(ratios):12.3f} "
+                  f"{goal:>7} {len(ratios):5d} {min(ratios):.3f}–{max(ratios):.3f}", flush=True)
+        exact, approx = maps["exact"], maps["approximate"]
+        hits = [cw.metrics.pointing_game(a, HEAD).hit for a in (exact, approx)]
+        print(f"{'':14} approximate vs exact: rank correlation "
+              f"{rank_correlation(approx.map, exact.map):.3f} (aim ≥ 0.95); pointing game on "
+              f"the head: exact {'hit' if hits[0] else 'miss'}, approximate "
+              f"{'hit' if hits[1] else 'miss'}", flush=True)
+    where_time_goes(model, x)
+
+
+def timed_rounds(fns: dict, rounds: int, warm: bool = True) -> dict:
+    """Seconds of each callable of ``fns`` over ``rounds`` rounds whose order alternates (as
+    listed, then reversed, …), after one untimed call of each when ``warm``."""
+    if warm:
+        for fn in fns.values():
+            _once(fn)
+    times = {name: [] for name in fns}
+    order = list(fns)
+    for i in range(rounds):
+        for name in (order if i % 2 == 0 else order[::-1]):
+            times[name].append(_once(fns[name]))
+    return times
+
+
+def where_time_goes(model, x, window=32, stride=16, copies=32):
+    """Each stage's share of one exact incremental pass over ``copies`` occluded copies, with
+    the changed box against the map's size at the stage's end: where the box grows to the
+    whole map, incremental inference saves nothing from there on."""
+    from cnnwidgets.engine import incremental
+    from cnnwidgets.engine.attribution.perturbation import window_starts
+    from cnnwidgets.engine.hooks import restored
+
+    net = model.module
+    H = x.shape[-1]
+    starts = window_starts(H, window, stride)
+    boxes = [(r, c) for r in starts for c in starts][:copies]
+    with restored(net, frozen=True), torch.no_grad():
+        run = incremental.session(net, x)
+        if run is None:
+            print("(no incremental session for this network)")
+            return
+        start = incremental.occluded_input(x, torch.zeros_like(x), boxes, (window, window))
+        run.run(start)  # warm-up
+        seconds: dict = {}
+        run.run(start, clock=lambda node, s: seconds.__setitem__(node, s))
+        from cnnwidgets.engine import fast
+
+        batch = x.repeat(copies, 1, 1, 1)
+        fast.logits(model, batch)  # warm-up (builds the twin)
+        full = time.perf_counter()
+        fast.logits(model, batch)
+        full = time.perf_counter() - full
+    stages: dict = {}
+    for node, s in seconds.items():
+        stage = _stage(node)
+        entry = stages.setdefault(stage, [0.0, None, None])
+        entry[0] += s
+        size = run.sizes.get(node.name, "?")
+        if size != "?":
+            entry[1] = size
+            entry[2] = tuple(run.clean[node].shape[-2:]) if run.clean[node].dim() == 4 else None
+    total = sum(seconds.values())
+    print(f"\n   where the time goes, window {window} / stride {stride}, {copies} copies: "
+          f"{total * 1000:.0f} ms incremental, {full * 1000:.0f} ms for the network's fast twin "
+          f"on the copies")
+    print(f"   {'stage':28} {'ms':>7} {'share':>6}  box at its end / map")
+    for stage, (s, size, shape) in stages.items():
+        box = ("whole" if size is None else f"{size[0]}×{size[1]}") if size != "?" else "—"
+        of = f" / {shape[0]}×{shape[1]}" if shape else ""
+        print(f"   {stage:28} {s * 1000:7.1f} {s / total:6.1%}  {box}{of}")
+
+
+def _stage(node) -> str:
+    """A node's stage: the block it belongs to (``layer2.1``, ``_blocks.7``), else its name."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    name = (str(node.target) if node.op == "call_module"
+            else str(stack[-1][0]) if stack and isinstance(stack[-1], tuple) else node.name)
+    parts = name.replace("_blocks_", "_blocks.").split(".")
+    if parts[0] in ("layer1", "layer2", "layer3", "layer4", "_blocks") and len(parts) > 1:
+        return ".".join(parts[:2])
+    return "head" if parts[0] in ("avgpool", "fc", "_avg_pooling", "_fc", "_dropout", "flatten",
+                                  "view", "size") else parts[0]
+
+
 AB_METHODS = ("saliency", "smoothgrad", "integrated_gradients", "score_cam", "occlusion")
 
 
@@ -280,6 +423,9 @@ def main():
     parser.add_argument("--ab", metavar="TRICK", default=None,
                         help="time one speed trick of cnnwidgets.engine.fast on and off "
                              "(TRICKS there) instead of the comparison with the peers")
+    parser.add_argument("--occlusion", action="store_true",
+                        help="only the occlusion rows: exact and approximate against Captum at "
+                             "window 32 / stride 16 and 16 / 8, agreement, where the time goes")
     parser.add_argument("--ab-pairs", type=int, default=5, help="on / off pairs per method")
     parser.add_argument("--out", default=None,
                         help="also write everything printed to this file (the raw output to "
@@ -302,14 +448,21 @@ def main():
               f"load average {os.getloadavg()[0]:.1f} (the machine is shared: absolute times vary)")
         if args.quick:
             print("# --quick: a smoke run (one pair per row, no settling pause); not a measurement")
-        print(f"# protocol: every row one warm-up call per side, then pairs in alternating order "
-              f"(ours-peer, peer-ours, ...); pairs: single-pass {args.single_repeats}, "
-              f"SmoothGrad / IG {args.repeats}, slow {args.slow_repeats}, "
-              f"Score-CAM {args.score_cam_repeats}")
+        if args.occlusion:
+            print(f"# protocol: ours exact, ours approximate and Captum in {args.slow_repeats} "
+                  "rounds of alternating order, one untimed call of each first "
+                  f"{'(skipped: --quick)' if args.quick else ''}")
+        else:
+            print(f"# protocol: every row one warm-up call per side, then pairs in alternating order "
+                  f"(ours-peer, peer-ours, ...); pairs: single-pass {args.single_repeats}, "
+                  f"SmoothGrad / IG {args.repeats}, slow {args.slow_repeats}, "
+                  f"Score-CAM {args.score_cam_repeats}")
         start = time.perf_counter()
         for name in args.models:
             if args.ab:
                 ab(name, args.ab, args)
+            elif args.occlusion:
+                occlusion_rows(name, args)
             else:
                 bench(name, args)
         print(f"\n# {time.perf_counter() - start:.0f} s in all; load average at the end "

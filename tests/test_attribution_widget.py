@@ -180,3 +180,19 @@ def test_evaluate_draws_deletion_and_insertion_curves_for_every_map(widget, mode
     assert widget.figures.eval_box.children == () and not widget.evaluate_check.value
     widget.target = 4
     assert widget.curves == []
+
+
+def test_live_occlusion_controls_from_the_spec(widget):
+    widget.method = "occlusion"
+    names = [c.description for c in widget.param_box.children]
+    assert names == ["window", "stride", "baseline", "exact", "threshold", "drill_down",
+                     "batch_size"]
+    widget._param_controls["window"].value = 24
+    widget._param_controls["stride"].value = 20
+    r = widget.result[0]
+    assert (r.method, r.params["window"], r.params["stride"]) == ("occlusion", 24, 20)
+    first = overlay(widget).copy()
+    widget._param_controls["exact"].value = False  # Krypton's approximate mode, from a checkbox
+    assert widget.result[0].params["exact"] is False
+    widget._param_controls["window"].value = 40
+    assert widget.result[0].params["window"] == 40 and not np.allclose(overlay(widget), first)

@@ -36,6 +36,10 @@ computes the same function (to float rounding) faster, with these tricks — eac
     with one channel zeroed) share everything before that layer: it runs once, and only the
     rest of the network runs on the copies (:func:`scores_from_layer`). The network's own
     modules run, unfolded.
+``incremental``
+    Occluded copies of an image are scored from the image's stored activations, each layer
+    computed only where the copy differs from the image (:mod:`.incremental`, Krypton); with
+    ``fold`` on, the batch norms there are folded into their convolutions too.
 
 The user's hooks are part of the network: the twin never runs while a hook that fires on this
 thread is registered on any module of the network, at any depth, or for every module
@@ -68,7 +72,7 @@ from .hooks import hooked
 from .relu_rules import backward_rule, watching
 
 #: the speed tricks of the twin (see the module docstring)
-TRICKS = ("fold", "same_pad", "pack", "channels_last", "head", "suffix")
+TRICKS = ("fold", "same_pad", "pack", "channels_last", "head", "suffix", "incremental")
 #: the tricks in use: all but those listed in the environment variable
 #: ``CNNWIDGETS_TRICKS_OFF`` (comma-separated) at import; benchmarks switch them here
 ENABLED = set(TRICKS) - set(os.environ.get("CNNWIDGETS_TRICKS_OFF", "").split(","))
@@ -155,6 +159,36 @@ def scores_from_layer(model, layer: str, x: torch.Tensor,
         return None
     out = model.output(out) if model.output is not None else out
     return out if out.shape[0] == values.shape[0] else None
+
+
+def occluded_scores(model, target, x: torch.Tensor, boxes, size, base: torch.Tensor,
+                    threshold: float = 1.0, memo: "dict | None" = None) -> torch.Tensor:
+    """The ``target``'s score (n,) (a resolved target, :mod:`.targets`) for each copy of ``x``
+    (1×C×H×W) whose box ``(top, left)``
+    of ``boxes`` (n of them, each ``size`` = (h, w), clipped at the map's edge) shows ``base``
+    (1×C×H×W) instead of ``x``. With the ``incremental`` trick, computed from ``x``'s stored
+    activations (:mod:`.incremental`), and ``threshold`` τ < 1 is Krypton's projective-field
+    approximation there; without it, or where it may not run (a hook on the network…), the
+    network runs on the copies and the result is exact. ``memo``: a dict kept across the calls
+    for one ``x`` (the stored activations are kept there)."""
+    run = None
+    with torch.no_grad():
+        if "incremental" in ENABLED:
+            from . import incremental
+
+            memo = {} if memo is None else memo
+            key = ("incremental", "fold" in ENABLED)
+            if key not in memo:
+                memo[key] = incremental.session(model.module, x, fold="fold" in ENABLED)
+            run = memo[key]
+        if run is None:
+            kh, kw = size
+            batch = x.repeat(len(boxes), 1, 1, 1)
+            for i, (r, c) in enumerate(boxes):
+                batch[i, :, r:r + kh, c:c + kw] = base[0, :, r:r + kh, c:c + kw]
+            return target.score(_forward(model, twin(model.module), batch))
+        out = run.run(incremental.occluded_input(x, base, boxes, size), threshold)
+        return target.score(model.output(out) if model.output is not None else out)
 
 
 def upsample_masks(maps: torch.Tensor, size) -> torch.Tensor:
@@ -450,8 +484,9 @@ def _fold(graph: fx.Graph, named: dict) -> list:
     return pairs
 
 
-def _fold_into(target: nn.Module, conv: nn.Module, bn: nn.Module) -> None:
-    """Set ``target``'s weight and bias to ``conv`` followed by ``bn`` (eval mode)."""
+def folded_weights(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight, bias)`` of ``conv`` followed by ``bn`` (eval mode) as one convolution, in
+    the convolution's dtype (computed in float64)."""
     with torch.no_grad():
         w = conv.weight.detach().double()
         b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(
@@ -463,12 +498,18 @@ def _fold_into(target: nn.Module, conv: nn.Module, bn: nn.Module) -> None:
             shift = shift * bn.weight.double() + bn.bias.double()
         dtype = conv.weight.dtype
         weight = (w * scale.view(-1, *[1] * (w.ndim - 1))).to(dtype)
-        if weight.ndim == 4 and "channels_last" in ENABLED:
-            # oneDNN then answers in channels-last, as the packed convolutions do: a batch of
-            # one stays in one layout from layer to layer (no copies between layers)
-            weight = weight.contiguous(memory_format=torch.channels_last)
-        target.weight = nn.Parameter(weight, requires_grad=False)
-        target.bias = nn.Parameter((b * scale + shift).to(dtype), requires_grad=False)
+        return weight, (b * scale + shift).to(dtype)
+
+
+def _fold_into(target: nn.Module, conv: nn.Module, bn: nn.Module) -> None:
+    """Set ``target``'s weight and bias to ``conv`` followed by ``bn`` (eval mode)."""
+    weight, bias = folded_weights(conv, bn)
+    if weight.ndim == 4 and "channels_last" in ENABLED:
+        # oneDNN then answers in channels-last, as the packed convolutions do: a batch of
+        # one stays in one layout from layer to layer (no copies between layers)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    target.weight = nn.Parameter(weight, requires_grad=False)
+    target.bias = nn.Parameter(bias, requires_grad=False)
 
 
 def _plain(conv: nn.Module) -> nn.Module:

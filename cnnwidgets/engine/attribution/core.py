@@ -92,6 +92,7 @@ class Context:
       gradients, and a layer replaced;
     * :meth:`masked_scores`: the scores of the input masked by upsampled maps (Score-CAM);
     * :meth:`layer_scores`: the scores with the layer's value replaced (Ablation-CAM);
+    * :meth:`occluded_scores`: the scores of the input with boxes occluded (occlusion);
     * :meth:`batches`: index ranges with progress, memory fitting and cancellation.
 
     How they run fast is not the method's concern (:mod:`..fast`)."""
@@ -107,6 +108,7 @@ class Context:
     cancel: Any = None  #: ``threading.Event`` or callable returning True to stop
     progress: Any = None  #: True / False / None (auto) / callable(done, total)
     base_score: float | None = None  #: the target logit of ``x``, once computed
+    memo: dict = field(default_factory=dict, repr=False)  #: what the primitives keep for ``x``
 
     def __post_init__(self):
         self.target = targets_.resolve(self.model, self.target)
@@ -172,6 +174,14 @@ class Context:
             with self.tap(replace=lambda t: values):
                 out = self.logits(self.x.expand(n, *self.x.shape[1:]))
         return self.target.score(out)
+
+    def occluded_scores(self, boxes, size, baseline: torch.Tensor,
+                        threshold: float = 1.0) -> torch.Tensor:
+        """The target's score (n,) for the input with each box ``(top, left)`` of ``boxes``
+        (``size`` = (h, w), clipped at the edge) showing ``baseline`` (1×C×H×W) instead.
+        ``threshold`` τ < 1: Krypton's projective-field approximation (:mod:`..incremental`)."""
+        return fast.occluded_scores(self.model, self.target, self.x, boxes, size, baseline,
+                                    threshold, self.memo)
 
     def batches(self, total: int, batch_size: int, desc: str | None = None) -> Iterator[tuple]:
         """``(start, stop)`` index pairs covering ``range(total)`` in equal chunks of at most

@@ -20,16 +20,14 @@ from typing import Callable
 
 from torch import fx, nn
 
+from ..ruletable import ClassName, RuleTable
+
+__all__ = ["ClassName", "FixationRule", "UnsupportedOperationError", "describe", "is_leaf_type",
+           "module_rule", "rule", "rule_for"]
+
 
 class UnsupportedOperationError(NotImplementedError):
     """The backtrack reached an operation that CNN Fixations has no rule for."""
-
-
-@dataclass(frozen=True)
-class ClassName:
-    """A module type named by its class name (``ClassName("FrozenBatchNorm2d")``)."""
-
-    name: str
 
 
 @dataclass(frozen=True)
@@ -41,10 +39,7 @@ class FixationRule:
     shown: bool
 
 
-_MODULE_TYPES: dict = {}    # nn.Module subclass → FixationRule
-_MODULE_NAMES: dict = {}    # class name → FixationRule
-_FUNCTIONS: dict = {}       # function → FixationRule
-_METHODS: dict = {}         # tensor method name → FixationRule
+_TABLE = RuleTable("fixation rule", fn_of=lambda entry: entry.fn)
 
 
 def rule(*operations, shown: bool = False):
@@ -55,48 +50,24 @@ def rule(*operations, shown: bool = False):
     registered here is kept whole by :class:`~.graph.FixationTracer` (one graph node).
     """
     def register(fn):
-        entry = FixationRule(fn, shown)
-        for op in operations:
-            if isinstance(op, type) and issubclass(op, nn.Module):
-                table = _MODULE_TYPES
-            elif isinstance(op, ClassName):
-                table, op = _MODULE_NAMES, op.name
-            elif isinstance(op, str):
-                table = _METHODS
-            elif callable(op):
-                table = _FUNCTIONS
-            else:
-                raise TypeError(f"cannot register a fixation rule for {op!r}")
-            if table.get(op, entry).fn is not fn:
-                raise ValueError(f"{op!r} already has the fixation rule {table[op].fn.__name__}")
-            table[op] = entry
+        _TABLE.add(operations, FixationRule(fn, shown))
         return fn
     return register
 
 
 def module_rule(m: nn.Module) -> FixationRule | None:
     """The rule of a module: its closest registered base class, else its class name."""
-    for cls in type(m).__mro__:
-        found = _MODULE_TYPES.get(cls)
-        if found is not None:
-            return found
-    return _MODULE_NAMES.get(type(m).__name__)
+    return _TABLE.for_module(m)
 
 
 def is_leaf_type(m: nn.Module) -> bool:
     """Whether a module has a rule that expects it as one graph node."""
-    return isinstance(m, tuple(_MODULE_TYPES)) or type(m).__name__ in _MODULE_NAMES
+    return _TABLE.has_module(m)
 
 
 def rule_for(node: fx.Node, modules: dict) -> FixationRule | None:
     """The rule registered for ``node``'s operation, or None."""
-    if node.op == "call_module":
-        return module_rule(modules[node.target])
-    if node.op == "call_function":
-        return _FUNCTIONS.get(node.target)
-    if node.op == "call_method":
-        return _METHODS.get(node.target)
-    return None
+    return _TABLE.for_node(node, modules)
 
 
 def describe(node: fx.Node) -> str:
