@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cnnwidgets as cw
-from cnnwidgets.engine import fast, incremental
+from cnnwidgets.engine import fast, incremental, targets
 from cnnwidgets.engine.attribution.perturbation import every_other, window_starts
 from cnnwidgets.engine.hooks import hook_count, restored
 from cnnwidgets.engine.incremental import Patch, clean_window, occluded_input, span
@@ -174,7 +174,7 @@ def scores(net, x, boxes, size, *, on, threshold=1.0, memo=None):
     model = cw.Model(net, input_size=tuple(x.shape[-2:]), labels=[str(i) for i in range(5)])
     base = torch.zeros_like(x)
     with trick(on), restored(net, frozen=True):
-        return fast.occluded_scores(model, 2, x, boxes, size, base, threshold,
+        return fast.occluded_scores(model, targets.resolve(model, 2), x, boxes, size, base, threshold,
                                     {} if memo is None else memo)
 
 
@@ -285,7 +285,7 @@ def test_resnet_runs_incrementally_up_to_the_global_pooling():
     memo = {}
     model = cw.Model(net, input_size=(64, 64), labels=[str(i) for i in range(10)])
     with trick(True), restored(net, frozen=True):
-        fast.occluded_scores(model, 3, x, [(0, 0), (48, 16)], (16, 16), torch.zeros_like(x),
+        fast.occluded_scores(model, targets.resolve(model, 3), x, [(0, 0), (48, 16)], (16, 16), torch.zeros_like(x),
                              memo=memo)
     run = memo[("incremental", True)]
     assert run.whole == []
