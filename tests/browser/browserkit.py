@@ -538,8 +538,9 @@ class Case:
     ArrowRight on the ``nth`` slider handle), ``("button", label)`` (click the button with that
     text), ``("checkbox", nth)`` (click the ``nth`` checkbox), ``("tab", index)`` (click a tab of
     an ipywidgets Tab), ``("canvas", nth, fx, fy)`` (click the ``nth`` figure at a fractional
-    position), ``("drag", nth, fx0, fy0, fx1, fy1)`` (press the left button there, move to the
-    second point, let go). Controls are counted among the widget's visible ones (those a user can move).
+    position), ``("drag", nth, fx0, fy0, fx1, fy1)`` (press the left button at the first
+    fractional point of the ``nth`` figure, move to the second, let go). Controls are counted
+    among the widget's visible ones (those a user can move).
     ``prepare``: controls moved first, each followed by a wait until every figure looks drawn
     (e.g. open a tab, whose figures then appear: appearing is not a change, a control inside
     the tab then must change them).
