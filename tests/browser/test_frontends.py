@@ -92,9 +92,10 @@ CASES = [
          "w = cw.AttributionExplorer(model, image)", prepare=(("checkbox", 0),),
          control=("select", 0, "next"), figure=1, timeout=180),
     # a dense output (Lite0's linear layer as a 1×1 convolution: 1000×7×7 scores), whose region
-    # a click-and-drag on the input panel chooses; letting go explains it (the map changes)
+    # a click-and-drag on the input panel chooses; letting go explains it (saliency: the map
+    # follows the region; Grad-CAM at the 1×1 head would only rescale it)
     Case("attribution_drag", "AttributionExplorer", DENSE_CODE + "\n"
-         "w = cw.AttributionExplorer(dense, image)",
+         "w = cw.AttributionExplorer(dense, image, 'saliency')",
          control=("drag", 0, 0.2, 0.3, 0.32, 0.6), timeout=120),
     # the target dropdown: a new backtrack redraws every panel. (The backtrack-step slider,
     # moved with ArrowRight, changed the figure in Lab and Voila but not in Notebook 7, where
