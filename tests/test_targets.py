@@ -510,6 +510,68 @@ def test_explorers_take_any_target_and_show_its_name():
     assert hook_count(net) == 0
 
 
+
+def _mouse(canvas, name, ax, x, y):
+    """Send a left-button mouse event at data point (x, y) of ``ax`` (None: a point of the
+    figure left of every axes) through the canvas, as a browser's would arrive."""
+    from matplotlib.backend_bases import MouseEvent
+
+    px, py = (2.0, 2.0) if x is None else ax.transData.transform((x, y))
+    canvas.callbacks.process(name, MouseEvent(name, canvas, px, py, button=1))
+
+
+def test_a_drag_on_the_input_chooses_the_region_and_moves_its_sliders():
+    traitlets = pytest.importorskip("traitlets")
+    pytest.importorskip("ipywidgets")
+    pytest.importorskip("ipympl")
+    net = DenseNet()
+    model = plain(net, 4, labels=["red", "green"])
+    w = cw.AttributionExplorer(model, rgb(RED, RED // 2), "saliency", background=False)
+    canvas, ax = w.figures.single_canvas, w.figures.image_panel["image"].axes
+    canvas.draw()
+    outline = w.figures.image_panel["region"]
+    assert (w.rows, w.cols) == ((0, 3), (0, 3)) and outline.get_xy() == (-0.5, -0.5)
+    assert w.target == 0  # nothing chosen yet: the top class
+    # the 4×4 output over the 4×4 image: pixel (row i, column j) covers y, x in [i, j] ± 0.5
+    _mouse(canvas, "button_press_event", ax, 0.2, 1.1)  # row 1, column 0
+    _mouse(canvas, "motion_notify_event", ax, 1.4, 0.9)  # row 1, column 1
+    assert (w.rows, w.cols) == ((1, 1), (0, 1))  # the sliders follow the drag…
+    assert (w.region_rows.value, w.region_cols.value) == ((1, 1), (0, 1))
+    assert outline.get_xy() == (-0.5, 0.5) and (outline.get_width(), outline.get_height()) == (2, 1)
+    assert w.target == 0  # …and nothing is computed before the release
+    _mouse(canvas, "button_release_event", ax, 2.4, 3.4)  # row 3, column 2
+    assert (w.region_rows.value, w.region_cols.value) == ((1, 3), (0, 2))
+    assert isinstance(w.target, Region) and w.target.cls == 0
+    np.testing.assert_array_equal(w.target.mask, mask_of(
+        [(i, j) for i in (1, 2, 3) for j in (0, 1, 2)]))
+    # class 0 at a pixel sums the red of its 3×3 neighbourhood: an input pixel's gradient
+    # counts the chosen pixels around it, rows 1–3 seen from rows 0…3: 1, 2, 3, 2; columns
+    # 0–2 from columns 0…3: 2, 3, 2, 1
+    expected = np.zeros((3, 4, 4), np.float32)
+    expected[0] = np.outer([1, 2, 3, 2], [2, 3, 2, 1])
+    np.testing.assert_array_equal(w.result[0].raw, expected)
+    assert "red @ 9 px" in w.status.value and w.errors.last_error is None
+    # dragged backwards and let go outside the image: the last point inside ends it
+    _mouse(canvas, "button_press_event", ax, 3.0, 3.0)
+    _mouse(canvas, "motion_notify_event", ax, 1.0, -0.4)
+    _mouse(canvas, "button_release_event", ax, None, None)
+    assert (w.rows, w.cols) == ((0, 3), (1, 3)) and w.target.mask[0:4, 1:4].all()
+    assert w.target.mask.sum() == 12
+    # a press outside the image starts nothing; the sliders move the outline the same way
+    _mouse(canvas, "button_press_event", ax, None, None)
+    _mouse(canvas, "button_release_event", ax, 1.0, 1.0)
+    assert (w.rows, w.cols) == ((0, 3), (1, 3))
+    w.region_rows.value = (2, 2)
+    assert w.rows == (2, 2) and outline.get_xy() == (0.5, 1.5) and outline.get_height() == 1
+    with pytest.raises(traitlets.TraitError, match="within 0…3"):
+        w.cols = (1, 4)
+    w.cols = (3, 3)  # from code: the slider follows, the button explains it
+    assert w.region_cols.value == (3, 3)
+    w.region_button.click()
+    np.testing.assert_array_equal(w.target.mask, mask_of([(2, 3)]))
+    assert hook_count(net) == 0
+
+
 # ------------------------------------------------------------------ the rest of the engine
 def test_a_method_registered_outside_still_indexes_with_ctx_target():
     """Methods written for class targets (``logits[:, ctx.target]``) keep working on one class;

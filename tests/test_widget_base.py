@@ -108,6 +108,36 @@ def test_a_frame_before_the_front_end_is_ready_is_kept_as_a_data_url():
     assert image.size == (100, 75)  # the whole figure: 2 × 1.5 in at 50 dpi
 
 
+def test_a_draw_asked_for_during_a_render_is_asked_for_again_after_its_frame():
+    # the front end ignores a "draw" while it waits for a frame; with ipykernel 7 a result
+    # drawn on the main thread can come while a subshell thread renders: the "draw" it asks
+    # for must come again after that frame, or the figure stays stale
+    import numpy as np
+
+    from cnnwidgets.widgets.base import make_figure
+
+    fig, canvas = make_figure(2, 1.5, dpi=50)
+    image = fig.add_subplot().imshow(np.arange(12.0).reshape(3, 4))
+    sent = []
+    canvas.send_event = lambda kind, **kw: sent.append(kind) if kind == "draw" else None
+    canvas.send_binary = lambda data: sent.append("frame")
+    canvas.draw()
+    assert sent == ["frame"]  # a render alone asks for nothing more (no endless redraws)
+
+    def change_during_render(event):  # as the main thread would, while the render goes on
+        canvas.mpl_disconnect(cid)
+        image.set_data(np.zeros((3, 4)))
+        canvas.draw_idle()
+
+    sent.clear()
+    cid = canvas.mpl_connect("draw_event", change_during_render)
+    canvas.draw()
+    assert sent == ["draw", "frame", "draw"]  # the first one ignored, the second one not
+    sent.clear()
+    canvas.draw_idle()  # outside a render: once
+    assert sent == ["draw"]
+
+
 def test_exit_stops_and_waits_for_background_work():
     """The interpreter's exit asks each widget with live background work to stop, then waits
     for its thread (a daemon thread still inside PyTorch at shutdown aborts the process)."""

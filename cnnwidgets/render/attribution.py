@@ -179,3 +179,94 @@ def show_panel(artists: dict, visible: bool) -> None:
             artists[key].set_visible(visible)
     if "message" in artists:  # shown again only if it still says something
         artists["message"].set_visible(visible and bool(artists["message"].get_text()))
+
+
+# ------------------------------------------------------------------ a region of a dense output
+def grid_cells(start, end, image_shape, grid) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The ``(rows, cols)`` ranges (inclusive) of the cells of a ``grid`` (H'×W' output
+    pixels spread evenly over an image of ``image_shape``) that a rectangle dragged from
+    ``start`` to ``end`` (image data coordinates ``(x, y)``, pixel centres at integers) touches
+    at its two corners; corners beyond the image fall in its border cells."""
+    height, width = image_shape[:2]
+
+    def cell(v, size, n):
+        return int(np.clip(np.floor((v + 0.5) * n / size), 0, n - 1))
+
+    rows = sorted((cell(start[1], height, grid[0]), cell(end[1], height, grid[0])))
+    cols = sorted((cell(start[0], width, grid[1]), cell(end[0], width, grid[1])))
+    return tuple(rows), tuple(cols)
+
+
+def show_cells(artists: dict, rows, cols, grid) -> None:
+    """Outline the cells ``rows`` × ``cols`` (inclusive) of a ``grid`` of output pixels spread
+    over the image of a panel made by :func:`draw_image` / :func:`draw_attribution` (the
+    rectangle is made on the first call, then moved)."""
+    from matplotlib.patches import Rectangle
+
+    height, width = artists["image"].get_array().shape[:2]
+    sy, sx = height / grid[0], width / grid[1]
+    xy = (cols[0] * sx - 0.5, rows[0] * sy - 0.5)
+    size = ((cols[1] - cols[0] + 1) * sx, (rows[1] - rows[0] + 1) * sy)
+    box = artists.get("region")
+    if box is None:
+        ax = artists["image"].axes
+        box = artists["region"] = Rectangle(xy, *size, fill=False, edgecolor="#00e5ff",
+                                            linewidth=1.5, linestyle="--", zorder=4)
+        ax.add_patch(box)
+    box.set_xy(xy)
+    box.set_width(size[0])
+    box.set_height(size[1])
+
+
+class RegionDrag:
+    """Click-and-drag on ``ax`` (an image of ``image_shape``) choosing a rectangle of the cells
+    of ``grid``: ``on_move(rows, cols)`` whenever the cells under the drag change (from the
+    press on), ``on_release(rows, cols)`` when the mouse button is let go. Only the left
+    button and only a press inside ``ax`` start a drag; a release outside it ends the drag at
+    the last point inside. The callers draw (:func:`show_cells`) from what they keep."""
+
+    def __init__(self, ax, image_shape, grid, on_move, on_release):
+        self.ax, self.image_shape, self.grid = ax, tuple(image_shape[:2]), tuple(grid)
+        self.on_move, self.on_release = on_move, on_release
+        self._start = self._end = self._cells = None
+        canvas = ax.figure.canvas
+        self._ids = [canvas.mpl_connect("button_press_event", self._press),
+                     canvas.mpl_connect("motion_notify_event", self._motion),
+                     canvas.mpl_connect("button_release_event", self._release)]
+
+    def _inside(self, event) -> bool:
+        return event.inaxes is self.ax and event.xdata is not None
+
+    def _cells_now(self):
+        return grid_cells(self._start, self._end, self.image_shape, self.grid)
+
+    def _press(self, event):
+        if event.button != 1 or not self._inside(event):
+            return
+        self._start = self._end = (event.xdata, event.ydata)
+        self._cells = self._cells_now()
+        self.on_move(*self._cells)
+
+    def _motion(self, event):
+        if self._start is None or not self._inside(event):
+            return
+        self._end = (event.xdata, event.ydata)
+        cells = self._cells_now()
+        if cells != self._cells:
+            self._cells = cells
+            self.on_move(*cells)
+
+    def _release(self, event):
+        if self._start is None:
+            return
+        if self._inside(event):
+            self._end = (event.xdata, event.ydata)
+        cells = self._cells_now()
+        self._start = self._end = self._cells = None
+        self.on_release(*cells)
+
+    def disconnect(self) -> None:
+        """Stop listening to the canvas."""
+        for cid in self._ids:
+            self.ax.figure.canvas.mpl_disconnect(cid)
+        self._ids = []

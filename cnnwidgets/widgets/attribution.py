@@ -101,8 +101,9 @@ class AttributionExplorer(WidgetBase):
 
     ``method``: the main method; ``target``: class index or label (``None`` = top-1), or any
     target ``cw.attribute`` takes (a list of classes, ``cw.targets.Region`` / ``Box``, a
-    callable), whose name is shown; for a dense output the *region* sliders and button pick a
-    rectangle of output pixels for the chosen class;
+    callable), whose name is shown; for a dense output the *region* sliders and button, or a
+    click-and-drag on the input panel, pick a rectangle of output pixels for the chosen class
+    (``rows``, ``cols``: its inclusive ranges; releasing the drag explains it);
     ``layer``: layer for CAM methods (``""`` = the method's default); ``params``: the main
     method's parameters (defaults filled in); ``compare``: up to three more methods shown
     side by side (with their default parameters); ``alpha``, ``cmap``: overlay look;
@@ -118,6 +119,9 @@ class AttributionExplorer(WidgetBase):
     alpha = traitlets.Float(0.5)
     cmap = traitlets.Unicode("auto")
     evaluate = traitlets.Bool(False)
+    #: a dense output's region: inclusive ranges of output rows and columns (the sliders')
+    rows = traitlets.Tuple(traitlets.Int(), traitlets.Int(), default_value=(0, 0))
+    cols = traitlets.Tuple(traitlets.Int(), traitlets.Int(), default_value=(0, 0))
 
     def __init__(self, model, image, method: str = "grad_cam", target=None, *,
                  compare=(), background: bool = True, **kwargs):
@@ -226,19 +230,29 @@ class AttributionExplorer(WidgetBase):
                                             tooltip="the class's scores summed over these "
                                                     "output pixels")
         self.region_button.on_click(self.guarded(lambda b: self.pick_region()))
+        self.rows, self.cols = (0, h - 1), (0, w - 1)
+        self.bind(self.region_rows, "rows", to_trait=tuple, to_control=tuple)
+        self.bind(self.region_cols, "cols", to_trait=tuple, to_control=tuple)
+        self.figures.choose_region((h, w), self.guarded(self._drag_to),
+                                   self.guarded(self.pick_region))
+        self.figures.show_region(self.rows, self.cols)
+        self.observe(self.guarded(lambda c: self.figures.show_region(self.rows, self.cols)),
+                     ["rows", "cols"])
         return widgets.VBox([widgets.HTML("<b>region of the output</b>"), self.region_rows,
                              self.region_cols, self.region_button])
 
+    def _drag_to(self, rows, cols) -> None:
+        """A drag on the input panel moved: the region (and so its sliders and outline)."""
+        with self.hold_trait_notifications():
+            self.rows, self.cols = tuple(rows), tuple(cols)
+
     def pick_region(self, rows=None, cols=None) -> None:
-        """Explain the current class over a rectangle of output pixels (the sliders' when
-        ``rows`` / ``cols`` are not given)."""
-        if rows is not None:
-            self.region_rows.value = tuple(rows)
-        if cols is not None:
-            self.region_cols.value = tuple(cols)
+        """Explain the current class over a rectangle of output pixels (``rows`` / ``cols``
+        when given, else the current ones: the sliders', or the last drag's)."""
+        self._drag_to(self.rows if rows is None else rows, self.cols if cols is None else cols)
         cls = class_of(self.model, self.target)
         self.target = rectangle(self.model, self.top[0][0] if cls is None else cls,
-                                self.region_rows.value, self.region_cols.value)
+                                self.rows, self.cols)
 
     # ------------------------------------------------------------------ validation
     @traitlets.validate("method")
@@ -249,6 +263,19 @@ class AttributionExplorer(WidgetBase):
     def _valid_target(self, proposal):
         value = proposal.value
         return check_target(self.model, self.top[0][0] if value is None else value, self.image)
+
+    @traitlets.validate("rows", "cols")
+    def _valid_range(self, proposal):
+        shape = self.model.output_shape
+        if shape is None or len(shape) != 3:
+            raise traitlets.TraitError("a region of output pixels needs a dense output N×C×H×W")
+        size = shape[1] if proposal.trait.name == "rows" else shape[2]
+        low, high = proposal.value
+        if not 0 <= low <= high < size:
+            raise traitlets.TraitError(
+                f"{proposal.trait.name} must be a range (first, last) within 0…{size - 1}, "
+                f"not {tuple(proposal.value)}")
+        return (int(low), int(high))
 
     @traitlets.validate("layer")
     def _valid_layer(self, proposal):

@@ -8,9 +8,11 @@ import numpy as np
 from ..render.attribution import (
     DEFAULT_CMAP,
     DEFAULT_SIGNED_CMAP,
+    RegionDrag,
     draw_attribution,
     draw_image,
     set_message,
+    show_cells,
     show_panel,
     update_attribution,
 )
@@ -54,6 +56,22 @@ class AttributionFigures:
         self._eval_holder = widgets.Box([self.eval_canvas])
         self.canvas_box = widgets.Box([self._single_holder])
         self.eval_box = widgets.Box([])
+        self.drag = None  #: the click-and-drag on the input (a dense output's region)
+        self._grid = None
+
+    def choose_region(self, grid, on_move, on_release) -> None:
+        """Let a click-and-drag on the input panel choose a rectangle of the ``grid`` (H'×W')
+        of a dense output's pixels, spread over the image: ``on_move(rows, cols)`` as the
+        drag goes, ``on_release(rows, cols)`` at its end (see ``render.RegionDrag``)."""
+        self._grid = tuple(grid)
+        self.image_panel["title"].set_text("input: drag to choose a region")
+        self.drag = RegionDrag(self.image_panel["image"].axes, self.display.shape, grid,
+                               on_move, on_release)
+
+    def show_region(self, rows, cols) -> None:
+        """Outline the output pixels ``rows`` × ``cols`` (inclusive) on the input panel."""
+        show_cells(self.image_panel, rows, cols, self._grid)
+        self.single_canvas.draw_idle()
 
     def select(self, compare: bool, evaluate: bool):
         """Show the compare figure or the single one, and the curves or not; returns the

@@ -35,7 +35,16 @@ def _canvas_class():
     provided is in the 'broken' state"), which stops the figure from ever drawing: the
     intermittent "figures never drew" of the browser tests when a widget's first frame came
     before its front end was ready. The frame is kept here as a proper data URL.
+
+    The front end asks for one frame at a time and ignores a "draw" that comes while it waits
+    for one. With ipykernel 7 the canvas's messages are handled in a subshell thread, so a
+    result drawn on the main thread can change the figure while that thread renders the
+    frame asked for just before (a drag's outline): the frame shows the figure before the
+    change, and the change's own "draw" was ignored: the figure stayed stale for good. A
+    "draw" asked for during a render is therefore asked for again once its frame is sent.
     """
+    import threading
+
     from base64 import b64encode
     from io import BytesIO
 
@@ -45,6 +54,29 @@ def _canvas_class():
 
     class FastCanvas(Canvas):
         png_compress_level = 1
+        _rendering = 0  # renders going on (any thread)
+        _draw_again = False  # a draw_idle came during one of them
+        _render_lock = threading.Lock()
+
+        def draw(self):
+            with self._render_lock:
+                self._rendering += 1
+            try:
+                super().draw()  # renders, then sends the frame
+            finally:
+                with self._render_lock:
+                    self._rendering -= 1
+                    again = self._draw_again and not self._rendering
+                    if again:
+                        self._draw_again = False
+                if again:  # after the frame: the front end, no longer waiting, asks anew
+                    super().draw_idle()
+
+        def draw_idle(self):
+            with self._render_lock:
+                if self._rendering:
+                    self._draw_again = True
+            super().draw_idle()
 
         def get_diff_image(self):
             needed = ("_png_is_old", "_force_full", "_last_buff", "set_image_mode")

@@ -538,7 +538,9 @@ class Case:
     ArrowRight on the ``nth`` slider handle), ``("button", label)`` (click the button with that
     text), ``("checkbox", nth)`` (click the ``nth`` checkbox), ``("tab", index)`` (click a tab of
     an ipywidgets Tab), ``("canvas", nth, fx, fy)`` (click the ``nth`` figure at a fractional
-    position). Controls are counted among the widget's visible ones (those a user can move).
+    position), ``("drag", nth, fx0, fy0, fx1, fy1)`` (press the left button at the first
+    fractional point of the ``nth`` figure, move to the second, let go). Controls are counted
+    among the widget's visible ones (those a user can move).
     ``prepare``: controls moved first, each followed by a wait until every figure looks drawn
     (e.g. open a tab, whose figures then appear: appearing is not a change, a control inside
     the tab then must change them).
@@ -850,6 +852,18 @@ def move_control(page, case: Case, control: tuple | None = None) -> str:
         box = canvas.bounding_box()
         page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
         return f"click figure #{nth} at ({fx:.2f}, {fy:.2f})"
+    if kind == "drag":
+        nth, fx0, fy0, fx1, fy1 = args
+        canvas = widget_root(page, case).locator(".jupyter-matplotlib-canvas-div:visible").nth(nth)
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        x0, y0 = box["x"] + fx0 * box["width"], box["y"] + fy0 * box["height"]
+        x1, y1 = box["x"] + fx1 * box["width"], box["y"] + fy1 * box["height"]
+        page.mouse.move(x0, y0)
+        page.mouse.down()
+        page.mouse.move(x1, y1, steps=8)  # motion events on the way, as a hand makes them
+        page.mouse.up()
+        return f"drag on figure #{nth} from ({fx0:.2f}, {fy0:.2f}) to ({fx1:.2f}, {fy1:.2f})"
     raise ValueError(f"unknown control {(control or case.control)!r}")
 
 

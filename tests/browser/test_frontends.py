@@ -57,6 +57,21 @@ def _redraw(change):
 _dd.observe(_redraw, "value")
 w = W.VBox([_dd, _canvas])"""
 
+# EfficientNet-Lite0 as a dense classifier (as in the fixations notebook): a 7×7 output map
+DENSE_CODE = """\
+import torch
+class _DenseLite0(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, fc = net, net._fc
+        self.head = torch.nn.Conv2d(fc.in_features, fc.out_features, 1)
+        with torch.no_grad():
+            self.head.weight.copy_(fc.weight[:, :, None, None])
+            self.head.bias.copy_(fc.bias)
+    def forward(self, x):
+        return self.head(self.net.extract_features(x))
+dense = cw.Model(_DenseLite0(model.module), labels=model.labels, name="Lite0, dense")"""
+
 QUICKSTART = "01_quickstart.ipynb"
 
 PROBE = Case("probe", widget="", code=PROBE_CODE, control=("select", 0, "next"), timeout=60)
@@ -76,6 +91,12 @@ CASES = [
     Case("attribution_evaluate", "AttributionExplorer",
          "w = cw.AttributionExplorer(model, image)", prepare=(("checkbox", 0),),
          control=("select", 0, "next"), figure=1, timeout=180),
+    # a dense output (Lite0's linear layer as a 1×1 convolution: 1000×7×7 scores), whose region
+    # a click-and-drag on the input panel chooses; letting go explains it (saliency: the map
+    # follows the region; Grad-CAM at the 1×1 head would only rescale it)
+    Case("attribution_drag", "AttributionExplorer", DENSE_CODE + "\n"
+         "w = cw.AttributionExplorer(dense, image, 'saliency')",
+         control=("drag", 0, 0.2, 0.3, 0.32, 0.6), timeout=120),
     # the target dropdown: a new backtrack redraws every panel. (The backtrack-step slider,
     # moved with ArrowRight, changed the figure in Lab and Voila but not in Notebook 7, where
     # the key press did not reach the slider; the step itself is covered by the widget tests.)
