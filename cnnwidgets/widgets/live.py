@@ -70,7 +70,37 @@ def at_least_one(self, proposal):
     return proposal["value"]
 
 
-class LiveOptimisation(WidgetBase):
+class StartStop(WidgetBase):
+    """A widget whose work runs until it ends or is stopped: the Start / Stop buttons (built
+    by :meth:`_start_stop`), the read-only ``running`` traitlet, :meth:`stop`. A subclass says
+    what to run in ``run(wait)``, calling ``_set_running`` as the work starts and ends."""
+
+    running = traitlets.Bool(False, read_only=True).tag(sync=False)
+
+    def _start_stop(self, *, clear: bool = True) -> None:
+        """Make ``self._start`` and ``self._stop``; ``clear``: whether a Start that goes
+        through clears the error box (see :meth:`WidgetBase.guarded`)."""
+        self._start = widgets.Button(description="Start", icon="play", button_style="success",
+                                     layout=widgets.Layout(width="90px"))
+        self._stop = widgets.Button(description="Stop", icon="stop", disabled=True,
+                                    layout=widgets.Layout(width="90px"))
+        self._start.on_click(self.guarded(lambda _: self.run(wait=False), clear=clear))
+        self._stop.on_click(self.guarded(lambda _: self.stop()))
+
+    def run(self, wait: bool = True) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the running work at its next check (what it reached so far is kept)."""
+        self.task.stop()
+
+    def _set_running(self, flag: bool) -> None:
+        self.set_trait("running", flag)
+        self._start.disabled = flag
+        self._stop.disabled = not flag
+
+
+class LiveOptimisation(StartStop):
     """Start / Stop, progress and the live loss curve of an optimisation widget.
 
     A subclass adds its ``channel`` traitlet, builds its figure (an image artist it updates in
@@ -80,7 +110,6 @@ class LiveOptimisation(WidgetBase):
     ``history`` hold the last images and losses.
     """
 
-    running = traitlets.Bool(False, read_only=True).tag(sync=False)
     layer = traitlets.Unicode()
     steps = traitlets.Int(128)
     preview_every = traitlets.Int(4)
@@ -95,12 +124,7 @@ class LiveOptimisation(WidgetBase):
         self.history: list = []
         self._progress = widgets.IntProgress(value=0, min=0, max=1, description="",
                                              layout=widgets.Layout(width="260px"))
-        self._start = widgets.Button(description="Start", icon="play", button_style="success",
-                                     layout=widgets.Layout(width="90px"))
-        self._stop = widgets.Button(description="Stop", icon="stop", disabled=True,
-                                    layout=widgets.Layout(width="90px"))
-        self._start.on_click(self.guarded(lambda _: self.run(wait=False)))
-        self._stop.on_click(self.guarded(lambda _: self.stop()))
+        self._start_stop()
 
     # ------------------------------------------------------------------ for subclasses
     def _optimisation(self) -> tuple[Callable, str]:
@@ -157,15 +181,6 @@ class LiveOptimisation(WidgetBase):
 
         self.submit(work, self._finished, background=not wait,
                     failed=lambda exc: self._set_running(False))
-
-    def stop(self) -> None:
-        """Stop the running optimisation (the image keeps its last state)."""
-        self.task.stop()
-
-    def _set_running(self, flag: bool) -> None:
-        self.set_trait("running", flag)
-        self._start.disabled = flag
-        self._stop.disabled = not flag
 
     def _show_progress(self, step_number: int) -> None:
         self._progress.value = step_number

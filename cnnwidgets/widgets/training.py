@@ -8,9 +8,10 @@ import traitlets
 
 from ..engine.training import Monitor, train
 from ..render import training as R
-from .base import WidgetBase, make_figure
+from .base import make_figure
+from .live import StartStop
 
-class TrainingMonitor(WidgetBase):
+class TrainingMonitor(StartStop):
     """Loss and accuracy curves growing live, a slider over the snapshots (drag back in time
     while training goes on), and for the chosen snapshot: the first layer's filters, the dead
     units per layer, a Grad-CAM and the feature maps of each fixed image. Start / Stop run
@@ -32,7 +33,6 @@ class TrainingMonitor(WidgetBase):
     batch_size = traitlets.Int(32)
     snapshot = traitlets.Int(0)
     follow = traitlets.Bool(True)
-    running = traitlets.Bool(False, read_only=True).tag(sync=False)
 
     def __init__(self, model, data=None, *, images=None, every: int = 10, epochs: float = 3.0,
                  lr: float = 0.01, optimizer: str = "adam", batch_size: int = 32,
@@ -96,12 +96,7 @@ class TrainingMonitor(WidgetBase):
 
         lay = widgets.Layout(width="170px")
         d = {"description_width": "60px"}
-        self._start = widgets.Button(description="Start", icon="play", button_style="success",
-                                     layout=widgets.Layout(width="90px"))
-        self._stop = widgets.Button(description="Stop", icon="stop", disabled=True,
-                                    layout=widgets.Layout(width="90px"))
-        self._start.on_click(self.guarded(lambda _: self.run(wait=False), clear=False))
-        self._stop.on_click(self.guarded(lambda _: self.stop()))
+        self._start_stop(clear=False)
         self._w_epochs = widgets.BoundedFloatText(min=0.1, max=1000, step=1, description="epochs",
                                                   style=d, layout=lay)
         self._w_lr = widgets.BoundedFloatText(min=1e-6, max=10, step=0.001, description="lr",
@@ -204,15 +199,6 @@ class TrainingMonitor(WidgetBase):
 
         self.submit(work, self._finished, background=not wait,
                     failed=lambda exc: self._set_running(False))
-
-    def stop(self) -> None:
-        """Stop training at the next step (the weights keep what they learned)."""
-        self.task.stop()
-
-    def _set_running(self, flag: bool) -> None:
-        self.set_trait("running", flag)
-        self._start.disabled = flag
-        self._stop.disabled = not flag
 
     def _finished(self, result) -> None:
         self.result = result
