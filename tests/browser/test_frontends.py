@@ -289,7 +289,9 @@ def test_classroom_projector_with_large_font(frontend):
     bk.collapse_left_sidebar(page)
     page.add_style_tag(content="body { --jp-ui-font-size1: 20px; --jp-content-font-size1: 20px;"
                                " --jp-code-font-size: 20px; --jp-widgets-font-size: 20px; }")
-    cases = [c for c in present_cases() if c.control[0] != "canvas"]
+    # pointer controls are left out: a click or a drag repeated at the same place rightly
+    # draws the same picture (and the positions differ at this size)
+    cases = [c for c in present_cases() if c.control[0] not in ("canvas", "drag")]
     for case in cases:
         root = bk.widget_root(page, case)
         root.scroll_into_view_if_needed()
