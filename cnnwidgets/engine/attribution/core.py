@@ -164,12 +164,14 @@ class Context:
         runs with the layer's output broadcast from a batch of one, or on n copies."""
         n = values.shape[0]
         out = fast.scores_from_layer(self.model, self.layer, self.x, values)
-        if out is None:
+        if out is None and not self.memo.get("no_broadcast"):
             try:
                 with self.tap(replace=lambda t: values):
                     out = self.logits(self.x)
             except (RuntimeError, ValueError):  # it does not broadcast (x.view(1, -1), say)
                 out = None
+            if not isinstance(out, torch.Tensor) or out.shape[0] != n:
+                self.memo["no_broadcast"] = True  # not tried again for the next copies
         if not isinstance(out, torch.Tensor) or out.shape[0] != n:
             with self.tap(replace=lambda t: values):
                 out = self.logits(self.x.expand(n, *self.x.shape[1:]))
