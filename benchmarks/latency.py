@@ -4,6 +4,14 @@ JupyterLab in headless Chromium (the browser tests' setup: ``tests/browser/brows
     python benchmarks/latency.py                 # 20 changes per row
     python benchmarks/latency.py --changes 5     # a smoke run
 
+Each row is measured on several copies of its explorer in one notebook, its changes
+alternating between them: ``after`` (everything on), ``before`` (the canvas as ipympl has it,
+nothing kept), and one copy per trick with only that trick off (``no push``: the kernel waits for
+the front end to ask for each frame; ``no partial``: the whole figure is drawn anew; ``no png``:
+PIL's PNG encoder; ``no keep``: the AttributionExplorer computes every view anew). The ratio
+after / before is the before / after table of the README; a trick stays where its own
+``no …`` copy is ≥ 15 % slower than ``after``.
+
 Rows (EfficientNet-Lite0, the cat, each explorer in its own cell of one notebook):
 
 * ``FeatureMapExplorer`` layer switch, cached: back and forth between two layers already shown;
@@ -40,11 +48,40 @@ SETUP = """\
 import cnnwidgets as cw
 model = cw.load_model("efficientnet_lite0", device="cpu")
 image = cw.sample_image("cat")"""
-CELLS = {
-    "cwlat-maps": "w = cw.FeatureMapExplorer(model, image)\nw.add_class('cwlat-maps')\nw",
-    "cwlat-attr": "w = cw.AttributionExplorer(model, image, method='cam')\n"
-                  "w.add_class('cwlat-attr')\nw",
+#: variant → what is switched off in it (canvas tricks of ``widgets.base``; ``keep``: the
+#: AttributionExplorer's views computed before)
+VARIANTS = {
+    "after": (),
+    "before": ("push_frames", "partial", "fast_png", "keep"),
+    "no push": ("push_frames",),
+    "no partial": ("partial",),
+    "no png": ("fast_png",),
+    "no keep": ("keep",),
 }
+
+
+def css_of(kind: str, variant: str) -> str:
+    return f"cwlat-{kind}-{variant.replace(' ', '-')}"
+
+
+def _cell(kind: str, variant: str) -> str:
+    off = VARIANTS[variant]
+    make = ("w = cw.FeatureMapExplorer(model, image)" if kind == "maps"
+            else "w = cw.AttributionExplorer(model, image, method='cam')")
+    canvases = ("[w.canvas]" if kind == "maps" else
+                "[w.figures.single_canvas, w.figures.compare_canvas, w.figures.eval_canvas]")
+    lines = [make]
+    for trick in off:
+        if trick == "keep":
+            lines.append("w.keep = 0" if kind == "attr" else "")
+        else:
+            lines.append(f"for c in {canvases}: c.{trick} = False")
+    lines += [f"w.add_class({css_of(kind, variant)!r})", "w"]
+    return "\n".join(line for line in lines if line)
+
+
+CELLS = {css_of(kind, v): _cell(kind, v) for kind in ("maps", "attr") for v in VARIANTS
+         if not (kind == "maps" and v == "no keep")}
 
 # fingerprint the canvases, change the select, resolve at the first frame that differs
 CHANGE_JS = """
@@ -109,14 +146,19 @@ def change(page, css: str, nth: int, value: str, settle_s: float, limit_ms: floa
     return ms
 
 
-def summary(name: str, times: list) -> str:
+def summary(name: str, times: list, floor: list | None = None) -> str:
     got = sorted(t for t in times if t >= 0)
     missed = len(times) - len(got)
     if not got:
-        return f"{name:44} no change seen ({missed} tries)"
+        return f"{name:52} no change seen ({missed} tries)"
     p90 = got[min(len(got) - 1, int(round(0.9 * (len(got) - 1))))]
-    return (f"{name:44} median {statistics.median(got):6.0f} ms   90th {p90:6.0f} ms   "
-            f"n={len(got)}" + (f"  ({missed} without a change)" if missed else ""))
+    ratio = ""
+    if floor:
+        base = sorted(t for t in floor if t >= 0)
+        if base:
+            ratio = f"   {statistics.median(got) / statistics.median(base):5.2f} of after"
+    return (f"{name:52} median {statistics.median(got):6.0f} ms   90th {p90:6.0f} ms   "
+            f"n={len(got)}" + ratio + (f"  ({missed} without a change)" if missed else ""))
 
 
 def main():
@@ -143,40 +185,60 @@ def main():
                 bk.wait_all_cells_ran(page, 300)
                 for css in CELLS:
                     page.locator(f".{css}").first.scroll_into_view_if_needed()
-                    settle(page, css, 2.0, limit=180)
+                    settle(page, css, 1.0, limit=180)
                 rows = measure(page, args)
         finally:
             bk.stop_server(server)
         print()
-        for name, times in rows.items():
-            print(summary(name, times))
+        for (row, variant), times in rows.items():
+            floor = rows.get((row, "after")) if variant != "after" else None
+            print(summary(f"{row} [{variant}]", times, floor))
 
 
 def measure(page, args) -> dict:
+    """Each row's changes, alternating between the variants' copies of the explorer (so that
+    a slower stretch of the machine falls on all of them alike)."""
     rows: dict = {}
     n = args.changes
+    variants = list(VARIANTS)
+
+    def alternate(row, kind, values_of, only=None):
+        for v in only or variants:
+            rows[(row, v)] = []
+        for i in range(n):
+            for v in (only or variants):
+                css = css_of(kind, v)
+                value, nth = values_of(v, i)
+                if value is None:
+                    continue
+                page.locator(f".{css}").first.scroll_into_view_if_needed()
+                rows[(row, v)].append(change(page, css, nth, value, args.settle))
+
     # FeatureMapExplorer: its first select is the layer
-    css = "cwlat-maps"
-    page.locator(f".{css}").first.scroll_into_view_if_needed()
-    layers = [v for v, _ in page.evaluate(OPTIONS_JS, [css, 0])]
+    layers = [v for v, _ in page.evaluate(OPTIONS_JS, [css_of("maps", "after"), 0])]
     a, b = layers[-1], layers[-2]
-    for value in (a, b):  # both shown once: cached from now on
-        change(page, css, 0, value, args.settle)
-    rows["FeatureMapExplorer layer, cached"] = [
-        change(page, css, 0, (a, b)[i % 2], args.settle) for i in range(n)]
-    fresh = [v for v in layers[:-2]][:n]
-    rows["FeatureMapExplorer layer, first visit"] = [
-        change(page, css, 0, v, args.settle) for v in fresh]
+    maps_variants = [v for v in variants if css_of("maps", v) in CELLS]
+    for v in maps_variants:  # both shown once: cached from now on
+        css = css_of("maps", v)
+        page.locator(f".{css}").first.scroll_into_view_if_needed()
+        for value in (a, b):
+            change(page, css, 0, value, args.settle)
+    alternate("FeatureMapExplorer layer, cached", "maps", lambda v, i: ((a, b)[i % 2], 0),
+              only=maps_variants)
+    fresh = layers[:-2]
+    alternate("FeatureMapExplorer layer, first visit", "maps",
+              lambda v, i: (fresh[i] if i < len(fresh) else None, 0), only=["after", "before"])
     # AttributionExplorer: its first select is the method
-    css = "cwlat-attr"
-    page.locator(f".{css}").first.scroll_into_view_if_needed()
-    options = page.evaluate(OPTIONS_JS, [css, 0])
+    options = page.evaluate(OPTIONS_JS, [css_of("attr", "after"), 0])
     pick = {text.split()[0]: value for value, text in options}
     cam, grad_cam = pick["cam"], pick["grad_cam"]
-    change(page, css, 0, grad_cam, args.settle)
-    change(page, css, 0, cam, args.settle)
-    rows["AttributionExplorer method cam <-> grad_cam"] = [
-        change(page, css, 0, (grad_cam, cam)[i % 2], args.settle) for i in range(n)]
+    for v in variants:
+        css = css_of("attr", v)
+        page.locator(f".{css}").first.scroll_into_view_if_needed()
+        change(page, css, 0, grad_cam, args.settle)
+        change(page, css, 0, cam, args.settle)
+    alternate("AttributionExplorer method cam <-> grad_cam", "attr",
+              lambda v, i: ((grad_cam, cam)[i % 2], 0))
     return rows
 
 

@@ -196,3 +196,45 @@ def test_live_occlusion_controls_from_the_spec(widget):
     assert widget.result[0].params["exact"] is False
     widget._param_controls["window"].value = 40
     assert widget.result[0].params["window"] == 40 and not np.allclose(overlay(widget), first)
+
+
+def test_a_view_computed_before_is_shown_again_without_computing(model, monkeypatch):
+    # going back to a method (a target, a layer, parameters) shown before is a click to pixels:
+    # what was computed is kept, unless the network's weights changed since
+    import cnnwidgets.widgets.attribution as module
+
+    calls = []
+    real = module.attribute
+    monkeypatch.setattr(module, "attribute",
+                        lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    w = cw.AttributionExplorer(model, cw.sample_image("cat"), background=False)
+    first = w.result[0]
+    w.method = "cam"
+    w.method = "grad_cam"
+    assert calls == ["grad_cam", "cam"]  # the second grad_cam came from what was kept
+    assert w.result[0] is first and "computed before" in w.status.value
+    np.testing.assert_allclose(overlay(w), shown_heat(first.map, first.fine))
+    w.layer = "layer3"
+    w.layer = ""
+    assert calls == ["grad_cam", "cam", "grad_cam"]  # layer3 is new; the default layer kept
+    with torch.no_grad():  # the network changed: nothing kept from before it is shown
+        model.module.fc.bias.add_(1.0)
+    try:
+        w.method = "cam"
+        assert calls[-1] == "cam" and len(calls) == 4
+    finally:
+        with torch.no_grad():
+            model.module.fc.bias.sub_(1.0)
+
+
+def test_a_kept_view_is_not_overwritten_by_a_computation_still_running(model):
+    w = cw.AttributionExplorer(model, cw.sample_image("cat"), method="cam")
+    w.wait()
+    w.method = "grad_cam"
+    w.wait()
+    kept = w.result[0]
+    w.method = "occlusion"  # slow: runs in the background ...
+    w.method = "grad_cam"  # ... superseded by a view kept from before, shown at once
+    assert w.result[0] is kept
+    w.wait()  # the occlusion's result, when it comes, is dropped
+    assert w.result[0] is kept and w.method == "grad_cam"

@@ -394,3 +394,117 @@ def test_a_failing_callback_does_not_stall_the_queue():
     w.wait()
     _join_workers()
     assert jobs.ran() == [0, 1] and shown == [1] and not w.task.running
+
+
+def _spy_axes(fig):
+    """Count each axes' draws (``ax.draw`` wrapped on the instance)."""
+    counts = {}
+    for ax in fig.axes:
+        def draw(renderer, ax=ax, inner=ax.draw):
+            counts[ax] = counts.get(ax, 0) + 1
+            return inner(renderer)
+        ax.draw = draw
+    return counts
+
+
+def test_a_partial_redraw_gives_the_pixels_of_a_whole_draw():
+    # only the axes that changed are drawn again, over the last frame; the result must be the
+    # frame a whole draw gives, whatever changed: data, a title growing into the neighbour's
+    # pixels, a label outside its axes, an axes hidden and shown again
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from cnnwidgets.widgets.base import make_figure
+
+    fig, canvas = make_figure(6, 2, dpi=50)
+    axes = fig.subplots(1, 3, gridspec_kw={"wspace": 0.8})
+    image = axes[0].imshow(np.arange(12.0).reshape(3, 4))
+    axes[0].set_axis_off()
+    bars = axes[1].barh([0, 1, 2], [1, 2, 3])
+    label = axes[1].text(0, 1, "ch 7", clip_on=False)
+    line, = axes[2].plot([0, 1], [0, 1])
+    canvas.draw()  # a whole draw: remembers where each axes lies
+    counts = _spy_axes(fig)
+
+    def check(change, redrawn):
+        counts.clear()
+        change()
+        canvas.draw()
+        partial = np.asarray(canvas.get_renderer().buffer_rgba()).copy()
+        assert set(counts) == {axes[i] for i in redrawn}
+        FigureCanvasAgg.draw(canvas)  # the reference: everything drawn anew
+        whole = np.asarray(canvas.get_renderer().buffer_rgba())
+        assert (partial == whole).all(), f"{(partial != whole).any(axis=2).sum()} pixels differ"
+        canvas.draw()  # someone else drew (as savefig would): a whole draw, remembered again
+
+    check(lambda: image.set_data(np.arange(12.0).reshape(3, 4)[::-1]), [0])
+    check(lambda: bars[2].set_width(0.5), [1])
+    check(lambda: line.set_ydata([1, 0]), [2])
+    check(lambda: label.set_x(-6), [0, 1])  # the label now reaches into the first axes
+    check(lambda: axes[0].set_title("a title much longer than its axes " * 2), [0, 1, 2])
+    check(lambda: axes[0].set_title("short"), [0, 1, 2])  # the old title's pixels cleared
+    check(lambda: axes[2].set_visible(False), [])  # cleared, not drawn; the others kept
+    check(lambda: axes[2].set_visible(True), [2])
+
+
+def test_a_change_outside_the_axes_draws_the_whole_figure():
+    import numpy as np
+
+    from cnnwidgets.widgets.base import make_figure
+
+    fig, canvas = make_figure(4, 2, dpi=50)
+    axes = fig.subplots(1, 2)
+    axes[0].imshow(np.eye(3))
+    canvas.draw()
+    counts = _spy_axes(fig)
+    fig.suptitle("new")
+    canvas.draw()
+    assert set(counts) == set(axes)
+    counts.clear()
+    canvas.draw()  # nothing changed: nothing drawn
+    assert not counts
+
+
+def test_frames_are_valid_pngs_of_the_figure():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cnnwidgets.widgets.base import encode_png
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, size=(7, 5, 4), dtype=np.uint8)
+    back = np.asarray(Image.open(io.BytesIO(encode_png(rgba))))
+    assert back.shape == (7, 5, 4) and (back == rgba).all()
+
+
+def test_frames_are_pushed_once_the_front_end_is_there():
+    # with a front end, draw_idle renders on the kernel's loop and sends the frame (no round
+    # trip through the browser), once for any number of calls; without one it only asks
+    import asyncio
+
+    import numpy as np
+
+    from cnnwidgets.widgets.base import make_figure
+
+    fig, canvas = make_figure(2, 1.5, dpi=50)
+    image = fig.add_subplot().imshow(np.arange(12.0).reshape(3, 4))
+    sent = []
+    canvas.send_event = lambda kind, **kw: sent.append(kind) if kind == "draw" else None
+    canvas.send_binary = lambda data: sent.append("frame")
+    canvas.draw_idle()
+    assert sent == ["draw"]  # no front end yet: it is asked to ask
+    canvas.syncing_data_url = False  # what the front end's "initialized" message sets
+
+    async def cell():
+        sent.clear()
+        image.set_data(np.zeros((3, 4)))
+        canvas.draw_idle()
+        canvas.draw_idle()
+        await asyncio.sleep(0)
+        return list(sent)
+
+    assert asyncio.run(cell()) == ["frame"]
+    canvas.push_frames = False
+    assert asyncio.run(cell()) == ["draw", "draw"]

@@ -9,6 +9,7 @@ dropped. With ``evaluate`` on, every shown map also gets its deletion and insert
 """
 from __future__ import annotations
 
+import collections
 import html
 
 import ipywidgets as widgets
@@ -16,6 +17,7 @@ import traitlets
 
 from ..engine.attribution import Cancelled, attribute, get_method, methods
 from ..engine.attribution.core import check_map_layer, default_layer
+from ..engine.cache import weights_state
 from ..engine.metrics import deletion, insertion
 from ..engine.model import as_model
 from ..engine.targets import check as check_target, class_of, name_of, rectangle
@@ -24,6 +26,7 @@ from .attribution_figures import MAX_PANELS, AttributionFigures
 from .base import KEEP, WidgetBase
 
 EVAL_STEPS = 25  #: steps of the deletion / insertion curves in the widget (a quick look)
+KEPT = 16  #: computed views kept, so that going back to one shows it without computing
 
 
 def _control(spec, value):
@@ -138,6 +141,8 @@ class AttributionExplorer(WidgetBase):
         self.top = model.predict(self.image, k=5)
         self._param_controls: dict = {}
         self._memory: dict = {}  # method → its last parameters, restored when it is chosen again
+        self._kept: collections.OrderedDict = collections.OrderedDict()  # request → outcome
+        self.keep = KEPT  #: how many computed views are kept (0: always compute)
         self._quiet = False
 
         self.figures = AttributionFigures(self.display)
@@ -352,12 +357,46 @@ class AttributionExplorer(WidgetBase):
         self.task.cancel()
 
     def refresh(self) -> None:
-        """Recompute the shown methods in the background (a newer call supersedes this one)."""
+        """Recompute the shown methods in the background (a newer call supersedes this one).
+        A request computed before — same methods, target, layer, parameters and curves, and
+        the network's weights unchanged since — is shown at once from what was kept
+        (:data:`KEPT` requests), without computing."""
         names = [self.method] + [n for n in self.compare if n != self.method]
         target, layer, params = self.target, self.layer, dict(self.params)
         evaluate = self.evaluate
         label = name_of(self.model, target, self.image)
         self.target_label.value = f"explaining: <b>{html.escape(label)}</b>"
+        request = (tuple(names), type(target).__name__, repr(target), layer,
+                   repr(sorted(params.items())), evaluate,
+                   weights_state(*self.model.module.modules()))
+
+        def done(outcome, kept=False):
+            self.cancel_button.disabled = True
+            if outcome is None:
+                self.status.value = "cancelled"
+                return
+            self._kept[request] = outcome
+            self._kept.move_to_end(request)
+            while len(self._kept) > self.keep:
+                self._kept.popitem(last=False)
+            results, curves = outcome
+            self.result = results
+            self.curves = curves
+            self.figures.show(results, names, compare=bool(self.compare), alpha=self.alpha,
+                              cmap=self.cmap)
+            if evaluate:
+                self.figures.show_curves(curves)
+            took = ", ".join(f"{r.method} {r.seconds:.2f} s" for r in results
+                             if not isinstance(r, Exception))
+            which = f" (class {target})" if isinstance(target, int) else ""
+            self.status.value = f"“{label}”{which}: {took}" + (" (computed before)" if kept
+                                                                else "")
+
+        if request in self._kept:
+            self.task.supersede()  # a computation still running must not overwrite it later
+            done(self._kept[request], kept=True)
+            self.errors.clear()
+            return
         self.status.value = f"computing {', '.join(names)} for “{label}”…"
         self.cancel_button.disabled = False
 
@@ -372,23 +411,6 @@ class AttributionExplorer(WidgetBase):
             return _attribute_all(self.model, self.image, names, target=target, layer=layer,
                                   params=params, evaluate=evaluate, cancel=cancel,
                                   progress=progress)
-
-        def done(outcome):
-            self.cancel_button.disabled = True
-            if outcome is None:
-                self.status.value = "cancelled"
-                return
-            results, curves = outcome
-            self.result = results
-            self.curves = curves
-            self.figures.show(results, names, compare=bool(self.compare), alpha=self.alpha,
-                              cmap=self.cmap)
-            if evaluate:
-                self.figures.show_curves(curves)
-            took = ", ".join(f"{r.method} {r.seconds:.2f} s" for r in results
-                             if not isinstance(r, Exception))
-            which = f" (class {target})" if isinstance(target, int) else ""
-            self.status.value = f"“{label}”{which}: {took}"
 
         self.submit(work, done, background=self.background,
                     failed=lambda exc: setattr(self.cancel_button, "disabled", True))

@@ -172,6 +172,16 @@ class Task:
                 with self._lock:
                     self._queued, self._busy = None, False
 
+    def supersede(self) -> int:
+        """Cancel the running work and drop the waiting one, and drop their results, without
+        starting any (the caller shows a result it already has). Returns the new generation."""
+        with self._lock:
+            self.cancel_event.set()
+            self.cancel_event = threading.Event()
+            self.generation += 1
+            self._queued = None
+            return self.generation
+
     def superseded(self, cancel) -> bool:
         """Whether the work given ``cancel`` has been superseded by a newer start."""
         return cancel is not self.cancel_event
