@@ -9,7 +9,10 @@
     python benchmarks/attribution.py --occlusion  # occlusion only: exact (incremental) and
                                                 # approximate against Captum at window 32 /
                                                 # stride 16 and 16 / 8, the approximate map's
-                                                # agreement, and where the time goes
+                                                # agreement, where the time goes and the
+                                                # bound (multiply-adds) exact mode can reach
+    python benchmarks/attribution.py --occlusion --quick --settings 32/16 --models resnet18
+                                                # a smoke run of one setting
 
 Models: ResNet-18 with RANDOM weights (torchvision, ``weights=None``: nothing is downloaded)
 and EfficientNet-Lite0 with its trained weights (shipped, offline).
@@ -254,7 +257,7 @@ def occlusion_rows(model_name, args):
     print(f"\n## occlusion, {model_name} ({weights}) at 224 px, 32 copies per pass")
     print(f"{'window/stride':14} {'mode':12} {'ours s':>8} {'Captum s':>9} {'ours/Captum':>12} "
           f"{'aim':>7} {'pairs':>5} {'pair ratios':>11}")
-    for window, stride in OCCLUSION_SETTINGS:
+    for window, stride in args.settings:
         maps = {}
 
         def captum(window=window, stride=stride):
@@ -283,7 +286,41 @@ def occlusion_rows(model_name, args):
               f"{rank_correlation(approx.map, exact.map):.3f} (aim ≥ 0.95); pointing game on "
               f"the head: exact {'hit' if hits[0] else 'miss'}, approximate "
               f"{'hit' if hits[1] else 'miss'}", flush=True)
+        batched, alone = speedup_bounds(model, x, window, stride, 32)
+        print(f"{'':14} bound (multiply-adds of the full network ÷ of the incremental passes, "
+              f"every window): {batched:.2f}× in batches of 32, {alone:.2f}× window by window",
+              flush=True)
     where_time_goes(model, x)
+
+
+def speedup_bounds(model, x, window, stride, batch):
+    """The best speed-up exact incremental inference can give over running the network on every
+    occluded copy, counted in multiply-adds from the boxes the engine computes
+    (:func:`cnnwidgets.engine.incremental.cost.speedup_bound`): with the windows in batches of
+    ``batch`` in the occlusion's order (one box size per batch, the largest), and one window at
+    a time (each its own box: the bound of the method, whatever the implementation)."""
+    from cnnwidgets.engine import incremental
+    from cnnwidgets.engine.attribution.perturbation import window_starts
+    from cnnwidgets.engine.hooks import restored
+    from cnnwidgets.engine.incremental import cost
+
+    net = model.module
+    rows, cols = (window_starts(s, window, stride) for s in x.shape[-2:])
+    boxes = [(r, c) for r in rows for c in cols]
+    base = torch.zeros_like(x)
+    out = []
+    with restored(net, frozen=True), torch.no_grad():
+        run = incremental.session(net, x)
+        if run is None:
+            return float("nan"), float("nan")
+        for size in (batch, 1):
+            passes = []
+            for lo in range(0, len(boxes), size):
+                part = boxes[lo:lo + size]
+                run.run(incremental.occluded_input(x, base, part, (window, window)))
+                passes.append((len(part), dict(run.sizes)))
+            out.append(cost.speedup_bound(run, passes))
+    return tuple(out)
 
 
 def timed_rounds(fns: dict, rounds: int, warm: bool = True) -> dict:
@@ -303,7 +340,9 @@ def timed_rounds(fns: dict, rounds: int, warm: bool = True) -> dict:
 def where_time_goes(model, x, window=32, stride=16, copies=32):
     """Each stage's share of one exact incremental pass over ``copies`` occluded copies, with
     the changed box against the map's size at the stage's end: where the box grows to the
-    whole map, incremental inference saves nothing from there on."""
+    whole map, incremental inference saves nothing from there on. Beside the time: each stage's
+    share of the pass's multiply-adds and its multiply-adds against the full network's there
+    (:mod:`cnnwidgets.engine.incremental.cost`)."""
     from cnnwidgets.engine import incremental
     from cnnwidgets.engine.attribution.perturbation import window_starts
     from cnnwidgets.engine.hooks import restored
@@ -328,24 +367,35 @@ def where_time_goes(model, x, window=32, stride=16, copies=32):
         full = time.perf_counter()
         fast.logits(model, batch)
         full = time.perf_counter() - full
+    from cnnwidgets.engine.incremental import cost
+
+    inside, whole_macs = cost.node_macs(run, run.sizes), cost.node_macs(run)
     stages: dict = {}
     for node, s in seconds.items():
         stage = _stage(node)
-        entry = stages.setdefault(stage, [0.0, None, None])
+        entry = stages.setdefault(stage, [0.0, None, None, 0, 0])
         entry[0] += s
         size = run.sizes.get(node.name, "?")
         if size != "?":
             entry[1] = size
             entry[2] = tuple(run.clean[node].shape[-2:]) if run.clean[node].dim() == 4 else None
-    total = sum(seconds.values())
+    for node, macs in inside.items():
+        entry = stages.setdefault(_stage(node), [0.0, None, None, 0, 0])
+        entry[3] += macs
+        entry[4] += whole_macs[node]
+    total, total_macs = sum(seconds.values()), sum(inside.values())
     print(f"\n   where the time goes, window {window} / stride {stride}, {copies} copies: "
           f"{total * 1000:.0f} ms incremental, {full * 1000:.0f} ms for the network's fast twin "
-          f"on the copies")
-    print(f"   {'stage':28} {'ms':>7} {'share':>6}  box at its end / map")
-    for stage, (s, size, shape) in stages.items():
+          f"on the copies ({full / total:.2f}×); multiply-adds {total_macs / 1e6:.0f} M per "
+          f"copy of {sum(whole_macs.values()) / 1e6:.0f} M: bound "
+          f"{sum(whole_macs.values()) / total_macs:.2f}× for this batch")
+    print(f"   {'stage':28} {'ms':>7} {'share':>6} {'MACs':>6} {'of full':>7}  box at its end / map")
+    for stage, (s, size, shape, macs, of_full) in stages.items():
         box = ("whole" if size is None else f"{size[0]}×{size[1]}") if size != "?" else "—"
         of = f" / {shape[0]}×{shape[1]}" if shape else ""
-        print(f"   {stage:28} {s * 1000:7.1f} {s / total:6.1%}  {box}{of}")
+        share = f"{macs / total_macs:6.1%}" if of_full else f"{'—':>6}"
+        part = f"{macs / of_full:7.0%}" if of_full else f"{'—':>7}"
+        print(f"   {stage:28} {s * 1000:7.1f} {s / total:6.1%} {share} {part}  {box}{of}")
 
 
 def _stage(node) -> str:
@@ -426,7 +476,11 @@ def main():
     parser.add_argument("--occlusion", action="store_true",
                         help="only the occlusion rows: exact and approximate against Captum at "
                              "window 32 / stride 16 and 16 / 8, agreement, where the time goes")
-    parser.add_argument("--ab-pairs", type=int, default=5, help="on / off pairs per method")
+    parser.add_argument("--settings", nargs="*", default=list(OCCLUSION_SETTINGS),
+                        type=lambda v: tuple(int(p) for p in v.split("/")),
+                        help="with --occlusion: the window/stride settings (default 32/16 16/8)")
+    parser.add_argument("--ab-pairs", type=int, default=5,
+                        help="on / off pairs per method (1 with --quick)")
     parser.add_argument("--out", default=None,
                         help="also write everything printed to this file (the raw output to "
                              "commit beside a README table, e.g. benchmarks/results/"
@@ -436,7 +490,7 @@ def main():
     if args.quick:
         global SETTLE
         SETTLE = 0.0
-        for name in counts:
+        for name in counts + ("ab_pairs",):
             setattr(args, name, 1)
     elif min(getattr(args, name) for name in counts) < MIN_PAIRS:
         parser.error(f"every row needs at least {MIN_PAIRS} pairs (use --quick for a smoke run)")
