@@ -13,6 +13,9 @@
                                                 # bound (multiply-adds) exact mode can reach
     python benchmarks/attribution.py --occlusion --quick --settings 32/16 --models resnet18
                                                 # a smoke run of one setting
+    python benchmarks/attribution.py --drill-orders --models efficientnet_lite0
+                                                # accuracy of the approximate mode's variants
+                                                # (drill-down orders and shares, thresholds)
 
 Models: ResNet-18 with RANDOM weights (torchvision, ``weights=None``: nothing is downloaded)
 and EfficientNet-Lite0 with its trained weights (shipped, offline).
@@ -293,6 +296,102 @@ def occlusion_rows(model_name, args):
     where_time_goes(model, x)
 
 
+DRILL_IMAGES = ("cat", "coffee", "astronaut", "rocket")
+DRILL_SHARES = (0.0, 0.05, 0.1, 0.25, 0.4)
+THRESHOLDS = (0.9, 0.8, 0.6)
+
+
+def drill_orders(model_name, args):
+    """How close the approximate map comes to the exact one, for each drill-down order
+    (:data:`~cnnwidgets.engine.attribution.perturbation.DRILL_ORDERS`) and share, and for
+    Krypton's threshold τ (every window): accuracy only, no timing — what a variant costs is
+    the share of windows it runs (and, for τ, the multiply-adds bound: the full network ÷ the
+    passes). The exact drops of every window are computed once per image (incremental, exact);
+    a drill-down variant then runs :func:`~cnnwidgets.engine.attribution.perturbation.drill`
+    on them (with τ = 1 a window's drop is the exact one, so this is the approximate mode's
+    map). Rank correlation to the exact map (Spearman, pixels) and whether the map's maximum
+    lies within 15 px of the exact map's (``peak``; the pointing game on the head: the cat's).
+    Images: the four sample photos, target the cat's 281 and the others' top-1 class."""
+    from cnnwidgets.engine import fast, incremental, targets
+    from cnnwidgets.engine.attribution.perturbation import (DRILL_ORDERS, drill, window_means,
+                                                            window_starts)
+    from cnnwidgets.engine.hooks import restored
+    from cnnwidgets.engine.incremental import cost
+
+    import numpy as np
+
+    model = cw.load_model(model_name, pretrained=model_name == "efficientnet_lite0")
+    net = model.module
+
+    def peak(a, b):
+        ra, ca = np.unravel_index(int(np.argmax(a)), a.shape)
+        rb, cb = np.unravel_index(int(np.argmax(b)), b.shape)
+        return "peak" if np.hypot(ra - rb, ca - cb) <= 15 else "moved"
+
+    print(f"\n## drill-down orders and thresholds, {model_name} at 224 px (accuracy only)")
+    print("(windows: the share run; MACs: the passes' multiply-adds ÷ the exact mode's, from the "
+          "boxes — a drill-down variant costs about its share of windows)")
+    print(f"{'image':10} {'w/s':6} {'variant':26} {'windows':>7} {'MACs':>6} {'rank corr':>9}  peak")
+    for name in DRILL_IMAGES:
+        image = cw.sample_image(name)
+        x, _ = model.prepare(image)
+        base = torch.zeros_like(x)
+        with restored(net, frozen=True), torch.no_grad():
+            y_all = fast.logits(model, x)
+            target = targets.resolve(model, TARGET if name == "cat" else int(y_all.argmax()))
+            y = float(target.score(y_all)[0])
+            for window, stride in args.settings:
+                rows, cols = (window_starts(s, window, stride) for s in x.shape[-2:])
+                cells = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
+                memo: dict = {}
+
+                def drops_at(tau):
+                    out, passes = [], []
+                    for lo in range(0, len(cells), 32):
+                        boxes = [(rows[i], cols[j]) for i, j in cells[lo:lo + 32]]
+                        out.append(fast.occluded_scores(model, target, x, boxes,
+                                                        (window, window), base, tau, memo))
+                        run = memo.get(("incremental", "fold" in fast.ENABLED))
+                        passes.append((len(boxes), dict(run.sizes) if run else {}))
+                    grid = (y - torch.cat(out)).reshape(len(rows), len(cols)).double()
+                    bound = cost.speedup_bound(run, passes) if run else float("nan")
+                    return grid, bound
+
+                exact, exact_bound = drops_at(1.0)
+                shape = tuple(x.shape[-2:])
+                heat = window_means(exact, rows, cols, (window, window), shape).numpy()
+                hit = cw.metrics.pointing_game(heat, HEAD).hit if name == "cat" else None
+
+                def row(variant, grid, share, macs):
+                    got = window_means(grid, rows, cols, (window, window), shape).numpy()
+                    game = "" if hit is None else (f"; pointing game: exact "
+                                                   f"{'hit' if hit else 'miss'}, this "
+                                                   f"{'hit' if cw.metrics.pointing_game(got, HEAD).hit else 'miss'}")
+                    cost_ = f"{macs:6.2f}" if macs is not None else f"{'—':>6}"
+                    print(f"{name:10} {f'{window}/{stride}':6} {variant:26} {share:7.0%} "
+                          f"{cost_} {rank_correlation(got, heat):9.3f}  "
+                          f"{peak(got, heat)}{game}", flush=True)
+
+                for order in DRILL_ORDERS:
+                    for share in DRILL_SHARES:
+                        if share == 0.0 and order != "magnitude":
+                            continue  # the coarse pass alone: the same for every order
+                        runs: list = []
+                        todo = torch.full_like(exact, float("nan"))
+
+                        def occlude(part, todo=todo, runs=runs):
+                            runs.extend(part)
+                            for c in part:
+                                todo[c] = exact[c]
+
+                        grid = drill(todo, occlude, share, order)
+                        label = "coarse only" if share == 0.0 else f"{order} {share:g}"
+                        row(label, grid, len(runs) / len(cells), None)
+                for tau in THRESHOLDS:
+                    grid, bound = drops_at(tau)
+                    row(f"τ {tau:g}, every window", grid, 1.0, exact_bound / bound)
+
+
 def speedup_bounds(model, x, window, stride, batch):
     """The best speed-up exact incremental inference can give over running the network on every
     occluded copy, counted in multiply-adds from the boxes the engine computes
@@ -476,6 +575,10 @@ def main():
     parser.add_argument("--occlusion", action="store_true",
                         help="only the occlusion rows: exact and approximate against Captum at "
                              "window 32 / stride 16 and 16 / 8, agreement, where the time goes")
+    parser.add_argument("--drill-orders", action="store_true",
+                        help="accuracy only (no timing): the approximate occlusion map's rank "
+                             "correlation to the exact one for each drill-down order and share "
+                             "and each threshold, on the four sample photos")
     parser.add_argument("--settings", nargs="*", default=list(OCCLUSION_SETTINGS),
                         type=lambda v: tuple(int(p) for p in v.split("/")),
                         help="with --occlusion: the window/stride settings (default 32/16 16/8)")
@@ -515,6 +618,8 @@ def main():
         for name in args.models:
             if args.ab:
                 ab(name, args.ab, args)
+            elif args.drill_orders:
+                drill_orders(name, args)
             elif args.occlusion:
                 occlusion_rows(name, args)
             else:

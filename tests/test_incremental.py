@@ -372,3 +372,40 @@ def test_speedup_bound_from_the_boxes_by_hand(batch_norm):
     # a node missing from the sizes (its stored value served) costs nothing; run whole: all
     assert cost.pass_macs(run, {}) == 0
     assert cost.pass_macs(run, {k: None for k in first}) == 4052
+
+
+# --------------------------------------------------------------------------- drill-down
+def test_spread_of_the_known_neighbours():
+    from cnnwidgets.engine.attribution.perturbation import spread
+
+    nan = float("nan")
+    drops = torch.tensor([[1.0, nan, 3.0], [nan, nan, nan], [5.0, nan, 7.0]])
+    # (0, 1) sees 1 and 3; (1, 0) sees 1 and 5; (1, 1) all four; a corner sees no known one
+    assert spread(drops).tolist() == [[0.0, 2.0, 0.0], [4.0, 6.0, 4.0], [0.0, 2.0, 0.0]]
+    assert spread(torch.tensor([[nan, 2.0, nan]])).tolist() == [[0.0, 0.0, 0.0]]  # one: 0
+
+
+@pytest.mark.parametrize("order,chosen", [("magnitude", (2, 1)), ("spread", (1, 1)),
+                                          ("magnitude×spread", (1, 1))])
+def test_drill_down_runs_the_coarse_windows_then_the_first_ranked(order, chosen):
+    from cnnwidgets.engine.attribution.perturbation import drill
+
+    exact = torch.tensor([[1.0, 0.0, 3.0], [0.0, 9.0, 0.0], [5.0, 0.0, 7.0]])
+    runs = []
+
+    def occlude(cells):
+        runs.append(list(cells))
+        for c in cells:
+            grid[c] = exact[c]
+
+    grid = torch.full((3, 3), float("nan"))
+    got = drill(grid, occlude, 0.2, order)  # one of the five other windows
+    assert runs[0] == [(0, 0), (0, 2), (2, 0), (2, 2)]
+    # the guesses (bilinear): (0, 1) 2, (1, 0) 3, (1, 1) 4, (1, 2) 5, (2, 1) 6; the spreads
+    # 2, 4, 6, 4, 2; magnitude × spread 4, 12, 24, 20, 12
+    assert runs[1] == [chosen]
+    assert float(got[chosen]) == float(exact[chosen])
+    if chosen == (1, 1):  # the centre known (9): (0, 1) from 1, 3 beside it and 9 below
+        assert float(got[0, 1]) == pytest.approx((1 + 3 + 9) / 3)
+    else:  # (2, 1) known (0): the centre from the four corners (weight ½) and (2, 1) (1)
+        assert float(got[1, 1]) == pytest.approx((0.5 * (1 + 3 + 5 + 7) + 0.0) / 3)
