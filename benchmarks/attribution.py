@@ -605,7 +605,10 @@ def main():
               f"load average {os.getloadavg()[0]:.1f} (the machine is shared: absolute times vary)")
         if args.quick:
             print("# --quick: a smoke run (one pair per row, no settling pause); not a measurement")
-        if args.occlusion:
+        if args.drill_orders:
+            print("# accuracy only (no timing): every window's exact drop once per image and "
+                  "setting, each variant's map from them (τ: every window run with the threshold)")
+        elif args.occlusion:
             print(f"# protocol: ours exact, ours approximate and Captum in {args.slow_repeats} "
                   "rounds of alternating order, one untimed call of each first "
                   f"{'(skipped: --quick)' if args.quick else ''}")
