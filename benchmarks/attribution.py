@@ -502,6 +502,8 @@ def _stage(node) -> str:
     stack = list((node.meta.get("nn_module_stack") or {}).values())
     name = (str(node.target) if node.op == "call_module"
             else str(stack[-1][0]) if stack and isinstance(stack[-1], tuple) else node.name)
+    if node.op == "call_module" and node.name != name.replace(".", "_"):
+        name = node.name  # a module called twice (Lite0's _swish: after the stem, in the head)
     parts = name.replace("_blocks_", "_blocks.").split(".")
     if parts[0] in ("layer1", "layer2", "layer3", "layer4", "_blocks") and len(parts) > 1:
         return ".".join(parts[:2])

@@ -409,3 +409,17 @@ def test_drill_down_runs_the_coarse_windows_then_the_first_ranked(order, chosen)
         assert float(got[0, 1]) == pytest.approx((1 + 3 + 9) / 3)
     else:  # (2, 1) known (0): the centre from the four corners (weight ½) and (2, 1) (1)
         assert float(got[1, 1]) == pytest.approx((0.5 * (1 + 3 + 5 + 7) + 0.0) / 3)
+
+
+def test_a_node_run_whole_costs_its_whole_map():
+    from cnnwidgets.engine.incremental import cost
+
+    net = make("fallback")  # conv 3→4, 3×3 / 1 / 1; roll (no rule); conv 4→4, 3×3 / 2 / 1; head
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    memo = {}
+    scores(net, x, [(0, 0)], (2, 2), on=True, memo=memo)
+    run = memo[("incremental", True)]
+    # full: 64 · (4·3·9 = 108) = 6912, 16 · (4·4·9 = 144) = 2304, linear 4·5 = 20
+    assert cost.network_macs(run) == 6912 + 2304 + 20
+    # the first convolution inside its box (rows 0…2: 9 · 108 = 972); from the roll on, whole
+    assert cost.pass_macs(run, run.sizes) == 972 + 2304 + 20
