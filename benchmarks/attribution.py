@@ -9,7 +9,13 @@
     python benchmarks/attribution.py --occlusion  # occlusion only: exact (incremental) and
                                                 # approximate against Captum at window 32 /
                                                 # stride 16 and 16 / 8, the approximate map's
-                                                # agreement, and where the time goes
+                                                # agreement, where the time goes and the
+                                                # bound (multiply-adds) exact mode can reach
+    python benchmarks/attribution.py --occlusion --quick --settings 32/16 --models resnet18
+                                                # a smoke run of one setting
+    python benchmarks/attribution.py --drill-orders --models efficientnet_lite0
+                                                # accuracy of the approximate mode's variants
+                                                # (drill-down orders and shares, thresholds)
 
 Models: ResNet-18 with RANDOM weights (torchvision, ``weights=None``: nothing is downloaded)
 and EfficientNet-Lite0 with its trained weights (shipped, offline).
@@ -254,7 +260,7 @@ def occlusion_rows(model_name, args):
     print(f"\n## occlusion, {model_name} ({weights}) at 224 px, 32 copies per pass")
     print(f"{'window/stride':14} {'mode':12} {'ours s':>8} {'Captum s':>9} {'ours/Captum':>12} "
           f"{'aim':>7} {'pairs':>5} {'pair ratios':>11}")
-    for window, stride in OCCLUSION_SETTINGS:
+    for window, stride in args.settings:
         maps = {}
 
         def captum(window=window, stride=stride):
@@ -283,7 +289,137 @@ def occlusion_rows(model_name, args):
               f"{rank_correlation(approx.map, exact.map):.3f} (aim ≥ 0.95); pointing game on "
               f"the head: exact {'hit' if hits[0] else 'miss'}, approximate "
               f"{'hit' if hits[1] else 'miss'}", flush=True)
+        batched, alone = speedup_bounds(model, x, window, stride, 32)
+        print(f"{'':14} bound (multiply-adds of the full network ÷ of the incremental passes, "
+              f"every window): {batched:.2f}× in batches of 32, {alone:.2f}× window by window",
+              flush=True)
     where_time_goes(model, x)
+
+
+DRILL_IMAGES = ("cat", "coffee", "astronaut", "rocket")
+DRILL_SHARES = (0.0, 0.05, 0.1, 0.25, 0.4)
+THRESHOLDS = (0.9, 0.8, 0.6)
+
+
+def drill_orders(model_name, args):
+    """How close the approximate map comes to the exact one, for each drill-down order
+    (:data:`~cnnwidgets.engine.attribution.perturbation.DRILL_ORDERS`) and share, and for
+    Krypton's threshold τ (every window): accuracy only, no timing — what a variant costs is
+    the share of windows it runs (and, for τ, the multiply-adds bound: the full network ÷ the
+    passes). The exact drops of every window are computed once per image (incremental, exact);
+    a drill-down variant then runs :func:`~cnnwidgets.engine.attribution.perturbation.drill`
+    on them (with τ = 1 a window's drop is the exact one, so this is the approximate mode's
+    map). Rank correlation to the exact map (Spearman, pixels) and whether the map's maximum
+    lies within 15 px of the exact map's (``peak``; the pointing game on the head: the cat's).
+    Images: the four sample photos, target the cat's 281 and the others' top-1 class."""
+    from cnnwidgets.engine import fast, incremental, targets
+    from cnnwidgets.engine.attribution.perturbation import (DRILL_ORDERS, drill, window_means,
+                                                            window_starts)
+    from cnnwidgets.engine.hooks import restored
+    from cnnwidgets.engine.incremental import cost
+
+    import numpy as np
+
+    model = cw.load_model(model_name, pretrained=model_name == "efficientnet_lite0")
+    net = model.module
+
+    def peak(a, b):
+        ra, ca = np.unravel_index(int(np.argmax(a)), a.shape)
+        rb, cb = np.unravel_index(int(np.argmax(b)), b.shape)
+        return "peak" if np.hypot(ra - rb, ca - cb) <= 15 else "moved"
+
+    print(f"\n## drill-down orders and thresholds, {model_name} at 224 px (accuracy only)")
+    print("(windows: the share run; MACs: the passes' multiply-adds ÷ the exact mode's, from the "
+          "boxes — a drill-down variant costs about its share of windows)")
+    print(f"{'image':10} {'w/s':6} {'variant':26} {'windows':>7} {'MACs':>6} {'rank corr':>9}  peak")
+    for name in DRILL_IMAGES:
+        image = cw.sample_image(name)
+        x, _ = model.prepare(image)
+        base = torch.zeros_like(x)
+        with restored(net, frozen=True), torch.no_grad():
+            y_all = fast.logits(model, x)
+            target = targets.resolve(model, TARGET if name == "cat" else int(y_all.argmax()))
+            y = float(target.score(y_all)[0])
+            for window, stride in args.settings:
+                rows, cols = (window_starts(s, window, stride) for s in x.shape[-2:])
+                cells = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
+                memo: dict = {}
+
+                def drops_at(tau):
+                    out, passes = [], []
+                    for lo in range(0, len(cells), 32):
+                        boxes = [(rows[i], cols[j]) for i, j in cells[lo:lo + 32]]
+                        out.append(fast.occluded_scores(model, target, x, boxes,
+                                                        (window, window), base, tau, memo))
+                        run = memo.get(("incremental", "fold" in fast.ENABLED))
+                        passes.append((len(boxes), dict(run.sizes) if run else {}))
+                    grid = (y - torch.cat(out)).reshape(len(rows), len(cols)).double()
+                    bound = cost.speedup_bound(run, passes) if run else float("nan")
+                    return grid, bound
+
+                exact, exact_bound = drops_at(1.0)
+                shape = tuple(x.shape[-2:])
+                heat = window_means(exact, rows, cols, (window, window), shape).numpy()
+                hit = cw.metrics.pointing_game(heat, HEAD).hit if name == "cat" else None
+
+                def row(variant, grid, share, macs):
+                    got = window_means(grid, rows, cols, (window, window), shape).numpy()
+                    game = "" if hit is None else (f"; pointing game: exact "
+                                                   f"{'hit' if hit else 'miss'}, this "
+                                                   f"{'hit' if cw.metrics.pointing_game(got, HEAD).hit else 'miss'}")
+                    cost_ = f"{macs:6.2f}" if macs is not None else f"{'—':>6}"
+                    print(f"{name:10} {f'{window}/{stride}':6} {variant:26} {share:7.0%} "
+                          f"{cost_} {rank_correlation(got, heat):9.3f}  "
+                          f"{peak(got, heat)}{game}", flush=True)
+
+                for order in DRILL_ORDERS:
+                    for share in DRILL_SHARES:
+                        if share == 0.0 and order != "magnitude":
+                            continue  # the coarse pass alone: the same for every order
+                        runs: list = []
+                        todo = torch.full_like(exact, float("nan"))
+
+                        def occlude(part, todo=todo, runs=runs):
+                            runs.extend(part)
+                            for c in part:
+                                todo[c] = exact[c]
+
+                        grid = drill(todo, occlude, share, order)
+                        label = "coarse only" if share == 0.0 else f"{order} {share:g}"
+                        row(label, grid, len(runs) / len(cells), None)
+                for tau in THRESHOLDS:
+                    grid, bound = drops_at(tau)
+                    row(f"τ {tau:g}, every window", grid, 1.0, exact_bound / bound)
+
+
+def speedup_bounds(model, x, window, stride, batch):
+    """The best speed-up exact incremental inference can give over running the network on every
+    occluded copy, counted in multiply-adds from the boxes the engine computes
+    (:func:`cnnwidgets.engine.incremental.cost.speedup_bound`): with the windows in batches of
+    ``batch`` in the occlusion's order (one box size per batch, the largest), and one window at
+    a time (each its own box: the bound of the method, whatever the implementation)."""
+    from cnnwidgets.engine import incremental
+    from cnnwidgets.engine.attribution.perturbation import window_starts
+    from cnnwidgets.engine.hooks import restored
+    from cnnwidgets.engine.incremental import cost
+
+    net = model.module
+    rows, cols = (window_starts(s, window, stride) for s in x.shape[-2:])
+    boxes = [(r, c) for r in rows for c in cols]
+    base = torch.zeros_like(x)
+    out = []
+    with restored(net, frozen=True), torch.no_grad():
+        run = incremental.session(net, x)
+        if run is None:
+            return float("nan"), float("nan")
+        for size in (batch, 1):
+            passes = []
+            for lo in range(0, len(boxes), size):
+                part = boxes[lo:lo + size]
+                run.run(incremental.occluded_input(x, base, part, (window, window)))
+                passes.append((len(part), dict(run.sizes)))
+            out.append(cost.speedup_bound(run, passes))
+    return tuple(out)
 
 
 def timed_rounds(fns: dict, rounds: int, warm: bool = True) -> dict:
@@ -303,7 +439,9 @@ def timed_rounds(fns: dict, rounds: int, warm: bool = True) -> dict:
 def where_time_goes(model, x, window=32, stride=16, copies=32):
     """Each stage's share of one exact incremental pass over ``copies`` occluded copies, with
     the changed box against the map's size at the stage's end: where the box grows to the
-    whole map, incremental inference saves nothing from there on."""
+    whole map, incremental inference saves nothing from there on. Beside the time: each stage's
+    share of the pass's multiply-adds and its multiply-adds against the full network's there
+    (:mod:`cnnwidgets.engine.incremental.cost`)."""
     from cnnwidgets.engine import incremental
     from cnnwidgets.engine.attribution.perturbation import window_starts
     from cnnwidgets.engine.hooks import restored
@@ -328,24 +466,35 @@ def where_time_goes(model, x, window=32, stride=16, copies=32):
         full = time.perf_counter()
         fast.logits(model, batch)
         full = time.perf_counter() - full
+    from cnnwidgets.engine.incremental import cost
+
+    inside, whole_macs = cost.node_macs(run, run.sizes), cost.node_macs(run)
     stages: dict = {}
     for node, s in seconds.items():
         stage = _stage(node)
-        entry = stages.setdefault(stage, [0.0, None, None])
+        entry = stages.setdefault(stage, [0.0, None, None, 0, 0])
         entry[0] += s
         size = run.sizes.get(node.name, "?")
         if size != "?":
             entry[1] = size
             entry[2] = tuple(run.clean[node].shape[-2:]) if run.clean[node].dim() == 4 else None
-    total = sum(seconds.values())
+    for node, macs in inside.items():
+        entry = stages.setdefault(_stage(node), [0.0, None, None, 0, 0])
+        entry[3] += macs
+        entry[4] += whole_macs[node]
+    total, total_macs = sum(seconds.values()), sum(inside.values())
     print(f"\n   where the time goes, window {window} / stride {stride}, {copies} copies: "
           f"{total * 1000:.0f} ms incremental, {full * 1000:.0f} ms for the network's fast twin "
-          f"on the copies")
-    print(f"   {'stage':28} {'ms':>7} {'share':>6}  box at its end / map")
-    for stage, (s, size, shape) in stages.items():
+          f"on the copies ({full / total:.2f}×); multiply-adds {total_macs / 1e6:.0f} M per "
+          f"copy of {sum(whole_macs.values()) / 1e6:.0f} M: bound "
+          f"{sum(whole_macs.values()) / total_macs:.2f}× for this batch")
+    print(f"   {'stage':28} {'ms':>7} {'share':>6} {'MACs':>6} {'of full':>7}  box at its end / map")
+    for stage, (s, size, shape, macs, of_full) in stages.items():
         box = ("whole" if size is None else f"{size[0]}×{size[1]}") if size != "?" else "—"
         of = f" / {shape[0]}×{shape[1]}" if shape else ""
-        print(f"   {stage:28} {s * 1000:7.1f} {s / total:6.1%}  {box}{of}")
+        share = f"{macs / total_macs:6.1%}" if of_full else f"{'—':>6}"
+        part = f"{macs / of_full:7.0%}" if of_full else f"{'—':>7}"
+        print(f"   {stage:28} {s * 1000:7.1f} {s / total:6.1%} {share} {part}  {box}{of}")
 
 
 def _stage(node) -> str:
@@ -353,6 +502,8 @@ def _stage(node) -> str:
     stack = list((node.meta.get("nn_module_stack") or {}).values())
     name = (str(node.target) if node.op == "call_module"
             else str(stack[-1][0]) if stack and isinstance(stack[-1], tuple) else node.name)
+    if node.op == "call_module" and node.name != name.replace(".", "_"):
+        name = node.name  # a module called twice (Lite0's _swish: after the stem, in the head)
     parts = name.replace("_blocks_", "_blocks.").split(".")
     if parts[0] in ("layer1", "layer2", "layer3", "layer4", "_blocks") and len(parts) > 1:
         return ".".join(parts[:2])
@@ -426,7 +577,15 @@ def main():
     parser.add_argument("--occlusion", action="store_true",
                         help="only the occlusion rows: exact and approximate against Captum at "
                              "window 32 / stride 16 and 16 / 8, agreement, where the time goes")
-    parser.add_argument("--ab-pairs", type=int, default=5, help="on / off pairs per method")
+    parser.add_argument("--drill-orders", action="store_true",
+                        help="accuracy only (no timing): the approximate occlusion map's rank "
+                             "correlation to the exact one for each drill-down order and share "
+                             "and each threshold, on the four sample photos")
+    parser.add_argument("--settings", nargs="*", default=list(OCCLUSION_SETTINGS),
+                        type=lambda v: tuple(int(p) for p in v.split("/")),
+                        help="with --occlusion: the window/stride settings (default 32/16 16/8)")
+    parser.add_argument("--ab-pairs", type=int, default=5,
+                        help="on / off pairs per method (1 with --quick)")
     parser.add_argument("--out", default=None,
                         help="also write everything printed to this file (the raw output to "
                              "commit beside a README table, e.g. benchmarks/results/"
@@ -436,7 +595,7 @@ def main():
     if args.quick:
         global SETTLE
         SETTLE = 0.0
-        for name in counts:
+        for name in counts + ("ab_pairs",):
             setattr(args, name, 1)
     elif min(getattr(args, name) for name in counts) < MIN_PAIRS:
         parser.error(f"every row needs at least {MIN_PAIRS} pairs (use --quick for a smoke run)")
@@ -448,7 +607,10 @@ def main():
               f"load average {os.getloadavg()[0]:.1f} (the machine is shared: absolute times vary)")
         if args.quick:
             print("# --quick: a smoke run (one pair per row, no settling pause); not a measurement")
-        if args.occlusion:
+        if args.drill_orders:
+            print("# accuracy only (no timing): every window's exact drop once per image and "
+                  "setting, each variant's map from them (τ: every window run with the threshold)")
+        elif args.occlusion:
             print(f"# protocol: ours exact, ours approximate and Captum in {args.slow_repeats} "
                   "rounds of alternating order, one untimed call of each first "
                   f"{'(skipped: --quick)' if args.quick else ''}")
@@ -461,6 +623,8 @@ def main():
         for name in args.models:
             if args.ab:
                 ab(name, args.ab, args)
+            elif args.drill_orders:
+                drill_orders(name, args)
             elif args.occlusion:
                 occlusion_rows(name, args)
             else:

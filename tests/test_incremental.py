@@ -322,3 +322,104 @@ def test_fill_in_interpolates_the_windows_not_run():
     drops = torch.tensor([[1.0, nan, 3.0], [nan, nan, nan], [5.0, nan, 7.0]])
     # beside two known windows: their mean; among four diagonal ones: theirs
     assert fill_in(drops).tolist() == [[1.0, 2.0, 3.0], [3.0, 4.0, 5.0], [5.0, 6.0, 7.0]]
+
+
+# --------------------------------------------------------------------------- the bound
+def test_multiply_adds_per_output_pixel():
+    from cnnwidgets.engine.incremental.cost import macs_per_pixel
+
+    assert macs_per_pixel(nn.Conv2d(2, 4, 3)) == 4 * 2 * 9
+    assert macs_per_pixel(nn.Conv2d(2, 4, 3, groups=2)) == 4 * 1 * 9  # each output reads 1 map
+    assert macs_per_pixel(nn.Conv2d(6, 6, (1, 5), groups=6)) == 6 * 1 * 5
+    assert macs_per_pixel(nn.Linear(4, 5)) == 20
+    assert macs_per_pixel(nn.ReLU()) == 0 and macs_per_pixel(nn.BatchNorm2d(3)) == 0
+
+
+def _bound_net(batch_norm: bool):
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 2, 3, padding=1)] + ([nn.BatchNorm2d(2)] if batch_norm else []) \
+        + [nn.ReLU(), nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2)] + head(4)
+    return nn.Sequential(*layers).double().eval()
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_speedup_bound_from_the_boxes_by_hand(batch_norm):
+    from cnnwidgets.engine.incremental import cost
+
+    net = _bound_net(batch_norm)  # batch norm: folded, its node records the convolution's box
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    memo = {}
+    scores(net, x, [(0, 0)], (2, 2), on=True, memo=memo)
+    run = memo[("incremental", True)]
+    # full network, per copy: conv 3→2, 3×3, 8×8 out: 64 · (2·3·9 = 54) = 3456; conv 2→4 in
+    # 2 groups, 3×3/2, 4×4 out: 16 · (4·1·9 = 36) = 576; linear 4→5: 20 — in all 4052
+    assert cost.network_macs(run) == 4052
+    # window rows 0…1: conv 1 → rows 0…2 (ceil(−1) clipped at 0 … floor(2)): 3×3 · 54 = 486;
+    # conv 2 → rows ceil((0+1−2)/2) = 0 … floor((2+1)/2) = 1: 2×2 · 36 = 144; linear (after
+    # the global pooling: whole) 20
+    first = dict(run.sizes)
+    assert cost.pass_macs(run, first) == 486 + 144 + 20
+    scores(net, x, [(3, 3)], (2, 2), on=True, memo=memo)
+    # rows 3…4: conv 1 → rows 2…5 (4×4 · 54 = 864); conv 2 → ceil(0.5) = 1 … floor(3) = 3
+    # (3×3 · 36 = 324); linear 20
+    middle = dict(run.sizes)
+    assert cost.pass_macs(run, middle) == 864 + 324 + 20
+    # the two windows apart: 2 · 4052 / (650 + 1208); in one batch both get the larger boxes
+    # (conv 1: 4 rows, 0…3 for the first copy; conv 2 on rows 0…3: 0 … floor(4/2) = 2, 3 rows)
+    assert cost.speedup_bound(run, [(1, first), (1, middle)]) == pytest.approx(8104 / 1858)
+    scores(net, x, [(0, 0), (3, 3)], (2, 2), on=True, memo=memo)
+    assert cost.speedup_bound(run, [(2, dict(run.sizes))]) == pytest.approx(8104 / 2416)
+    # a node missing from the sizes (its stored value served) costs nothing; run whole: all
+    assert cost.pass_macs(run, {}) == 0
+    assert cost.pass_macs(run, {k: None for k in first}) == 4052
+
+
+# --------------------------------------------------------------------------- drill-down
+def test_spread_of_the_known_neighbours():
+    from cnnwidgets.engine.attribution.perturbation import spread
+
+    nan = float("nan")
+    drops = torch.tensor([[1.0, nan, 3.0], [nan, nan, nan], [5.0, nan, 7.0]])
+    # (0, 1) sees 1 and 3; (1, 0) sees 1 and 5; (1, 1) all four; a corner sees no known one
+    assert spread(drops).tolist() == [[0.0, 2.0, 0.0], [4.0, 6.0, 4.0], [0.0, 2.0, 0.0]]
+    assert spread(torch.tensor([[nan, 2.0, nan]])).tolist() == [[0.0, 0.0, 0.0]]  # one: 0
+
+
+@pytest.mark.parametrize("order,chosen", [("magnitude", (2, 1)), ("spread", (1, 1)),
+                                          ("magnitude×spread", (1, 1))])
+def test_drill_down_runs_the_coarse_windows_then_the_first_ranked(order, chosen):
+    from cnnwidgets.engine.attribution.perturbation import drill
+
+    exact = torch.tensor([[1.0, 0.0, 3.0], [0.0, 9.0, 0.0], [5.0, 0.0, 7.0]])
+    runs = []
+
+    def occlude(cells):
+        runs.append(list(cells))
+        for c in cells:
+            grid[c] = exact[c]
+
+    grid = torch.full((3, 3), float("nan"))
+    got = drill(grid, occlude, 0.2, order)  # one of the five other windows
+    assert runs[0] == [(0, 0), (0, 2), (2, 0), (2, 2)]
+    # the guesses (bilinear): (0, 1) 2, (1, 0) 3, (1, 1) 4, (1, 2) 5, (2, 1) 6; the spreads
+    # 2, 4, 6, 4, 2; magnitude × spread 4, 12, 24, 20, 12
+    assert runs[1] == [chosen]
+    assert float(got[chosen]) == float(exact[chosen])
+    if chosen == (1, 1):  # the centre known (9): (0, 1) from 1, 3 beside it and 9 below
+        assert float(got[0, 1]) == pytest.approx((1 + 3 + 9) / 3)
+    else:  # (2, 1) known (0): the centre from the four corners (weight ½) and (2, 1) (1)
+        assert float(got[1, 1]) == pytest.approx((0.5 * (1 + 3 + 5 + 7) + 0.0) / 3)
+
+
+def test_a_node_run_whole_costs_its_whole_map():
+    from cnnwidgets.engine.incremental import cost
+
+    net = make("fallback")  # conv 3→4, 3×3 / 1 / 1; roll (no rule); conv 4→4, 3×3 / 2 / 1; head
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    memo = {}
+    scores(net, x, [(0, 0)], (2, 2), on=True, memo=memo)
+    run = memo[("incremental", True)]
+    # full: 64 · (4·3·9 = 108) = 6912, 16 · (4·4·9 = 144) = 2304, linear 4·5 = 20
+    assert cost.network_macs(run) == 6912 + 2304 + 20
+    # the first convolution inside its box (rows 0…2: 9 · 108 = 972); from the roll on, whole
+    assert cost.pass_macs(run, run.sizes) == 972 + 2304 + 20

@@ -97,6 +97,13 @@ CASES = [
     Case("attribution_drag", "AttributionExplorer", DENSE_CODE + "\n"
          "w = cw.AttributionExplorer(dense, image, 'saliency')",
          control=("drag", 0, 0.2, 0.3, 0.32, 0.6), timeout=120),
+    # live occlusion: the method's window / stride sliders (its parameters' controls); a
+    # coarse grid (window and stride 56: 16 windows) answers in seconds; the stride slider
+    # (#1, after window) moved 8 steps to 64 puts the windows elsewhere: a new map
+    Case("attribution_occlusion", "AttributionExplorer",
+         "w = cw.AttributionExplorer(model, image, 'occlusion')\n"
+         "w.params = {**w.params, 'window': 56, 'stride': 56}",
+         control=("slider", 1, 8), timeout=120),
     # the target dropdown: a new backtrack redraws every panel. (The backtrack-step slider,
     # moved with ArrowRight, changed the figure in Lab and Voila but not in Notebook 7, where
     # the key press did not reach the slider; the step itself is covered by the widget tests.)
