@@ -8,7 +8,8 @@ Each row is measured on several copies of its explorer in one notebook, its chan
 alternating between them: ``after`` (everything on), ``before`` (the canvas as ipympl has it,
 nothing kept), and one copy per trick with only that trick off (``no push``: the kernel waits for
 the front end to ask for each frame; ``no partial``: the whole figure is drawn anew; ``no png``:
-PIL's PNG encoder; ``no keep``: the AttributionExplorer computes every view anew). The ratio
+PIL's PNG encoder; ``no frames``: the FeatureMapExplorer draws a state shown before anew;
+``no keep``: the AttributionExplorer computes every view anew). The ratio
 after / before is the before / after table of the README; a trick stays where its own
 ``no …`` copy is ≥ 15 % slower than ``after``.
 
@@ -52,8 +53,9 @@ image = cw.sample_image("cat")"""
 #: AttributionExplorer's views computed before)
 VARIANTS = {
     "after": (),
-    "before": ("push_frames", "partial", "fast_png", "keep"),
+    "before": ("push_frames", "partial", "fast_png", "frames", "keep"),
     "no push": ("push_frames",),
+    "no frames": ("frames",),
     "no partial": ("partial",),
     "no png": ("fast_png",),
     "no keep": ("keep",),
@@ -74,6 +76,8 @@ def _cell(kind: str, variant: str) -> str:
     for trick in off:
         if trick == "keep":
             lines.append("w.keep = 0" if kind == "attr" else "")
+        elif trick == "frames":
+            lines.append(f"for c in {canvases}: c.frames = 0")
         else:
             lines.append(f"for c in {canvases}: c.{trick} = False")
     lines += [f"w.add_class({css_of(kind, variant)!r})", "w"]
@@ -81,7 +85,7 @@ def _cell(kind: str, variant: str) -> str:
 
 
 CELLS = {css_of(kind, v): _cell(kind, v) for kind in ("maps", "attr") for v in VARIANTS
-         if not (kind == "maps" and v == "no keep")}
+         if not (kind == "maps" and v == "no keep") and not (kind == "attr" and v == "no frames")}
 
 # fingerprint the canvases, change the select, resolve at the first frame that differs
 CHANGE_JS = """
@@ -232,13 +236,14 @@ def measure(page, args) -> dict:
     options = page.evaluate(OPTIONS_JS, [css_of("attr", "after"), 0])
     pick = {text.split()[0]: value for value, text in options}
     cam, grad_cam = pick["cam"], pick["grad_cam"]
-    for v in variants:
+    attr_variants = [v for v in variants if css_of("attr", v) in CELLS]
+    for v in attr_variants:
         css = css_of("attr", v)
         page.locator(f".{css}").first.scroll_into_view_if_needed()
         change(page, css, 0, grad_cam, args.settle)
         change(page, css, 0, cam, args.settle)
     alternate("AttributionExplorer method cam <-> grad_cam", "attr",
-              lambda v, i: ((grad_cam, cam)[i % 2], 0))
+              lambda v, i: ((grad_cam, cam)[i % 2], 0), only=attr_variants)
     return rows
 
 

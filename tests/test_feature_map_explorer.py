@@ -160,3 +160,35 @@ def test_explorer_tabs_build_on_first_view(lite0, cat, tmp_path):
     assert isinstance(fmx, cw.FeatureMapExplorer)
     ex.save(tmp_path / "tab.png")
     assert (tmp_path / "tab.png").stat().st_size > 0
+
+
+def test_a_state_shown_before_gets_its_pixels_back(lite0, cat):
+    # switching back to a layer (channel, position, sort, page) shown before puts back the
+    # pixels kept for it instead of drawing: they must be those a whole draw gives now, and
+    # a click afterwards draws over them as over any frame
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    w = cw.FeatureMapExplorer(lite0, cat, layer="_blocks.2")
+    canvas = w.canvas
+    pixels = lambda: np.asarray(canvas.get_renderer().buffer_rgba()).copy()  # noqa: E731
+    canvas.draw()
+    first = pixels()
+    w.layer = "_blocks.5"
+    canvas.draw()
+    drawn = []
+    for ax in w.figure.axes:
+        ax.draw = lambda renderer, ax=ax, inner=ax.draw: (drawn.append(ax), inner(renderer))[1]
+    w.layer = "_blocks.2"
+    canvas.draw()
+    assert drawn == []  # nothing drawn: the kept frame
+    back = pixels()
+    assert (back == first).all()
+    FigureCanvasAgg.draw(canvas)  # the reference: the whole figure drawn anew
+    assert (pixels() == back).all()
+    canvas.draw()
+    w.channel = int(w.maps.order("mean")[3])  # a new state: the changed axes drawn over it
+    canvas.draw()
+    assert drawn and set(drawn) <= set(w.figure.axes)
+    partial = pixels()
+    FigureCanvasAgg.draw(canvas)
+    assert (pixels() == partial).all()

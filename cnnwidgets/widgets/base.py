@@ -65,6 +65,9 @@ def _canvas_class():
       pixels lie in that region is drawn again too. Anything else that changed (the figure's
       own artists, its size, a layout engine) draws the whole figure.
     * ``fast_png``: frames encoded by :func:`encode_png` (PIL's encoder otherwise, zlib level 1).
+    * ``frame_key`` (set by a widget whose figure is a function of a few traitlets): a callable
+      returning that state; the last ``frames`` frames are kept by it, and a state shown
+      before (the layer switched back to) puts its pixels back instead of drawing anything.
 
     Until the front end says it is initialised, ipympl keeps the last frame in the synced
     ``_data_url`` trait for a front-end model created later — but ipympl 0.9–0.10 stores the
@@ -120,12 +123,16 @@ def _canvas_class():
         _draw_again = False  # a draw_idle came during one of them
         _render_lock = threading.Lock()
         _push_pending = False
+        _whole_next = False
+        frame_key = None  # a callable: the state the figure is drawn from (or None)
+        frames = 16  # frames kept by state when there is a frame_key
         _drawn = None  # after a draw: (renderer, {axes: pixel box it covers}, background, n)
         _draws = 0  # draw events so far (savefig's draws included)
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self._frame_lock = threading.RLock()  # one render at a time (main or subshell)
+            self._kept_frames: dict = {}  # state → (pixels, axes' pixel boxes)
             self.mpl_connect("draw_event", self._count_draw)
 
         def _count_draw(self, event):
@@ -133,19 +140,32 @@ def _canvas_class():
 
         # ------------------------------------------------------------ frames on demand
         def draw(self):
+            self._render(keep=True)
+
+        def handle_draw(self, event):
+            # asked by the front end: maybe on another thread than the one changing the
+            # figure, so maybe half a change: shown (the change's own frame follows), not kept
+            self._render(keep=False)
+
+        def _render(self, keep: bool):
             with self._render_lock:
                 self._rendering += 1
             try:
                 with self._frame_lock:
                     self._png_is_old = True
+                    key = self._state()
+                    whole, self._whole_next = self._whole_next, False
                     try:
-                        if not self._draw_changed_axes():
+                        if whole or not (self._frame_back(key) or self._draw_changed_axes()):
                             self._drawn = None
                             FigureCanvasAgg.draw(self)
                     finally:
                         self.manager.refresh_all()  # sends the frame
-                    if self.partial and self._drawn is None:
+                    if self._drawn is None and (key is not None or (
+                            self.partial and len(self.figure.axes) > 1)):
                         self._remember_extents()
+                    if keep:
+                        self._keep_frame(key)
             finally:
                 with self._render_lock:
                     self._rendering -= 1
@@ -159,6 +179,9 @@ def _canvas_class():
             with self._render_lock:
                 if self._rendering:
                     self._draw_again = True
+                    # changed while a render went on (another thread): what it marked as
+                    # drawn may not be, so the next render draws the whole figure
+                    self._whole_next = True
             if self.push_frames and not self.syncing_data_url and self._push():
                 return
             super().draw_idle()
@@ -179,12 +202,48 @@ def _canvas_class():
             self._push_pending = False
             self.draw()
 
+        # ------------------------------------------------------------ frames kept by state
+        def _state(self):
+            if self.frame_key is None or not self.frames:
+                return None
+            renderer = self.get_renderer()
+            return (int(renderer.width), int(renderer.height), self.frame_key())
+
+        def _frame_back(self, key) -> bool:
+            """Put back the pixels of a state shown before; False where there are none (or
+            the figure changed beyond its state: its own artists, a layout engine)."""
+            kept = self._kept_frames.get(key) if key is not None else None
+            fig = self.figure
+            if (kept is None or self._drawn is None or fig.get_layout_engine() is not None
+                    or any(a.stale for a in fig.get_children() if a not in fig.axes)):
+                return False
+            renderer, _, background, _ = self._drawn
+            if self.get_renderer() is not renderer:
+                return False
+            pixels, boxes = kept
+            np.copyto(np.asarray(renderer.buffer_rgba()), pixels)
+            for ax in fig.axes:
+                ax.stale = False
+            fig.stale = False
+            DrawEvent("draw_event", self, renderer)._process()
+            self._drawn = (renderer, dict(boxes), background, self._draws)
+            return True
+
+        def _keep_frame(self, key) -> None:
+            if key is None or self._drawn is None:
+                return
+            renderer, boxes = self._drawn[0], self._drawn[1]
+            self._kept_frames.pop(key, None)
+            self._kept_frames[key] = (np.asarray(renderer.buffer_rgba()).copy(), dict(boxes))
+            while len(self._kept_frames) > self.frames:
+                self._kept_frames.pop(next(iter(self._kept_frames)))
+
         # ------------------------------------------------------------ partial redraws
         def _remember_extents(self):
             """After a whole-figure draw: where each axes' pixels lie, and the background."""
             fig = self.figure
             renderer = self.get_renderer()
-            if len(fig.axes) < 2 or fig.get_layout_engine() is not None:
+            if fig.get_layout_engine() is not None:
                 return
             h, w = int(renderer.height), int(renderer.width)
             boxes = {ax: self._extent(ax, renderer, w, h) for ax in fig.axes}

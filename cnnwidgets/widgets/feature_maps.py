@@ -68,6 +68,9 @@ class FeatureMapExplorer(WidgetBase):
         self._bars, self._bar_labels = draw.draw_bars(self.ax_bars, TOP_K)
         self._bar_channels = []
         self.canvas.mpl_connect("button_press_event", self.guarded(self._on_click))
+        # the figure is a function of these: a state shown before gets its pixels back
+        self.canvas.frame_key = lambda: (self.layer, self.channel, self.position, self.sort,
+                                         self.page)
 
         # ---- controls
         self._layer_box = widgets.Dropdown(options=self._layers, description="layer",
