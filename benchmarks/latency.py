@@ -18,7 +18,9 @@ Rows (EfficientNet-Lite0, the cat, each explorer in its own cell of one notebook
 * ``FeatureMapExplorer`` layer switch, cached: back and forth between two layers already shown;
 * ``FeatureMapExplorer`` layer switch, first visit: each change to a layer not shown before
   (the explorer may have prefetched it in the background: "first visit", not "uncached");
-* ``AttributionExplorer`` quick-method switch: ``cam`` ↔ ``grad_cam``.
+* ``AttributionExplorer`` quick-method switch: ``cam`` ↔ ``grad_cam``;
+* ``AttributionExplorer`` colour map, first visit: each colour map once (only the map's panel
+  changes: the row where drawing only the changed axes can show).
 
 How a change is timed, inside the page: the widget's canvases are fingerprinted (a sample of
 their pixels), the ``<select>`` is changed and its ``change`` event dispatched, and the time is
@@ -244,6 +246,15 @@ def measure(page, args) -> dict:
         change(page, css, 0, cam, args.settle)
     alternate("AttributionExplorer method cam <-> grad_cam", "attr",
               lambda v, i: ((grad_cam, cam)[i % 2], 0), only=attr_variants)
+    # the colour map: only the map's panel changes (each one shown for the first time, so
+    # nothing comes from kept frames: at most one change per colour map)
+    css = css_of("attr", "after")
+    nth = next(k for k in range(12)
+               if "viridis" in [t for _, t in page.evaluate(OPTIONS_JS, [css, k])])
+    maps = [v for v, t in page.evaluate(OPTIONS_JS, [css, nth]) if t != "auto"]
+    alternate("AttributionExplorer colour map, first visit", "attr",
+              lambda v, i: (maps[i] if i < len(maps) else None, nth),
+              only=[v for v in attr_variants if v in ("after", "before", "no partial")])
     return rows
 
 

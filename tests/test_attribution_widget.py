@@ -238,3 +238,28 @@ def test_a_kept_view_is_not_overwritten_by_a_computation_still_running(model):
     assert w.result[0] is kept
     w.wait()  # the occlusion's result, when it comes, is dropped
     assert w.result[0] is kept and w.method == "grad_cam"
+
+
+def test_a_view_shown_before_gets_its_frame_back(model):
+    # the single figure's pixels are kept by view (and opacity, colour map): switching back
+    # to a method puts them back, the pixels a whole draw gives, without drawing
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    w = cw.AttributionExplorer(model, cw.sample_image("cat"), method="cam", background=False)
+    canvas = w.figures.single_canvas
+    pixels = lambda: np.asarray(canvas.get_renderer().buffer_rgba()).copy()  # noqa: E731
+    canvas.draw()
+    first = pixels()
+    w.method = "grad_cam"
+    canvas.draw()
+    w.alpha = 0.8  # a new look of the same view: a new frame
+    canvas.draw()
+    drawn = []
+    for ax in w.figures.single_fig.axes:
+        ax.draw = lambda renderer, ax=ax, inner=ax.draw: (drawn.append(ax), inner(renderer))[1]
+    w.alpha = 0.5
+    w.method = "cam"
+    canvas.draw()
+    assert drawn == [] and (pixels() == first).all()
+    FigureCanvasAgg.draw(canvas)
+    assert (pixels() == first).all()

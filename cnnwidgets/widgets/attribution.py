@@ -383,7 +383,7 @@ class AttributionExplorer(WidgetBase):
             self.result = results
             self.curves = curves
             self.figures.show(results, names, compare=bool(self.compare), alpha=self.alpha,
-                              cmap=self.cmap)
+                              cmap=self.cmap, key=request)
             if evaluate:
                 self.figures.show_curves(curves)
             took = ", ".join(f"{r.method} {r.seconds:.2f} s" for r in results

@@ -66,7 +66,7 @@ def _canvas_class():
       own artists, its size, a layout engine) draws the whole figure.
     * ``fast_png``: frames encoded by :func:`encode_png` (PIL's encoder otherwise, zlib level 1).
     * ``frame_key`` (set by a widget whose figure is a function of a few traitlets): a callable
-      returning that state; the last ``frames`` frames are kept by it, and a state shown
+      returning that state (None: one it cannot name); the last ``frames`` frames are kept by it, and a state shown
       before (the layer switched back to) puts its pixels back instead of drawing anything.
 
     Until the front end says it is initialised, ipympl keeps the last frame in the synced
@@ -206,8 +206,11 @@ def _canvas_class():
         def _state(self):
             if self.frame_key is None or not self.frames:
                 return None
+            state = self.frame_key()
+            if state is None:  # a state the widget cannot name: nothing kept
+                return None
             renderer = self.get_renderer()
-            return (int(renderer.width), int(renderer.height), self.frame_key())
+            return (int(renderer.width), int(renderer.height), state)
 
         def _frame_back(self, key) -> bool:
             """Put back the pixels of a state shown before; False where there are none (or

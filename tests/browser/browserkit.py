@@ -534,8 +534,9 @@ class Case:
     """One widget in the browser tests: a notebook cell that builds ``w`` and a control to move.
 
     ``control`` is one of ``("select", nth, option)`` (choose ``option`` -- a label, an
-    index or ``"next"`` -- in the ``nth`` ``<select>`` of the widget), ``("slider", nth, presses)`` (press
-    ArrowRight on the ``nth`` slider handle), ``("button", label)`` (click the button with that
+    index or ``"next"`` -- in the ``nth`` ``<select>`` of the widget), ``("slider", nth, pixels)`` (drag the
+    ``nth`` slider's handle right by that many pixels with the mouse: Notebook 7 takes arrow
+    keys pressed on a handle for its own shortcuts), ``("button", label)`` (click the button with that
     text), ``("checkbox", nth)`` (click the ``nth`` checkbox), ``("tab", index)`` (click a tab of
     an ipywidgets Tab), ``("canvas", nth, fx, fy)`` (click the ``nth`` figure at a fractional
     position), ``("drag", nth, fx0, fy0, fx1, fy1)`` (press the left button at the first
@@ -822,13 +823,16 @@ def move_control(page, case: Case, control: tuple | None = None) -> str:
             select.select_option(label=option)
         return f"select #{nth} -> {option!r}"
     if kind == "slider":
-        nth, presses = args
+        nth, pixels = args
         handle = root.locator(".noUi-handle:visible, input[type=range]:visible").nth(nth)
         handle.scroll_into_view_if_needed()
-        handle.focus()
-        for _ in range(presses):
-            handle.press("ArrowRight")
-        return f"slider #{nth} +{presses}"
+        box = handle.bounding_box()
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(x, y)
+        page.mouse.down()
+        page.mouse.move(x + pixels, y, steps=5)
+        page.mouse.up()
+        return f"slider #{nth} dragged {pixels}px"
     if kind == "button":
         (label,) = args
         root.get_by_role("button", name=label).first.click()

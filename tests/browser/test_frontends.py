@@ -103,7 +103,7 @@ CASES = [
     Case("attribution_occlusion", "AttributionExplorer",
          "w = cw.AttributionExplorer(model, image, 'occlusion')\n"
          "w.params = {**w.params, 'window': 56, 'stride': 56}",
-         control=("slider", 1, 8), timeout=120),
+         control=("slider", 1, 12), timeout=120),
     # the target dropdown: a new backtrack redraws every panel. (The backtrack-step slider,
     # moved with ArrowRight, changed the figure in Lab and Voila but not in Notebook 7, where
     # the key press did not reach the slider; the step itself is covered by the widget tests.)
