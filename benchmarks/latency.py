@@ -7,8 +7,8 @@ JupyterLab in headless Chromium (the browser tests' setup: ``tests/browser/brows
 Each row is measured on several copies of its explorer in one notebook, its changes
 alternating between them: ``after`` (everything on), ``before`` (the canvas as ipympl has it,
 nothing kept), and one copy per trick with only that trick off (``no push``: the kernel waits for
-the front end to ask for each frame; ``no partial``: the whole figure is drawn anew; ``no png``:
-PIL's PNG encoder; ``no frames``: the FeatureMapExplorer draws a state shown before anew;
+the front end to ask for each frame; ``no frames``: a state drawn before (a layer, a view) is
+drawn anew;
 ``no keep``: the AttributionExplorer computes every view anew). The ratio
 after / before is the before / after table of the README; a trick stays where its own
 ``no …`` copy is ≥ 15 % slower than ``after``.
@@ -20,7 +20,7 @@ Rows (EfficientNet-Lite0, the cat, each explorer in its own cell of one notebook
   (the explorer may have prefetched it in the background: "first visit", not "uncached");
 * ``AttributionExplorer`` quick-method switch: ``cam`` ↔ ``grad_cam``;
 * ``AttributionExplorer`` colour map, first visit: each colour map once (only the map's panel
-  changes: the row where drawing only the changed axes can show).
+  changes; nothing kept helps: the row where only pushing frames can show).
 
 How a change is timed, inside the page: the widget's canvases are fingerprinted (a sample of
 their pixels), the ``<select>`` is changed and its ``change`` event dispatched, and the time is
@@ -55,11 +55,9 @@ image = cw.sample_image("cat")"""
 #: AttributionExplorer's views computed before)
 VARIANTS = {
     "after": (),
-    "before": ("push_frames", "partial", "fast_png", "frames", "keep"),
+    "before": ("push_frames", "frames", "keep"),
     "no push": ("push_frames",),
     "no frames": ("frames",),
-    "no partial": ("partial",),
-    "no png": ("fast_png",),
     "no keep": ("keep",),
 }
 
@@ -87,7 +85,7 @@ def _cell(kind: str, variant: str) -> str:
 
 
 CELLS = {css_of(kind, v): _cell(kind, v) for kind in ("maps", "attr") for v in VARIANTS
-         if not (kind == "maps" and v == "no keep") and not (kind == "attr" and v == "no frames")}
+         if not (kind == "maps" and v == "no keep")}
 
 # fingerprint the canvases, change the select, resolve at the first frame that differs
 CHANGE_JS = """
@@ -173,7 +171,15 @@ def main():
     parser.add_argument("--settle", type=float, default=0.8,
                         help="seconds without a canvas change before the next change")
     parser.add_argument("--out", default=None, help="also write the output to this file")
+    parser.add_argument("--variants", nargs="*", default=None, choices=list(VARIANTS),
+                        help="copies of each explorer on the page (default: all; a lighter "
+                             "page: after before)")
     args = parser.parse_args()
+    for name in [v for v in VARIANTS if args.variants and v not in args.variants]:
+        del VARIANTS[name]
+    CELLS.clear()
+    CELLS.update({css_of(kind, v): _cell(kind, v) for kind in ("maps", "attr") for v in VARIANTS
+                  if not (kind == "maps" and v == "no keep")})
     with tee(args.out), tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print(f"# {' '.join(['python'] + sys.argv)}")
@@ -254,7 +260,7 @@ def measure(page, args) -> dict:
     maps = [v for v, t in page.evaluate(OPTIONS_JS, [css, nth]) if t != "auto"]
     alternate("AttributionExplorer colour map, first visit", "attr",
               lambda v, i: (maps[i] if i < len(maps) else None, nth),
-              only=[v for v in attr_variants if v in ("after", "before", "no partial")])
+              only=[v for v in attr_variants if v in ("after", "before")])
     return rows
 
 

@@ -263,3 +263,20 @@ def test_a_view_shown_before_gets_its_frame_back(model):
     assert drawn == [] and (pixels() == first).all()
     FigureCanvasAgg.draw(canvas)
     assert (pixels() == first).all()
+
+
+def test_a_view_computed_anew_is_drawn_anew(model):
+    # frames are kept by computation, not by request: a view computed again (nothing kept,
+    # or a method with noise) is drawn from its own values, never shown from an older frame
+    w = cw.AttributionExplorer(model, cw.sample_image("cat"), method="cam", background=False)
+    w.keep = 0
+    canvas = w.figures.single_canvas
+    canvas.draw()
+    w.method = "grad_cam"
+    canvas.draw()
+    drawn = []
+    for ax in w.figures.single_fig.axes:
+        ax.draw = lambda renderer, ax=ax, inner=ax.draw: (drawn.append(ax), inner(renderer))[1]
+    w.method = "cam"
+    canvas.draw()
+    assert drawn  # computed again: drawn, not put back

@@ -164,8 +164,7 @@ def test_explorer_tabs_build_on_first_view(lite0, cat, tmp_path):
 
 def test_a_state_shown_before_gets_its_pixels_back(lite0, cat):
     # switching back to a layer (channel, position, sort, page) shown before puts back the
-    # pixels kept for it instead of drawing: they must be those a whole draw gives now, and
-    # a click afterwards draws over them as over any frame
+    # pixels kept for it instead of drawing: they must be those a whole draw gives now
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     w = cw.FeatureMapExplorer(lite0, cat, layer="_blocks.2")
@@ -186,9 +185,6 @@ def test_a_state_shown_before_gets_its_pixels_back(lite0, cat):
     FigureCanvasAgg.draw(canvas)  # the reference: the whole figure drawn anew
     assert (pixels() == back).all()
     canvas.draw()
-    w.channel = int(w.maps.order("mean")[3])  # a new state: the changed axes drawn over it
+    w.channel = int(w.maps.order("mean")[3])  # a new state: drawn
     canvas.draw()
-    assert drawn and set(drawn) <= set(w.figure.axes)
-    partial = pixels()
-    FigureCanvasAgg.draw(canvas)
-    assert (pixels() == partial).all()
+    assert set(drawn) == set(w.figure.axes)

@@ -22,52 +22,24 @@ from matplotlib.figure import Figure
 from .tasks import Task
 
 
-def encode_png(rgba) -> bytes:
-    """An H×W×4 uint8 array as PNG bytes: rows unfiltered, zlib at level 1.
-
-    PIL's encoder filters every row adaptively, which on a figure of ~900×400 takes ~27 ms at
-    its fastest level; unfiltered rows compress to about the same size (diff frames are
-    mostly zeros) in ~15 ms, and every PNG reader decodes them the same.
-    """
-    import struct
-    import zlib
-
-    import numpy as np
-
-    rgba = np.ascontiguousarray(rgba, dtype=np.uint8)
-    h, w = rgba.shape[:2]
-    rows = np.zeros((h, 1 + 4 * w), dtype=np.uint8)  # a filter byte (0: none) before each row
-    rows[:, 1:] = rgba.reshape(h, 4 * w)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0)  # 8-bit RGBA, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
-
-
 def _canvas_class():
     """ipympl's canvas, made quicker from a change to new pixels in the browser.
 
-    Three things ipympl does not do (each switchable per canvas, for the A/B run of
+    Two things ipympl does not do (each switchable per canvas, for the A/B run of
     ``benchmarks/latency.py``):
 
     * ``push_frames``: once the front end is there, a ``draw_idle`` renders the figure on the
-      kernel's event loop and sends the frame at once, instead of asking the front end to ask
-      for it (a round trip through the browser per change). Without a front end (scripts,
-      tests, nbconvert) nothing is rendered until one asks, as before.
-    * ``partial``: only the axes that changed are drawn again (matplotlib marks them stale),
-      over the pixels of the last frame; the others keep theirs. The region an axes is drawn
-      in is cleared to the figure's background first: the union of what it covered in the
-      last frame and what it covers now (titles and tick labels included); an axes whose
-      pixels lie in that region is drawn again too. Anything else that changed (the figure's
-      own artists, its size, a layout engine) draws the whole figure.
-    * ``fast_png``: frames encoded by :func:`encode_png` (PIL's encoder otherwise, zlib level 1).
+      event loop of the thread that changed it and sends the frame at once, instead of asking
+      the front end to ask for it (a round trip through the browser per change). Without a
+      front end (scripts, tests, nbconvert) nothing is rendered until one asks, as before.
     * ``frame_key`` (set by a widget whose figure is a function of a few traitlets): a callable
-      returning that state (None: one it cannot name); the last ``frames`` frames are kept by it, and a state shown
-      before (the layer switched back to) puts its pixels back instead of drawing anything.
+      returning that state (None: one it cannot name); the last ``frames`` frames drawn are
+      kept by it, and a state drawn before (the layer switched back to) gets its pixels back
+      instead of being drawn again. Frames the front end asks for are shown, not kept: it may
+      ask from another thread, halfway through a change.
+
+    Frames are PNGs at zlib level 1: matplotlib's level 6 takes ~2.5× longer for ~10% fewer
+    bytes, the wrong trade for a local kernel.
 
     Until the front end says it is initialised, ipympl keeps the last frame in the synced
     ``_data_url`` trait for a front-end model created later — but ipympl 0.9–0.10 stores the
@@ -96,56 +68,27 @@ def _canvas_class():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
 
-    def pixel_box(bbox, width, height, margin=2):
-        """A display-space Bbox as (row0, row1, col0, col1) of the buffer (rows downwards),
-        grown by ``margin`` pixels for antialiasing, clipped to the canvas."""
-        x0, y0, x1, y1 = bbox.extents
-        c0, c1 = max(0, int(np.floor(x0)) - margin), min(width, int(np.ceil(x1)) + margin)
-        r0 = max(0, int(np.floor(height - y1)) - margin)
-        r1 = min(height, int(np.ceil(height - y0)) + margin)
-        return (r0, r1, c0, c1) if r1 > r0 and c1 > c0 else None
-
-    def union(a, b):
-        if a is None or b is None:
-            return a or b
-        return (min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3]))
-
-    def overlap(a, b) -> bool:
-        return (a is not None and b is not None and a[0] < b[1] and b[0] < a[1]
-                and a[2] < b[3] and b[2] < a[3])
-
     class FastCanvas(Canvas):
         png_compress_level = 1
         push_frames = True
-        partial = True
-        fast_png = True
+        frame_key = None  # a callable: the state the figure is drawn from (or None)
+        frames = 16  # frames kept by state when there is a frame_key
         _rendering = 0  # renders going on (any thread)
         _draw_again = False  # a draw_idle came during one of them
         _render_lock = threading.Lock()
         _push_pending = False
-        _whole_next = False
-        frame_key = None  # a callable: the state the figure is drawn from (or None)
-        frames = 16  # frames kept by state when there is a frame_key
-        _drawn = None  # after a draw: (renderer, {axes: pixel box it covers}, background, n)
-        _draws = 0  # draw events so far (savefig's draws included)
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self._frame_lock = threading.RLock()  # one render at a time (main or subshell)
-            self._kept_frames: dict = {}  # state → (pixels, axes' pixel boxes)
-            self.mpl_connect("draw_event", self._count_draw)
+            self._kept_frames: dict = {}  # state → pixels
 
-        def _count_draw(self, event):
-            self._draws += 1
-
-        # ------------------------------------------------------------ frames on demand
+        # ------------------------------------------------------------ rendering
         def draw(self):
             self._render(keep=True)
 
         def handle_draw(self, event):
-            # asked by the front end: maybe on another thread than the one changing the
-            # figure, so maybe half a change: shown (the change's own frame follows), not kept
-            self._render(keep=False)
+            self._render(keep=False)  # asked by the front end: shown, not kept
 
         def _render(self, keep: bool):
             with self._render_lock:
@@ -154,17 +97,12 @@ def _canvas_class():
                 with self._frame_lock:
                     self._png_is_old = True
                     key = self._state()
-                    whole, self._whole_next = self._whole_next, False
                     try:
-                        if whole or not (self._frame_back(key) or self._draw_changed_axes()):
-                            self._drawn = None
+                        if not self._frame_back(key):
                             FigureCanvasAgg.draw(self)
                     finally:
                         self.manager.refresh_all()  # sends the frame
-                    if self._drawn is None and (key is not None or (
-                            self.partial and len(self.figure.axes) > 1)):
-                        self._remember_extents()
-                    if keep:
+                    if keep and key is not None:
                         self._keep_frame(key)
             finally:
                 with self._render_lock:
@@ -179,9 +117,6 @@ def _canvas_class():
             with self._render_lock:
                 if self._rendering:
                     self._draw_again = True
-                    # changed while a render went on (another thread): what it marked as
-                    # drawn may not be, so the next render draws the whole figure
-                    self._whole_next = True
             if self.push_frames and not self.syncing_data_url and self._push():
                 return
             super().draw_idle()
@@ -207,111 +142,30 @@ def _canvas_class():
             if self.frame_key is None or not self.frames:
                 return None
             state = self.frame_key()
-            if state is None:  # a state the widget cannot name: nothing kept
+            if state is None:
                 return None
             renderer = self.get_renderer()
             return (int(renderer.width), int(renderer.height), state)
 
         def _frame_back(self, key) -> bool:
-            """Put back the pixels of a state shown before; False where there are none (or
-            the figure changed beyond its state: its own artists, a layout engine)."""
-            kept = self._kept_frames.get(key) if key is not None else None
-            fig = self.figure
-            if (kept is None or self._drawn is None or fig.get_layout_engine() is not None
-                    or any(a.stale for a in fig.get_children() if a not in fig.axes)):
+            """Put back the pixels kept for ``key``; False where there are none."""
+            pixels = self._kept_frames.get(key) if key is not None else None
+            if pixels is None:
                 return False
-            renderer, _, background, _ = self._drawn
-            if self.get_renderer() is not renderer:
-                return False
-            pixels, boxes = kept
+            renderer = self.get_renderer()
             np.copyto(np.asarray(renderer.buffer_rgba()), pixels)
-            for ax in fig.axes:
-                ax.stale = False
-            fig.stale = False
+            self.figure.stale = False
             DrawEvent("draw_event", self, renderer)._process()
-            self._drawn = (renderer, dict(boxes), background, self._draws)
             return True
 
         def _keep_frame(self, key) -> None:
-            if key is None or self._drawn is None:
-                return
-            renderer, boxes = self._drawn[0], self._drawn[1]
             self._kept_frames.pop(key, None)
-            self._kept_frames[key] = (np.asarray(renderer.buffer_rgba()).copy(), dict(boxes))
+            self._kept_frames[key] = np.asarray(self.get_renderer().buffer_rgba()).copy()
             while len(self._kept_frames) > self.frames:
                 self._kept_frames.pop(next(iter(self._kept_frames)))
 
-        # ------------------------------------------------------------ partial redraws
-        def _remember_extents(self):
-            """After a whole-figure draw: where each axes' pixels lie, and the background."""
-            fig = self.figure
-            renderer = self.get_renderer()
-            if fig.get_layout_engine() is not None:
-                return
-            h, w = int(renderer.height), int(renderer.width)
-            boxes = {ax: self._extent(ax, renderer, w, h) for ax in fig.axes}
-            for ax in fig.axes:  # measuring marks them stale (aspect, ticks): they are drawn
-                ax.stale = False
-            fig.stale = False
-            blank = type(renderer)(w, h, renderer.dpi)
-            fig.patch.draw(blank)
-            fig.patch.stale = False
-            self._drawn = (renderer, boxes, np.asarray(blank.buffer_rgba()).copy(), self._draws)
-
-        @staticmethod
-        def _extent(ax, renderer, w, h):
-            if not ax.get_visible():
-                return None
-            box = ax.get_tightbbox(renderer)
-            return None if box is None else pixel_box(box, w, h)
-
-        def _draw_changed_axes(self) -> bool:
-            """Draw only the stale axes over the last frame; False where the whole figure
-            must be drawn."""
-            fig, drawn = self.figure, self._drawn
-            if not self.partial or drawn is None:
-                return False
-            renderer, boxes, background, draws = drawn
-            if (draws != self._draws  # drawn by someone else since (savefig)
-                    or self.get_renderer() is not renderer or set(boxes) != set(fig.axes)
-                    or fig.get_layout_engine() is not None
-                    or any(a.stale for a in fig.get_children() if a not in boxes)):
-                return False
-            dirty = [ax for ax in fig.axes if ax.stale]
-            if len(dirty) == len(fig.axes):
-                return False  # everything changed: one whole draw is no dearer
-            h, w = background.shape[:2]
-            now = {ax: self._extent(ax, renderer, w, h) for ax in dirty}
-            area = [union(boxes[ax], now[ax]) for ax in dirty]
-            grown = True
-            while grown:  # an axes with pixels in a cleared region is drawn again too
-                grown = False
-                for ax in fig.axes:
-                    if ax not in now and any(overlap(boxes[ax], a) for a in area):
-                        now[ax] = boxes[ax]  # unchanged: covers what it covered
-                        area.append(boxes[ax])
-                        grown = True
-            if len(now) == len(fig.axes):
-                return False
-            pixels = np.asarray(renderer.buffer_rgba())
-            for a in area:
-                if a is not None:
-                    r0, r1, c0, c1 = a
-                    pixels[r0:r1, c0:c1] = background[r0:r1, c0:c1]
-            for ax in sorted(now, key=lambda ax: (ax.get_zorder(), fig.axes.index(ax))):
-                if ax.get_visible():
-                    ax.draw(renderer)
-                ax.stale = False
-            boxes.update(now)
-            fig.stale = False
-            DrawEvent("draw_event", self, renderer)._process()
-            self._drawn = (renderer, boxes, background, self._draws)
-            return True
-
         # ------------------------------------------------------------ frames
         def _png(self, rgba) -> bytes:
-            if self.fast_png:
-                return encode_png(rgba)
             with BytesIO() as buffer:
                 Image.fromarray(rgba).save(buffer, format="png",
                                            compress_level=self.png_compress_level)
