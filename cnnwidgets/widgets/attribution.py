@@ -143,7 +143,6 @@ class AttributionExplorer(WidgetBase):
         self._memory: dict = {}  # method → its last parameters, restored when it is chosen again
         self._kept: collections.OrderedDict = collections.OrderedDict()  # request → outcome
         self.keep = KEPT  #: how many computed views are kept (0: always compute)
-        self._computed = 0  # computations shown so far (each one's number)
         self._quiet = False
 
         self.figures = AttributionFigures(self.display)
@@ -376,20 +375,17 @@ class AttributionExplorer(WidgetBase):
             if outcome is None:
                 self.status.value = "cancelled"
                 return
-            if kept is None:  # computed now: a new number (a method with noise may differ)
-                self._computed += 1
+            if kept is None:  # computed now
                 kept = False
-                self._kept[request] = (self._computed, outcome)
-            number = self._kept[request][0]
+                self._kept[request] = outcome
             self._kept.move_to_end(request)
             while len(self._kept) > self.keep:
                 self._kept.popitem(last=False)
             results, curves = outcome
             self.result = results
             self.curves = curves
-            # the figure's frames are kept by this computation (not by the request alone)
             self.figures.show(results, names, compare=bool(self.compare), alpha=self.alpha,
-                              cmap=self.cmap, key=number)
+                              cmap=self.cmap)
             if evaluate:
                 self.figures.show_curves(curves)
             took = ", ".join(f"{r.method} {r.seconds:.2f} s" for r in results
@@ -400,7 +396,7 @@ class AttributionExplorer(WidgetBase):
 
         if request in self._kept:
             self.task.supersede()  # a computation still running must not overwrite it later
-            done(self._kept[request][1], kept=True)
+            done(self._kept[request], kept=True)
             self.errors.clear()
             return
         self.status.value = f"computing {', '.join(names)} for “{label}”…"

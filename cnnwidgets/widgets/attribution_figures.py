@@ -58,12 +58,6 @@ class AttributionFigures:
         self.eval_box = widgets.Box([])
         self.drag = None  #: the click-and-drag on the input (a dense output's region)
         self._grid = None
-        # what the single figure shows, for its canvas's frames kept by state: the view's key
-        # (given by the explorer) with its opacity and colour map, and the region outlined
-        self._shown = None
-        self._cells = None
-        self.single_canvas.frame_key = lambda: None if self._shown is None else (
-            self._shown, self._cells, self.image_panel["title"].get_text())
 
     def choose_region(self, grid, on_move, on_release) -> None:
         """Let a click-and-drag on the input panel choose a rectangle of the ``grid`` (H'×W')
@@ -77,7 +71,6 @@ class AttributionFigures:
     def show_region(self, rows, cols) -> None:
         """Outline the output pixels ``rows`` × ``cols`` (inclusive) on the input panel."""
         show_cells(self.image_panel, rows, cols, self._grid)
-        self._cells = (tuple(rows), tuple(cols))
         self.single_canvas.draw_idle()
 
     def select(self, compare: bool, evaluate: bool):
@@ -87,15 +80,11 @@ class AttributionFigures:
         self.eval_box.children = [self._eval_holder] if evaluate else []
         return self.compare_fig if compare else self.single_fig
 
-    def show(self, results, names, *, compare: bool, alpha: float, cmap: str,
-             key=None) -> None:
+    def show(self, results, names, *, compare: bool, alpha: float, cmap: str) -> None:
         """Draw ``results`` (attributions, or a compared method's exception, in ``names``
-        order): in the single figure, or one per panel when ``compare``. ``key``: a hashable
-        name of this view (the same key, the same results), by which the single figure's
-        frames are kept; None: not kept."""
+        order): in the single figure, or one per panel when ``compare``."""
         if len(results) == 1 and not compare:
             self._draw(self.main, results[0], alpha, cmap)
-            self._shown = None if key is None else (key, alpha, cmap)
             self.single_canvas.draw_idle()
             return
         blank = np.zeros(self.display.shape[:2], dtype=np.float32)
@@ -130,7 +119,5 @@ class AttributionFigures:
         for i, panel in enumerate(panels):
             s = signed[i] if i < len(signed) else False
             update_attribution(panel, alpha=alpha, cmap=_cmap_for(cmap, s))
-        if self._shown is not None and not compare:
-            self._shown = (self._shown[0], alpha, cmap)
         self.single_canvas.draw_idle()
         self.compare_canvas.draw_idle()
