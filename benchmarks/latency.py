@@ -239,7 +239,8 @@ def measure(page, args) -> dict:
               only=maps_variants)
     fresh = layers[:-2]
     alternate("FeatureMapExplorer layer, first visit", "maps",
-              lambda v, i: (fresh[i] if i < len(fresh) else None, 0), only=["after", "before"])
+              lambda v, i: (fresh[i] if i < len(fresh) else None, 0),
+              only=[v for v in ("after", "before") if v in maps_variants])
     # AttributionExplorer: its first select is the method
     options = page.evaluate(OPTIONS_JS, [css_of("attr", "after"), 0])
     pick = {text.split()[0]: value for value, text in options}
