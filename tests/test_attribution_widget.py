@@ -238,3 +238,19 @@ def test_a_kept_view_is_not_overwritten_by_a_computation_still_running(model):
     assert w.result[0] is kept
     w.wait()  # the occlusion's result, when it comes, is dropped
     assert w.result[0] is kept and w.method == "grad_cam"
+
+
+def test_the_key_of_a_kept_view_tells_targets_apart(model):
+    # two regions with as many pixels have the same name: they must not share a kept view
+    from cnnwidgets.widgets.attribution import _request
+
+    a, b = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    a[0, 0] = b[3, 3] = True
+    ra, rb = cw.targets.Region(1, a), cw.targets.Region(1, b)
+    assert repr(ra) == repr(rb)
+    key = lambda target, params=None: _request(["grad_cam"], target, "", params or {},  # noqa: E731
+                                               False, model)
+    assert key(ra) != key(rb) and key(ra) == key(ra)
+    assert key([3, 5]) == key([3, 5]) != key([3, 6])
+    assert key(3) != key(4) and key(None) == key(None)
+    assert key(3, {"relu": [1, 2]}) is None  # a value that cannot be a key: computed every time

@@ -55,6 +55,21 @@ def _control(spec, value):
                         continuous_update=False)
 
 
+def _request(names, target, layer, params, evaluate, model):
+    """What a view is computed from, as a key of the views kept (None: a target that cannot
+    be a key: it is then computed every time). The target is the key itself, compared as it
+    compares (a Region by identity: its mask is not read)."""
+    if isinstance(target, list):
+        target = tuple(target)
+    try:
+        hash(target)
+        hash(tuple(params.items()))
+    except TypeError:
+        return None
+    return (tuple(names), type(target), target, layer, tuple(sorted(params.items())), evaluate,
+            weights_state(*model.module.modules()))
+
+
 def _search_target(text: str):
     """The class of an entry of the label search ("9: goldfish"), or KEEP."""
     return int(text.split(":", 1)[0]) if text and ":" in text else KEEP
@@ -366,9 +381,7 @@ class AttributionExplorer(WidgetBase):
         evaluate = self.evaluate
         label = name_of(self.model, target, self.image)
         self.target_label.value = f"explaining: <b>{html.escape(label)}</b>"
-        request = (tuple(names), type(target).__name__, repr(target), layer,
-                   repr(sorted(params.items())), evaluate,
-                   weights_state(*self.model.module.modules()))
+        request = _request(names, target, layer, params, evaluate, self.model)
 
         def done(outcome, kept=None):
             self.cancel_button.disabled = True
@@ -377,8 +390,10 @@ class AttributionExplorer(WidgetBase):
                 return
             if kept is None:  # computed now
                 kept = False
-                self._kept[request] = outcome
-            self._kept.move_to_end(request)
+                if request is not None:
+                    self._kept[request] = outcome
+            if request is not None:
+                self._kept.move_to_end(request)
             while len(self._kept) > self.keep:
                 self._kept.popitem(last=False)
             results, curves = outcome
@@ -394,7 +409,7 @@ class AttributionExplorer(WidgetBase):
             self.status.value = f"“{label}”{which}: {took}" + (" (computed before)" if kept
                                                                 else "")
 
-        if request in self._kept:
+        if request is not None and request in self._kept:
             self.task.supersede()  # a computation still running must not overwrite it later
             done(self._kept[request], kept=True)
             self.errors.clear()
