@@ -413,6 +413,10 @@ def test_frames_are_pushed_once_the_front_end_is_there():
     canvas.draw_idle()
     assert sent == ["draw"]  # no front end yet: it is asked to ask
     canvas.syncing_data_url = False  # what the front end's "initialized" message sets
+    canvas.draw_idle()
+    assert sent == ["draw", "draw"]  # its handshake is not over until it has asked once
+    canvas.handle_draw({})  # the front end asks
+    assert sent[-1] == "frame"
 
     async def cell():
         sent.clear()

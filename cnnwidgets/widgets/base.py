@@ -28,10 +28,12 @@ def _canvas_class():
     Two things ipympl does not do (each switchable per canvas, for the A/B run of
     ``benchmarks/latency.py``):
 
-    * ``push_frames``: once the front end is there, a ``draw_idle`` renders the figure on the
-      event loop of the thread that changed it and sends the frame at once, instead of asking
-      the front end to ask for it (a round trip through the browser per change). Without a
-      front end (scripts, tests, nbconvert) nothing is rendered until one asks, as before.
+    * ``push_frames``: once the front end is there and has asked for a frame since it
+      (re)started (its own handshake — refresh, image mode, initialised, resize — left to
+      ipympl), a ``draw_idle`` renders the figure on the event loop of the thread that changed
+      it and sends the frame at once, instead of asking the front end to ask for it (a round
+      trip through the browser per change). Without a front end (scripts, tests, nbconvert)
+      nothing is rendered until one asks, as before.
     * ``frame_key`` (set by a widget whose figure is a function of a few traitlets): a callable
       returning that state (None: one it cannot name); the last ``frames`` frames drawn are
       kept by it, and a state drawn before (the layer switched back to) gets its pixels back
@@ -77,6 +79,7 @@ def _canvas_class():
         _draw_again = False  # a draw_idle came during one of them
         _render_lock = threading.Lock()
         _push_pending = False
+        _front_ready = False  # a front end is there and has asked for a frame since it started
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -89,6 +92,14 @@ def _canvas_class():
 
         def handle_draw(self, event):
             self._render(keep=False)  # asked by the front end: shown, not kept
+            # the front end has asked for a frame since it (re)started: its own handshake
+            # (refresh, image mode, initialised, resize) is over, frames may be pushed now
+            self._front_ready = not self.syncing_data_url
+
+        def _handle_message(self, object, content, buffers):
+            if content.get("type") in ("refresh", "initialized"):  # a view (re)starting
+                self._front_ready = False
+            super()._handle_message(object, content, buffers)
 
         def _render(self, keep: bool):
             with self._render_lock:
@@ -117,7 +128,7 @@ def _canvas_class():
             with self._render_lock:
                 if self._rendering:
                     self._draw_again = True
-            if self.push_frames and not self.syncing_data_url and self._push():
+            if self.push_frames and self._front_ready and self._push():
                 return
             super().draw_idle()
 
