@@ -108,12 +108,14 @@ def _canvas_class():
                 with self._frame_lock:
                     self._png_is_old = True
                     key = self._state()
+                    back = False
                     try:
-                        if not self._frame_back(key):
+                        back = self._frame_back(key)
+                        if not back:
                             FigureCanvasAgg.draw(self)
                     finally:
                         self.manager.refresh_all()  # sends the frame
-                    if keep and key is not None:
+                    if keep and key is not None and not back:
                         self._keep_frame(key)
             finally:
                 with self._render_lock:
@@ -160,9 +162,10 @@ def _canvas_class():
 
         def _frame_back(self, key) -> bool:
             """Put back the pixels kept for ``key``; False where there are none."""
-            pixels = self._kept_frames.get(key) if key is not None else None
+            pixels = self._kept_frames.pop(key, None) if key is not None else None
             if pixels is None:
                 return False
+            self._kept_frames[key] = pixels  # the most recent now (kept without a copy)
             renderer = self.get_renderer()
             np.copyto(np.asarray(renderer.buffer_rgba()), pixels)
             self.figure.stale = False
