@@ -6,7 +6,8 @@ JupyterLab in headless Chromium (the browser tests' setup: ``tests/browser/brows
 
 Each row is measured on several copies of its explorer in one notebook, its changes
 alternating between them: ``after`` (everything on), ``before`` (the canvas as ipympl has it,
-nothing kept), and one copy per trick with only that trick off (``no push``: the kernel waits for
+nothing kept), and one copy per trick with only that trick off (``no image``: frames go through
+ipympl's canvas, not an image widget under it; ``no push``: the kernel waits for
 the front end to ask for each frame; ``no frames``: a FeatureMapExplorer state drawn before (a layer)
 is drawn anew;
 ``no keep``: the AttributionExplorer computes every view anew). The ratio
@@ -22,8 +23,8 @@ Rows (EfficientNet-Lite0, the cat, each explorer in its own cell of one notebook
 * ``AttributionExplorer`` colour map, first visit: each colour map once (only the map's panel
   changes; nothing kept helps: the row where only pushing frames can show).
 
-How a change is timed, inside the page: the widget's canvases are fingerprinted (a sample of
-their pixels), the ``<select>`` is changed and its ``change`` event dispatched, and the time is
+How a change is timed, inside the page: the widget's figures are fingerprinted (a sample of
+the pixels of each canvas and of each frame image under one), the ``<select>`` is changed and its ``change`` event dispatched, and the time is
 read at the first animation frame whose fingerprint differs (so the resolution is one frame,
 ~16 ms). After each change the page is left to settle (no canvas change for ``--settle``
 seconds) before the next. Reported: median and 90th percentile per row. The aims (issue 19):
@@ -55,7 +56,8 @@ image = cw.sample_image("cat")"""
 #: AttributionExplorer's views computed before)
 VARIANTS = {
     "after": (),
-    "before": ("push_frames", "frames", "keep"),
+    "before": ("image_frames", "push_frames", "frames", "keep"),
+    "no image": ("image_frames",),
     "no push": ("push_frames",),
     "no frames": ("frames",),
     "no keep": ("keep",),
@@ -87,16 +89,29 @@ def _cell(kind: str, variant: str) -> str:
 CELLS = {css_of(kind, v): _cell(kind, v) for kind in ("maps", "attr") for v in VARIANTS
          if not (kind == "maps" and v == "no keep") and not (kind == "attr" and v == "no frames")}
 
-# fingerprint the canvases, change the select, resolve at the first frame that differs
+# fingerprint what the figures show (each canvas, and each frame image under one: drawn into a
+# scratch canvas, which decodes it), change the select, resolve at the first frame that differs
 CHANGE_JS = """
 async ([css, nth, value, limit]) => {
   const root = document.querySelector('.' + css);
   const select = Array.from(root.querySelectorAll('select'))
       .filter(s => s.getClientRects().length > 0)[nth];
-  const canvases = Array.from(root.querySelectorAll('.jupyter-matplotlib-canvas-div canvas'));
-  const sig = () => canvases.map(c => {
-    if (!c.width || !c.height) return '0';
-    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  const shown = Array.from(root.querySelectorAll(
+      '.jupyter-matplotlib-canvas-div canvas, .cw-figure > img.cw-frame'));
+  const scratch = document.createElement('canvas');
+  const pixels = el => {
+    if (el.tagName !== 'IMG') {
+      return el.width && el.height ? el.getContext('2d').getImageData(0, 0, el.width, el.height).data : null;
+    }
+    if (!el.complete || !el.naturalWidth || getComputedStyle(el).display === 'none') return null;
+    scratch.width = el.naturalWidth; scratch.height = el.naturalHeight;
+    const ctx = scratch.getContext('2d');
+    ctx.drawImage(el, 0, 0);
+    return ctx.getImageData(0, 0, scratch.width, scratch.height).data;
+  };
+  const sig = () => shown.map(el => {
+    const d = pixels(el);
+    if (!d) return '0';
     let h = 0;
     for (let i = 0; i < d.length; i += 61) h = (h * 31 + d[i]) | 0;
     return String(h);
@@ -125,8 +140,10 @@ OPTIONS_JS = """
 }"""
 
 SIGNATURE_JS = """
-css => Array.from(document.querySelectorAll('.' + css + ' .jupyter-matplotlib-canvas-div canvas'))
-  .map(c => c.width && c.height ? c.toDataURL().length + ':' + c.toDataURL().slice(-64) : '0')
+css => Array.from(document.querySelectorAll(
+    '.' + css + ' .jupyter-matplotlib-canvas-div canvas, .' + css + ' .cw-figure > img.cw-frame'))
+  .map(c => c.tagName === 'IMG' ? c.src
+       : c.width && c.height ? c.toDataURL().length + ':' + c.toDataURL().slice(-64) : '0')
   .join(',')"""
 
 

@@ -161,7 +161,7 @@ def test_evaluate_draws_deletion_and_insertion_curves_for_every_map(widget, mode
     widget.compare = ["saliency"]
     widget.evaluate_check.value = True  # the control → the traitlet → curves for both maps
     figures = widget.figures
-    assert widget.evaluate and figures.eval_box.children[0].children == (figures.eval_canvas,)
+    assert widget.evaluate and figures.eval_box.children[0].children == (figures.eval_canvas.view,)
     assert len(widget.curves) == 2
     image = cw.sample_image("cat")
     for r, (d, i) in zip(widget.result, widget.curves):

@@ -162,28 +162,37 @@ def test_explorer_tabs_build_on_first_view(lite0, cat, tmp_path):
     assert (tmp_path / "tab.png").stat().st_size > 0
 
 
-def test_a_state_shown_before_gets_its_pixels_back(lite0, cat):
+@pytest.mark.parametrize("image_frames", [True, False], ids=["image", "canvas"])
+def test_a_state_shown_before_gets_its_pixels_back(lite0, cat, image_frames):
     # switching back to a layer (channel, position, sort, page) shown before puts back the
-    # pixels kept for it instead of drawing: they must be those a whole draw gives now
+    # frame kept for it instead of drawing: it must be the one a whole draw gives now
+    import io
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     w = cw.FeatureMapExplorer(lite0, cat, layer="_blocks.2")
     canvas = w.canvas
-    pixels = lambda: np.asarray(canvas.get_renderer().buffer_rgba()).copy()  # noqa: E731
+    canvas.image_frames = image_frames
+    rendered = lambda: np.asarray(canvas.get_renderer().buffer_rgba())[..., :3].copy()  # noqa: E731
+    if image_frames:  # what the page shows: the frame image
+        shown = lambda: np.asarray(Image.open(io.BytesIO(canvas.frame_image.value)))  # noqa: E731
+    else:  # the canvas's own pixels
+        shown = rendered
     canvas.draw()
-    first = pixels()
+    first = shown()
     w.layer = "_blocks.5"
     canvas.draw()
+    assert not (shown() == first).all()
     drawn = []
     for ax in w.figure.axes:
         ax.draw = lambda renderer, ax=ax, inner=ax.draw: (drawn.append(ax), inner(renderer))[1]
     w.layer = "_blocks.2"
     canvas.draw()
     assert drawn == []  # nothing drawn: the kept frame
-    back = pixels()
+    back = shown()
     assert (back == first).all()
     FigureCanvasAgg.draw(canvas)  # the reference: the whole figure drawn anew
-    assert (pixels() == back).all()
+    assert (rendered() == back).all()
     canvas.draw()
     w.channel = int(w.maps.order("mean")[3])  # a new state: drawn
     canvas.draw()

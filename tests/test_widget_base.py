@@ -98,6 +98,7 @@ def test_a_frame_before_the_front_end_is_ready_is_kept_as_a_data_url():
     from cnnwidgets.widgets.base import make_figure
 
     fig, canvas = make_figure(2, 1.5, dpi=50)
+    canvas.image_frames = False  # frames through ipympl's canvas
     fig.add_subplot().imshow(np.arange(12.0).reshape(3, 4))
     assert canvas.syncing_data_url  # no front end here
     canvas.draw()
@@ -117,6 +118,7 @@ def test_a_draw_asked_for_during_a_render_is_asked_for_again_after_its_frame():
     from cnnwidgets.widgets.base import make_figure
 
     fig, canvas = make_figure(2, 1.5, dpi=50)
+    canvas.image_frames = False  # frames through ipympl's canvas
     image = fig.add_subplot().imshow(np.arange(12.0).reshape(3, 4))
     sent = []
     canvas.send_event = lambda kind, **kw: sent.append(kind) if kind == "draw" else None
@@ -406,6 +408,7 @@ def test_frames_are_pushed_once_the_front_end_is_there():
     from cnnwidgets.widgets.base import make_figure
 
     fig, canvas = make_figure(2, 1.5, dpi=50)
+    canvas.image_frames = False  # frames through ipympl's canvas
     image = fig.add_subplot().imshow(np.arange(12.0).reshape(3, 4))
     sent = []
     canvas.send_event = lambda kind, **kw: sent.append(kind) if kind == "draw" else None
@@ -429,3 +432,65 @@ def test_frames_are_pushed_once_the_front_end_is_there():
     assert asyncio.run(cell()) == ["frame"]
     canvas.push_frames = False
     assert asyncio.run(cell()) == ["draw", "draw"]
+
+
+def _png_pixels(png: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+def test_frames_are_shown_by_the_image_under_the_canvas():
+    # image_frames: the figure's frames go to an ipywidgets.Image laid under ipympl's canvas,
+    # which gets transparent frames only (it takes the clicks)
+    import asyncio
+
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from cnnwidgets.widgets.base import make_figure
+
+    fig, canvas = make_figure(2, 1.5, dpi=50)
+    image = fig.add_subplot().imshow(np.arange(12.0).reshape(3, 4))
+    assert list(canvas.view.children) == [canvas.frame_image, canvas]  # the canvas on top
+    assert (canvas.frame_image.layout.width, canvas.frame_image.layout.height) == ("100px", "75px")
+    sent, shown = [], []
+    canvas.send_event = lambda kind, **kw: sent.append(kind) if kind == "draw" else None
+    canvas.send_binary = lambda data: sent.append(_png_pixels(data))
+    canvas.frame_image.observe(lambda change: shown.append(change["new"]), "value")
+
+    canvas.handle_draw({})  # a view starts and asks for a frame
+    (frame,) = sent
+    assert frame.shape == (75, 100, 4) and not frame[..., 3].any()  # the canvas: transparent
+    (png,) = shown
+    FigureCanvasAgg.draw(canvas)  # the reference: the figure drawn now
+    want = np.asarray(canvas.get_renderer().buffer_rgba())[..., :3]
+    assert _png_pixels(png).shape == want.shape and (_png_pixels(png) == want).all()
+    canvas.handle_draw({})  # asked again, nothing changed: no new image
+    assert len(shown) == 1 and len(sent) == 2
+
+    async def cell():  # draw_idle on the kernel's loop: one new image, nothing to ipympl
+        sent.clear(), shown.clear()
+        image.set_data(np.zeros((3, 4)))
+        canvas.draw_idle()
+        canvas.draw_idle()
+        await asyncio.sleep(0)
+        return list(sent), len(shown)
+
+    assert asyncio.run(cell()) == ([], 1)
+    assert (_png_pixels(shown[0]) != _png_pixels(png)).any()
+    sent.clear(), shown.clear()
+    image.set_data(np.ones((3, 4)))
+    canvas.draw_idle()  # no loop (a script): the front end is asked to ask, as ipympl does
+    assert sent == ["draw"] and shown == []
+    canvas.handle_draw({})
+    assert len(shown) == 1
+
+    canvas.image_frames = False  # the A/B switch: frames through ipympl's canvas again
+    assert canvas.frame_image.layout.display == "none"
+    sent.clear()
+    canvas.handle_draw({})
+    assert sent and sent[-1].shape == (75, 100, 4) and sent[-1][..., 3].all()  # opaque

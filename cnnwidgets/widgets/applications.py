@@ -117,7 +117,7 @@ class AttackExplorer(WidgetBase):
             widgets.HBox([self.epsilon_slider, self.attack_box, self.steps_slider]),
             widgets.HBox([self.target_box, self.method_box, self.layer_box]),
         ])
-        self.children = [controls, self.errors, self.status, self.canvas]
+        self.children = [controls, self.errors, self.status, self.canvas.view]
 
         self.epsilon, self.attack, self.steps, self.method = epsilon, attack, steps, method
         self._ready = True
@@ -342,7 +342,7 @@ class PruningExplorer(WidgetBase):
             widgets.VBox([widgets.HBox([self.layer_box, self.criterion_box]),
                           widgets.HBox([self.fraction_slider, self.index_slider])]),
             self.concept_list])
-        self.children = [controls, self.errors, self.status, self.canvas]
+        self.children = [controls, self.errors, self.status, self.canvas.view]
 
         self._ready = False
         start = layer if layer is not None else self._layers[len(self._layers) // 2]

@@ -2,7 +2,8 @@
 traitlets, background work (:mod:`.tasks`), save.
 
 Widgets are thin: they observe traitlets, call the public engine API, hand arrays to
-``cnnwidgets.render`` and place the canvases in an ipywidgets layout. No maths here.
+``cnnwidgets.render`` and place the canvases' views (``canvas.view``) in an ipywidgets
+layout. No maths here.
 """
 from __future__ import annotations
 
@@ -25,15 +26,25 @@ from .tasks import Task
 def _canvas_class():
     """ipympl's canvas, made quicker from a change to new pixels in the browser.
 
-    Two things ipympl does not do (each switchable per canvas, for the A/B run of
+    Three things ipympl does not do (each switchable per canvas, for the A/B run of
     ``benchmarks/latency.py``):
 
-    * ``push_frames``: once the front end is there and has asked for a frame since it
-      (re)started (its own handshake — refresh, image mode, initialised, resize — left to
-      ipympl), a ``draw_idle`` renders the figure on the event loop of the thread that changed
-      it and sends the frame at once, instead of asking the front end to ask for it (a round
-      trip through the browser per change). Without a front end (scripts, tests, nbconvert)
-      nothing is rendered until one asks, as before.
+    * ``image_frames``: the figure's frames are shown by an ``ipywidgets.Image`` (``frame_image``)
+      laid under the ipympl canvas (``view`` holds both, one over the other: widgets place
+      ``canvas.view``), and ipympl's own canvas is sent transparent frames only (when its front
+      end asks). ipympl stays the layer that takes the clicks, drags and keys. ipympl's front end
+      encodes its whole canvas as a data URL on every frame it receives (~15 ms at 880×368,
+      before it decodes the new one) and asks for each frame itself; an image widget's front end
+      only decodes the PNG. The PNG is of the whole figure (no diff against the last frame) —
+      frames kept by state (below) are kept as those PNG bytes, and put back without encoding.
+
+    * ``push_frames``: a ``draw_idle`` renders the figure on the event loop of the thread that
+      changed it and sends the frame at once, instead of asking the front end to ask for it (a
+      round trip through the browser per change). Through ipympl's canvas (``image_frames``
+      off) only once its front end is there and has asked for a frame since it (re)started (its
+      own handshake — refresh, image mode, initialised, resize — left to ipympl); an image
+      widget has no handshake: its value is state, shown whenever a view appears. Where the
+      thread runs no event loop (scripts, tests) nothing is rendered until a front end asks.
     * ``frame_key`` (set by a widget whose figure is a function of a few traitlets): a callable
       returning that state (None: one it cannot name); the last ``frames`` frames drawn are
       kept by it, and a state drawn before (the layer switched back to) gets its pixels back
@@ -75,16 +86,34 @@ def _canvas_class():
         push_frames = True
         frame_key = None  # a callable: the state the figure is drawn from (or None)
         frames = 16  # frames kept by state when there is a frame_key
+        frame_image = None  # the ipywidgets.Image showing the frames (set by make_figure)
+        view = None  # what a widget places on the page: the image and the canvas over it
         _rendering = 0  # renders going on (any thread)
         _draw_again = False  # a draw_idle came during one of them
         _render_lock = threading.Lock()
         _push_pending = False
         _front_ready = False  # a front end is there and has asked for a frame since it started
+        _image_frames = True
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self._frame_lock = threading.RLock()  # one render at a time (main or subshell)
-            self._kept_frames: dict = {}  # state → pixels
+            self._kept_frames: dict = {}  # state → pixels (PNG bytes with image frames)
+            self._clear = {}  # (height, width) → a transparent PNG
+
+        @property
+        def image_frames(self) -> bool:
+            return self._image_frames and self.frame_image is not None
+
+        @image_frames.setter
+        def image_frames(self, on: bool) -> None:
+            self._image_frames = bool(on)
+            self._kept_frames.clear()  # pixels or PNGs: what is kept depends on the way
+            self._force_full = True
+            if self.frame_image is not None:
+                self.frame_image.layout.display = None if on else "none"
+                self.figure.stale = True
+                self.draw_idle()
 
         # ------------------------------------------------------------ rendering
         def draw(self):
@@ -106,17 +135,10 @@ def _canvas_class():
                 self._rendering += 1
             try:
                 with self._frame_lock:
-                    self._png_is_old = True
-                    key = self._state()
-                    back = False
-                    try:
-                        back = self._frame_back(key)
-                        if not back:
-                            FigureCanvasAgg.draw(self)
-                    finally:
-                        self.manager.refresh_all()  # sends the frame
-                    if keep and key is not None and not back:
-                        self._keep_frame(key)
+                    if self.image_frames:
+                        self._render_image(keep)
+                    else:
+                        self._render_canvas(keep)
             finally:
                 with self._render_lock:
                     self._rendering -= 1
@@ -124,13 +146,55 @@ def _canvas_class():
                     if again:
                         self._draw_again = False
                 if again:  # after the frame: the front end, no longer waiting, asks anew
-                    super().draw_idle()
+                    if not (self.image_frames and self.push_frames and self._push()):
+                        super().draw_idle()
+
+        def _render_canvas(self, keep: bool):
+            self._png_is_old = True
+            key = self._state()
+            back = False
+            try:
+                back = self._frame_back(key)
+                if not back:
+                    FigureCanvasAgg.draw(self)
+            finally:
+                self.manager.refresh_all()  # sends the frame
+            if keep and key is not None and not back:
+                self._keep_frame(key, np.asarray(self.get_renderer().buffer_rgba()).copy())
+
+        def _render_image(self, keep: bool):
+            """The frame to the image widget; ipympl's canvas, when its front end asks
+            (``keep`` False), gets a transparent one (it only takes the clicks)."""
+            image = self.frame_image
+            if keep or self.figure.stale or not image.value:
+                key = self._state()
+                png = self._kept_frames.get(key) if key is not None else None
+                if png is not None:
+                    self._frame_back(key)
+                else:
+                    FigureCanvasAgg.draw(self)
+                    png = self._png(np.asarray(self.get_renderer().buffer_rgba())[:, :, :3])
+                    if keep and key is not None:
+                        self._keep_frame(key, png)
+                self._show_image(png)
+            if not keep:
+                self._png_is_old = True
+                self.manager.refresh_all()  # the transparent frame (``get_diff_image``)
+
+        def _show_image(self, png: bytes) -> None:
+            image, fig = self.frame_image, self.figure
+            dpi = getattr(fig, "_original_dpi", fig.dpi)  # CSS pixels, whatever the screen's ratio
+            width, height = (f"{round(v * dpi)}px" for v in fig.get_size_inches())
+            if (image.layout.width, image.layout.height) != (width, height):
+                image.layout.width, image.layout.height = width, height
+            image.value = png
 
         def draw_idle(self):
             with self._render_lock:
                 if self._rendering:
                     self._draw_again = True
-            if self.push_frames and self._front_ready and self._push():
+            if (self.push_frames and (self.image_frames or self._front_ready)
+                    and self._push()):
                 return
             super().draw_idle()
 
@@ -161,28 +225,29 @@ def _canvas_class():
             return (int(renderer.width), int(renderer.height), state)
 
         def _frame_back(self, key) -> bool:
-            """Put back the pixels kept for ``key``; False where there are none."""
-            pixels = self._kept_frames.pop(key, None) if key is not None else None
-            if pixels is None:
+            """Put back the frame kept for ``key``; False where there is none."""
+            frame = self._kept_frames.pop(key, None) if key is not None else None
+            if frame is None:
                 return False
-            self._kept_frames[key] = pixels  # the most recent now (kept without a copy)
+            self._kept_frames[key] = frame  # the most recent now (kept without a copy)
             renderer = self.get_renderer()
-            np.copyto(np.asarray(renderer.buffer_rgba()), pixels)
+            if not self.image_frames:  # pixels (a PNG is shown as it is)
+                np.copyto(np.asarray(renderer.buffer_rgba()), frame)
             self.figure.stale = False
             DrawEvent("draw_event", self, renderer)._process()
             return True
 
-        def _keep_frame(self, key) -> None:
+        def _keep_frame(self, key, frame) -> None:
             self._kept_frames.pop(key, None)
-            self._kept_frames[key] = np.asarray(self.get_renderer().buffer_rgba()).copy()
+            self._kept_frames[key] = frame
             while len(self._kept_frames) > self.frames:
                 self._kept_frames.pop(next(iter(self._kept_frames)))
 
         # ------------------------------------------------------------ frames
-        def _png(self, rgba) -> bytes:
+        def _png(self, pixels) -> bytes:
             with BytesIO() as buffer:
-                Image.fromarray(rgba).save(buffer, format="png",
-                                           compress_level=self.png_compress_level)
+                Image.fromarray(pixels).save(buffer, format="png",
+                                             compress_level=self.png_compress_level)
                 return buffer.getvalue()
 
         def get_diff_image(self):
@@ -191,7 +256,17 @@ def _canvas_class():
                 return super().get_diff_image()
             if not self._png_is_old:
                 return None
-            pixels = np.asarray(self.get_renderer().buffer_rgba())
+            renderer = self.get_renderer()
+            shape = (int(renderer.height), int(renderer.width))
+            if self.image_frames:  # the canvas over the image: transparent
+                self.set_image_mode("full")
+                self._last_buff = np.zeros(shape, np.uint32)
+                self._force_full = True  # the next frame through the canvas: whole
+                self._png_is_old = False
+                if shape not in self._clear:
+                    self._clear = {shape: self._png(np.zeros((*shape, 4), np.uint8))}
+                return self._clear[shape]
+            pixels = np.asarray(renderer.buffer_rgba())
             frame = pixels.view(np.uint32).squeeze(2)
             full = (self._force_full or frame.shape != self._last_buff.shape
                     or bool((pixels[:, :, 3] != 255).any()))
@@ -221,6 +296,9 @@ def make_figure(width: float = 6.0, height: float = 4.0, dpi: int = 100, layout=
     engine ("constrained", "tight" or None); None (fixed axes positions) redraws fastest.
     ``toolbar``: ipympl's pan/zoom toolbar. Off by default: it fades in over the left edge of
     the figure on hover, covering what users click, and pan/zoom modes swallow those clicks.
+
+    Place ``canvas.view`` in a layout (not the canvas alone): the frames are shown by an image
+    under the canvas (see ``image_frames`` in :func:`_canvas_class`).
     """
     from ipympl.backend_nbagg import FigureManager
 
@@ -233,6 +311,18 @@ def make_figure(width: float = 6.0, height: float = 4.0, dpi: int = 100, layout=
     canvas.toolbar_position = "left"
     canvas.resizable = False
     canvas.capture_scroll = False
+    # the frames are shown by an image under the canvas (``image_frames``); the canvas over it
+    # takes the clicks. The image sits where ipympl draws: 4 px in (its canvas div's margin
+    # and the figure box's), checked in every front end by the browser tests
+    canvas.layout.grid_area = "frame"
+    canvas.frame_image = widgets.Image(format="png", layout=widgets.Layout(
+        grid_area="frame", margin="4px", max_width="none", width=f"{width * dpi:.0f}px",
+        height=f"{height * dpi:.0f}px"))
+    canvas.frame_image.add_class("cw-frame")
+    canvas.view = widgets.GridBox([canvas.frame_image, canvas], layout=widgets.Layout(
+        grid_template_areas='"frame"', grid_template_columns="max-content",
+        align_items="flex-start"))
+    canvas.view.add_class("cw-figure")
     return fig, canvas
 
 

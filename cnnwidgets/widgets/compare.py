@@ -129,7 +129,7 @@ class CompareExplorer(WidgetBase):
         notes = "".join(f"<div style='color:#805000'>note: {html.escape(n)}</div>" for n in c.notes)
         self._notes = widgets.HTML(notes)
         controls = widgets.HBox([self._w_a, self._w_b, self._w_unit, self._w_method])
-        self.children = [controls, self._notes, self.errors, self.canvas, self.status]
+        self.children = [controls, self._notes, self.errors, self.canvas.view, self.status]
 
     # ------------------------------------------------------------------ events
     def _on_click(self, event) -> None:

@@ -77,7 +77,7 @@ class DissectionExplorer(WidgetBase):
         self.bind(self._sort_box, "sort")
         self.bind(self._only_box, "detectors_only")
         controls = widgets.HBox([self._layer_box, self._unit_box, self._sort_box, self._only_box])
-        self.children = [controls, self.info, self.errors, self.canvas, self.status]
+        self.children = [controls, self.info, self.errors, self.canvas.view, self.status]
         self.layer = first
         self._refresh_units()
         self._draw_unit()

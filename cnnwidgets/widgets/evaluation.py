@@ -68,7 +68,7 @@ class EvaluationExplorer(WidgetBase):
         self.bind(self._metric_box, "metric")
         self.bind(self._target_box, "target")
         self.children = [widgets.HBox([self._method_box, self._metric_box, self._target_box]),
-                         self.info, self.errors, self.canvas, self.status, self.detail]
+                         self.info, self.errors, self.canvas.view, self.status, self.detail]
         with self.hold_trait_notifications():
             self.metric = self._metrics[0]
             self.target = evaluation.targets[0]

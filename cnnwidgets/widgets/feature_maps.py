@@ -87,7 +87,7 @@ class FeatureMapExplorer(WidgetBase):
         self.info = widgets.HTML()
         controls = widgets.HBox([self._layer_box, self._sort_box, self._page_box],
                                 layout=widgets.Layout(flex_flow="row wrap"))
-        self.children = [controls, self.info, self.canvas, self.errors]
+        self.children = [controls, self.info, self.canvas.view, self.errors]
 
         # the first layer shown: the one asked for, else a middle one (more telling than the stem)
         start = layer if layer is not None else self._layers[min(len(self._layers) - 1,

@@ -150,7 +150,7 @@ class FeatureVisualizer(LiveOptimisation):
             self._w_steps, self._w_size,
             widgets.HBox([self._start, self._stop]), self._progress,
         ])
-        self.children = [widgets.HBox([controls, canvas]), self.status, self.errors]
+        self.children = [widgets.HBox([controls, canvas.view]), self.status, self.errors]
 
     def _title(self) -> str:
         if self.mode == "class":

@@ -88,7 +88,7 @@ class FixationExplorer(WidgetBase):
             widgets.HBox([self.layer_slider, self.layer_label]),
             widgets.HBox([self.outlier_box, self.box_box]),
         ])
-        self.children = [controls, self.errors, self.status, self.canvas]
+        self.children = [controls, self.errors, self.status, self.canvas.view]
 
         if sigma is not None:
             self.sigma = float(sigma)

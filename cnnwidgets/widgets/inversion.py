@@ -83,7 +83,7 @@ class InversionExplorer(LiveOptimisation):
         self.children = [
             widgets.HBox([self._w_layer, self._w_channel, self._w_steps]),
             widgets.HBox([self._start, self._stop, self._progress]),
-            canvas, self.status, self.errors,
+            canvas.view, self.status, self.errors,
         ]
 
     def _on_layer(self, change) -> None:

@@ -120,7 +120,7 @@ class TrainingMonitor(StartStop):
         controls = widgets.HBox([self._start, self._stop, self._w_epochs, self._w_lr,
                                  self._w_opt])
         scrub = widgets.HBox([self._w_snapshot, self._step_label, self._w_follow])
-        self.children = [controls, self.errors, curves_canvas, scrub, canvas, self.status]
+        self.children = [controls, self.errors, curves_canvas.view, scrub, canvas.view, self.status]
 
     # ------------------------------------------------------------------ live updates
     def _listener(self):

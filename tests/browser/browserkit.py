@@ -732,29 +732,64 @@ def show_figures(page, case: Case) -> None:
 def figure_shots(page, case: Case) -> list[FigureShot]:
     """What each of the widget's figures shows, with where its axes are (see ``figtags``).
 
-    Read from the figure's own canvas bitmap rather than a screenshot of the page, so that
-    a hover toolbar, a focus ring or the mouse over the figure can never pass for a change
-    of the figure. ``wait_rendered`` also checks that the figures are visible on the page.
+    Read from the figure's own bitmaps (its frame image, its canvas over it) rather than a
+    screenshot of the page, so that a hover toolbar, a focus ring or the mouse over the
+    figure can never pass for a change of the figure. ``wait_rendered`` also checks that the figures are visible on the page.
     """
     return canvas_shots(figures(page, case))
 
 
+_ALIGNED_JS = """
+divs => divs.filter(d => d.getClientRects().length > 0).map(d => {
+  const c = d.querySelector('canvas');
+  const box = d.closest('.cw-figure');
+  const img = box ? box.querySelector(':scope > img.cw-frame') : null;
+  if (!c || !img || getComputedStyle(img).display === 'none') return null;
+  const a = c.getBoundingClientRect(), b = img.getBoundingClientRect();
+  return [a.x, a.y, a.width, a.height, b.x, b.y, b.width, b.height];
+}).filter(r => r !== null)"""
+
+
+def misaligned(figure_divs, tolerance: float = 0.5) -> list[str]:
+    """Figures whose frame image (what the user sees) is not exactly under ipympl's canvas
+    (what takes the clicks): a click would land on another place of the figure."""
+    bad = []
+    for i, (cx, cy, cw, ch, ix, iy, iw, ih) in enumerate(figure_divs.evaluate_all(_ALIGNED_JS)):
+        if max(abs(cx - ix), abs(cy - iy), abs(cw - iw), abs(ch - ih)) > tolerance:
+            bad.append(f"figure #{i}: canvas at ({cx:.1f}, {cy:.1f}) {cw:.1f}×{ch:.1f}, its "
+                       f"frame image at ({ix:.1f}, {iy:.1f}) {iw:.1f}×{ih:.1f}")
+    return bad
+
+
 def canvas_pngs(figure_divs) -> list[bytes]:
-    """PNGs of the main canvas in each ``.jupyter-matplotlib-canvas-div`` of a locator."""
+    """PNGs of what each ``.jupyter-matplotlib-canvas-div`` of a locator shows (its frame
+    image under its main canvas)."""
     return [shot.png for shot in canvas_shots(figure_divs)]
 
 
+# what the figure shows: its frame image (``image_frames``: an <img> under the canvas) with
+# ipympl's canvas over it, composed as the page shows them; an image not yet loaded is nothing
 _SHOTS_JS = """
 divs => divs.map(d => {
   const c = d.querySelector('canvas');
   const tagged = d.closest('[class*="cwfig-"]');
-  return {url: c && c.width && c.height ? c.toDataURL('image/png') : '',
-          classes: tagged ? Array.from(tagged.classList) : []};
+  const classes = tagged ? Array.from(tagged.classList) : [];
+  if (!(c && c.width && c.height)) return {url: '', classes};
+  const box = d.closest('.cw-figure');
+  const img = box ? box.querySelector(':scope > img.cw-frame') : null;
+  if (!img || getComputedStyle(img).display === 'none') return {url: c.toDataURL('image/png'), classes};
+  const both = document.createElement('canvas');
+  both.width = c.width; both.height = c.height;
+  const ctx = both.getContext('2d');
+  if (img.complete && img.naturalWidth) ctx.drawImage(img, 0, 0, c.width, c.height);
+  ctx.drawImage(c, 0, 0);
+  return {url: both.toDataURL('image/png'), classes};
 })"""
 
 
 def canvas_shots(figure_divs) -> list[FigureShot]:
-    """Each ``.jupyter-matplotlib-canvas-div`` of a locator: its main canvas as a PNG, and
+    """Each ``.jupyter-matplotlib-canvas-div`` of a locator: what it shows as a PNG (its frame
+    image with its main canvas over it), and
     the figure's identity and axes from the ``figtags`` classes on its canvas widget."""
     shots = []
     for item in figure_divs.evaluate_all(_SHOTS_JS):

@@ -55,7 +55,7 @@ def _redraw(change):
     _im.set_data(np.random.default_rng(ord(change.new)).random((8, 8)))
     _canvas.draw_idle()
 _dd.observe(_redraw, "value")
-w = W.VBox([_dd, _canvas])"""
+w = W.VBox([_dd, _canvas.view])"""
 
 # EfficientNet-Lite0 as a dense classifier (as in the fixations notebook): a 7×7 output map
 DENSE_CODE = """\
@@ -164,7 +164,7 @@ import numpy as np, ipywidgets as W
 from cnnwidgets.widgets.base import make_figure
 _fig2, _canvas2 = make_figure(3, 2)
 _fig2.add_subplot().imshow(np.random.default_rng(1).random((8, 8)))
-w = W.VBox([W.Dropdown(options=["a", "b", "c"]), _canvas2])  # the dropdown drives nothing""")
+w = W.VBox([W.Dropdown(options=["a", "b", "c"]), _canvas2.view])  # the dropdown drives nothing""")
 
 # An image whose click hides it (the bug): the figure changes, and what is left is empty axes
 # with their ticks -- the drawn check must report it.
@@ -178,7 +178,7 @@ def _blank(event):
     _im4.set_visible(False)
     _canvas4.draw_idle()
 _canvas4.mpl_connect("button_press_event", _blank)
-w = W.VBox([_canvas4])""")
+w = W.VBox([_canvas4.view])""")
 
 # A canvas whose front-end model cannot load (its JS module does not exist), in a VBox.
 BROKEN = Case("broken", widget="", control=("select", 0, "next"), code="""\
@@ -266,6 +266,8 @@ def test_widget_renders_and_control_changes_figure(frontend, case):
     _shot_widget(page, case, f"{kind}-{case.id}-before.png")
     problems = bk.find_problems(page, scope=bk.case_scope(case))
     assert not problems, f"{kind}/{case.id} shows errors after rendering:\n" + "\n".join(problems)
+    off = bk.misaligned(bk.figures(page, case))  # what is seen is where the clicks go
+    assert not off, f"{kind}/{case.id}: a frame image is not under its canvas:\n" + "\n".join(off)
 
     what = bk.move_control(page, case)
     bk.wait_changed(page, case, before, timeout=case.timeout)
