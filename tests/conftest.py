@@ -86,3 +86,18 @@ def assert_same_state(module: nn.Module, before) -> None:
     assert now.keys() == state.keys()
     for k, v in state.items():
         assert torch.equal(now[k], v), k
+
+
+def assert_frame_is_current(canvas) -> None:
+    """Render ``canvas`` as a draw_idle would; what its frame image shows must be the figure
+    drawn anew now (a frame kept by state and put back must never show another state)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    canvas.draw()
+    shown = np.asarray(Image.open(io.BytesIO(canvas.frame_image.value)))
+    FigureCanvasAgg.draw(canvas)
+    now = np.asarray(canvas.get_renderer().buffer_rgba())[..., :3]
+    assert shown.shape == now.shape and (shown == now).all(), "the frame shown is not the figure"

@@ -254,3 +254,43 @@ def test_the_key_of_a_kept_view_tells_targets_apart(model):
     assert key([3, 5]) == key([3, 5]) != key([3, 6])
     assert key(3) != key(4) and key(None) == key(None)
     assert key(3, {"relu": [1, 2]}) is None  # a value that cannot be a key: computed every time
+
+
+def test_the_single_figure_gets_its_frame_back_only_for_the_same_view(model):
+    # the single figure's frames are kept by (the results shown, opacity, colour map, region):
+    # a view shown before gets its frame back without drawing; a view computed anew is drawn
+    from conftest import assert_frame_is_current
+
+    w = cw.AttributionExplorer(model, cw.sample_image("cat"), background=False)
+    canvas = w.figures.single_canvas
+    canvas.draw()
+    first = canvas.frame_image.value
+    w.method = "cam"
+    assert_frame_is_current(canvas)
+    drawn = []
+    for ax in w.figures.single_fig.axes:
+        ax.draw = lambda renderer, ax=ax, inner=ax.draw: (drawn.append(ax), inner(renderer))[1]
+    w.method = "grad_cam"  # the kept view: its frame put back
+    canvas.draw()
+    assert drawn == [] and canvas.frame_image.value == first
+    assert_frame_is_current(canvas)
+    drawn.clear()
+    w.alpha = 0.8  # a new opacity: drawn
+    canvas.draw()
+    assert drawn
+    drawn.clear()
+    w.alpha = 0.5
+    canvas.draw()
+    assert drawn == [] and canvas.frame_image.value == first
+    with torch.no_grad():  # the network changed: grad_cam computed anew, its frame drawn
+        model.module.fc.bias.add_(1.0)
+    try:
+        w.method = "cam"
+        w.method = "grad_cam"
+        drawn.clear()
+        canvas.draw()
+        assert drawn
+        assert_frame_is_current(canvas)
+    finally:
+        with torch.no_grad():
+            model.module.fc.bias.sub_(1.0)

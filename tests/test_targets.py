@@ -521,6 +521,8 @@ def _mouse(canvas, name, ax, x, y):
 
 
 def test_a_drag_on_the_input_chooses_the_region_and_moves_its_sliders():
+    from conftest import assert_frame_is_current
+
     traitlets = pytest.importorskip("traitlets")
     pytest.importorskip("ipywidgets")
     pytest.importorskip("ipympl")
@@ -538,6 +540,7 @@ def test_a_drag_on_the_input_chooses_the_region_and_moves_its_sliders():
     assert (w.rows, w.cols) == ((1, 1), (0, 1))  # the sliders follow the drag…
     assert (w.region_rows.value, w.region_cols.value) == ((1, 1), (0, 1))
     assert outline.get_xy() == (-0.5, 0.5) and (outline.get_width(), outline.get_height()) == (2, 1)
+    assert_frame_is_current(canvas)  # the outline moved: not the frame kept before the drag
     assert w.target == 0  # …and nothing is computed before the release
     _mouse(canvas, "button_release_event", ax, 2.4, 3.4)  # row 3, column 2
     assert (w.region_rows.value, w.region_cols.value) == ((1, 3), (0, 2))
@@ -556,6 +559,7 @@ def test_a_drag_on_the_input_chooses_the_region_and_moves_its_sliders():
     _mouse(canvas, "motion_notify_event", ax, 1.0, -0.4)
     _mouse(canvas, "button_release_event", ax, None, None)
     assert (w.rows, w.cols) == ((0, 3), (1, 3)) and w.target.mask[0:4, 1:4].all()
+    assert_frame_is_current(canvas)
     assert w.target.mask.sum() == 12
     # a press outside the image starts nothing; the sliders move the outline the same way
     _mouse(canvas, "button_press_event", ax, None, None)
@@ -563,6 +567,10 @@ def test_a_drag_on_the_input_chooses_the_region_and_moves_its_sliders():
     assert (w.rows, w.cols) == ((0, 3), (1, 3))
     w.region_rows.value = (2, 2)
     assert w.rows == (2, 2) and outline.get_xy() == (0.5, 1.5) and outline.get_height() == 1
+    assert_frame_is_current(canvas)
+    w.region_rows.value = (0, 3)  # the outline back where it was, the same results: kept frame
+    assert_frame_is_current(canvas)
+    w.region_rows.value = (2, 2)
     with pytest.raises(traitlets.TraitError, match="within 0…3"):
         w.cols = (1, 4)
     w.cols = (3, 3)  # from code: the slider follows, the button explains it

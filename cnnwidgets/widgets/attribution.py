@@ -157,6 +157,7 @@ class AttributionExplorer(WidgetBase):
         self._param_controls: dict = {}
         self._memory: dict = {}  # method → its last parameters, restored when it is chosen again
         self._kept: collections.OrderedDict = collections.OrderedDict()  # request → outcome
+        self._computed = 0  # outcomes computed so far: each one's number names it (kept frames)
         self.keep = KEPT  #: how many computed views are kept (0: always compute)
         self._quiet = False
 
@@ -213,6 +214,7 @@ class AttributionExplorer(WidgetBase):
                                             button_style="warning", disabled=True,
                                             layout=widgets.Layout(width="120px"))
         self.param_box = widgets.VBox()
+        self._no_params = widgets.HTML("<i>no parameters</i>")  # one, not one per switch
         self.target_label = widgets.HTML()
         self.region_box = self._region_controls()
         self.bind(self.method_select, "method")
@@ -349,8 +351,7 @@ class AttributionExplorer(WidgetBase):
             self.unbind(ctrl)
             ctrl.close()
         self._param_controls = {p.name: _control(p, values[p.name]) for p in spec.params}
-        self.param_box.children = list(self._param_controls.values()) or [
-            widgets.HTML("<i>no parameters</i>")]
+        self.param_box.children = list(self._param_controls.values()) or [self._no_params]
         self._quiet = True
         try:
             self.params = values
@@ -388,19 +389,21 @@ class AttributionExplorer(WidgetBase):
             if outcome is None:
                 self.status.value = "cancelled"
                 return
-            if kept is None:  # computed now
+            if kept is None:  # computed now: numbered
                 kept = False
+                self._computed += 1
+                outcome = (*outcome, self._computed)
                 if request is not None:
                     self._kept[request] = outcome
             if request is not None:
                 self._kept.move_to_end(request)
             while len(self._kept) > self.keep:
                 self._kept.popitem(last=False)
-            results, curves = outcome
+            results, curves, number = outcome
             self.result = results
             self.curves = curves
             self.figures.show(results, names, compare=bool(self.compare), alpha=self.alpha,
-                              cmap=self.cmap)
+                              cmap=self.cmap, token=number)
             if evaluate:
                 self.figures.show_curves(curves)
             took = ", ".join(f"{r.method} {r.seconds:.2f} s" for r in results

@@ -58,6 +58,13 @@ class AttributionFigures:
         self.eval_box = widgets.Box([])
         self.drag = None  #: the click-and-drag on the input (a dense output's region)
         self._grid = None
+        # the single figure is a function of these: a state shown before gets its frame back
+        # (``FastCanvas.frame_key``); ``_shown``: the token of the results drawn (None: unknown)
+        self._shown = None
+        self._style = None
+        self._region = None
+        self.single_canvas.frame_key = lambda: (
+            None if self._shown is None else (self._shown, self._style, self._region))
 
     def choose_region(self, grid, on_move, on_release) -> None:
         """Let a click-and-drag on the input panel choose a rectangle of the ``grid`` (H'×W')
@@ -71,6 +78,7 @@ class AttributionFigures:
     def show_region(self, rows, cols) -> None:
         """Outline the output pixels ``rows`` × ``cols`` (inclusive) on the input panel."""
         show_cells(self.image_panel, rows, cols, self._grid)
+        self._region = (tuple(rows), tuple(cols))
         self.single_canvas.draw_idle()
 
     def select(self, compare: bool, evaluate: bool):
@@ -80,11 +88,15 @@ class AttributionFigures:
         self.eval_box.children = [self._eval_holder] if evaluate else []
         return self.compare_fig if compare else self.single_fig
 
-    def show(self, results, names, *, compare: bool, alpha: float, cmap: str) -> None:
+    def show(self, results, names, *, compare: bool, alpha: float, cmap: str,
+             token=None) -> None:
         """Draw ``results`` (attributions, or a compared method's exception, in ``names``
-        order): in the single figure, or one per panel when ``compare``."""
+        order): in the single figure, or one per panel when ``compare``. ``token`` names these
+        results (the same token: the same results; None: none) for the single figure's kept
+        frames."""
         if len(results) == 1 and not compare:
             self._draw(self.main, results[0], alpha, cmap)
+            self._shown, self._style = token, (alpha, cmap)
             self.single_canvas.draw_idle()
             return
         blank = np.zeros(self.display.shape[:2], dtype=np.float32)
@@ -119,5 +131,7 @@ class AttributionFigures:
         for i, panel in enumerate(panels):
             s = signed[i] if i < len(signed) else False
             update_attribution(panel, alpha=alpha, cmap=_cmap_for(cmap, s))
+        if not compare:
+            self._style = (alpha, cmap)
         self.single_canvas.draw_idle()
         self.compare_canvas.draw_idle()
