@@ -7,10 +7,9 @@ JupyterLab in headless Chromium (the browser tests' setup: ``tests/browser/brows
 Each row is measured on several copies of its explorer in one notebook, its changes
 alternating between them: ``after`` (everything on), ``before`` (the canvas as ipympl has it,
 nothing kept), and one copy per trick with only that trick off (``no image``: frames go through
-ipympl's canvas, not an image widget under it; ``no push``: the kernel waits for
-the front end to ask for each frame; ``no frames``: a FeatureMapExplorer state drawn before (a layer)
-is drawn anew;
-``no keep``: the AttributionExplorer computes every view anew). The ratio
+ipympl's canvas, not an image widget under it; ``no push``: the kernel waits for the front end
+to ask for each frame; ``no frames``: a figure state drawn before (a layer, a method's view) is
+drawn anew; ``no keep``: the AttributionExplorer computes every view anew). The ratio
 after / before is the before / after table of the README; a trick stays where its own
 ``no …`` copy is ≥ 15 % slower than ``after``.
 
@@ -87,7 +86,7 @@ def _cell(kind: str, variant: str) -> str:
 
 
 CELLS = {css_of(kind, v): _cell(kind, v) for kind in ("maps", "attr") for v in VARIANTS
-         if not (kind == "maps" and v == "no keep") and not (kind == "attr" and v == "no frames")}
+         if not (kind == "maps" and v == "no keep")}
 
 # fingerprint what the figures show (each canvas, and each frame image under one: drawn into a
 # scratch canvas, which decodes it), change the select, resolve at the first frame that differs
@@ -196,7 +195,7 @@ def main():
         del VARIANTS[name]
     CELLS.clear()
     CELLS.update({css_of(kind, v): _cell(kind, v) for kind in ("maps", "attr") for v in VARIANTS
-                  if not (kind == "maps" and v == "no keep") and not (kind == "attr" and v == "no frames")})
+                  if not (kind == "maps" and v == "no keep")})
     with tee(args.out), tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print(f"# {' '.join(['python'] + sys.argv)}")
