@@ -489,8 +489,13 @@ def test_frames_are_shown_by_the_image_under_the_canvas():
     canvas.handle_draw({})
     assert len(shown) == 1
 
+    shown = canvas._repr_mimebundle_()["application/vnd.jupyter.widget-view+json"]
+    assert shown["model_id"] == canvas.view.model_id  # displayed alone: its view is shown
+
     canvas.image_frames = False  # the A/B switch: frames through ipympl's canvas again
     assert canvas.frame_image.layout.display == "none"
+    shown = canvas._repr_mimebundle_()["application/vnd.jupyter.widget-view+json"]
+    assert shown["model_id"] == canvas.model_id
     sent.clear()
     canvas.handle_draw({})
     assert sent and sent[-1].shape == (75, 100, 4) and sent[-1][..., 3].all()  # opaque

@@ -115,6 +115,13 @@ def _canvas_class():
                 self.figure.stale = True
                 self.draw_idle()
 
+        def _repr_mimebundle_(self, **kwargs):
+            # the canvas shown on its own (``display(canvas)``) would show nothing but its
+            # transparent frames: what is shown is its view, the image under it
+            if self.image_frames and self.view is not None:
+                return self.view._repr_mimebundle_(**kwargs)
+            return super()._repr_mimebundle_(**kwargs)
+
         # ------------------------------------------------------------ rendering
         def draw(self):
             self._render(keep=True)
@@ -297,8 +304,9 @@ def make_figure(width: float = 6.0, height: float = 4.0, dpi: int = 100, layout=
     ``toolbar``: ipympl's pan/zoom toolbar. Off by default: it fades in over the left edge of
     the figure on hover, covering what users click, and pan/zoom modes swallow those clicks.
 
-    Place ``canvas.view`` in a layout (not the canvas alone): the frames are shown by an image
-    under the canvas (see ``image_frames`` in :func:`_canvas_class`).
+    Place ``canvas.view`` in a layout (not the canvas alone, which shows transparent frames
+    only): the frames are shown by an image under the canvas (see ``image_frames`` in
+    :func:`_canvas_class`). ``display(canvas)`` shows the view.
     """
     from ipympl.backend_nbagg import FigureManager
 
