@@ -175,9 +175,8 @@ def _canvas_class():
             image = self.frame_image
             if keep or self.figure.stale or not image.value:
                 key = self._state()
-                png = self._kept_frames.get(key) if key is not None else None
-                if png is not None:
-                    self._frame_back(key)
+                if self._frame_back(key):
+                    png = self._kept_frames[key]
                 else:
                     FigureCanvasAgg.draw(self)
                     png = self._png(np.asarray(self.get_renderer().buffer_rgba())[:, :, :3])

@@ -734,7 +734,8 @@ def figure_shots(page, case: Case) -> list[FigureShot]:
 
     Read from the figure's own bitmaps (its frame image, its canvas over it) rather than a
     screenshot of the page, so that a hover toolbar, a focus ring or the mouse over the
-    figure can never pass for a change of the figure. ``wait_rendered`` also checks that the figures are visible on the page.
+    figure can never pass for a change of the figure. ``wait_rendered`` also checks that the
+    figures are visible on the page.
     """
     return canvas_shots(figures(page, case))
 
@@ -744,7 +745,8 @@ divs => divs.filter(d => d.getClientRects().length > 0).map(d => {
   const c = d.querySelector('canvas');
   const box = d.closest('.cw-figure');
   const img = box ? box.querySelector(':scope > img.cw-frame') : null;
-  if (!c || !img || getComputedStyle(img).display === 'none') return null;
+  if (!c) return null;
+  if (!img || getComputedStyle(img).display === 'none') return [];
   const a = c.getBoundingClientRect(), b = img.getBoundingClientRect();
   return [a.x, a.y, a.width, a.height, b.x, b.y, b.width, b.height];
 }).filter(r => r !== null)"""
@@ -752,9 +754,14 @@ divs => divs.filter(d => d.getClientRects().length > 0).map(d => {
 
 def misaligned(figure_divs, tolerance: float = 0.5) -> list[str]:
     """Figures whose frame image (what the user sees) is not exactly under ipympl's canvas
-    (what takes the clicks): a click would land on another place of the figure."""
+    (what takes the clicks): a click would land on another place of the figure. A figure
+    shown without its frame image (a canvas placed alone, not its ``view``) is one too."""
     bad = []
-    for i, (cx, cy, cw, ch, ix, iy, iw, ih) in enumerate(figure_divs.evaluate_all(_ALIGNED_JS)):
+    for i, box in enumerate(figure_divs.evaluate_all(_ALIGNED_JS)):
+        if not box:
+            bad.append(f"figure #{i}: no frame image under its canvas (placed without its view?)")
+            continue
+        cx, cy, cw, ch, ix, iy, iw, ih = box
         if max(abs(cx - ix), abs(cy - iy), abs(cw - iw), abs(ch - ih)) > tolerance:
             bad.append(f"figure #{i}: canvas at ({cx:.1f}, {cy:.1f}) {cw:.1f}×{ch:.1f}, its "
                        f"frame image at ({ix:.1f}, {iy:.1f}) {iw:.1f}×{ih:.1f}")

@@ -421,6 +421,19 @@ def test_detector_catches_broken_front_end_model_and_dead_control(frontend):
     bk.move_control(page, UNWIRED)
     with pytest.raises(AssertionError, match="did not change the figure"):
         bk.wait_changed(page, UNWIRED, before, timeout=4)
+    # a frame image moved off its canvas, then none at all: the alignment check must say so
+    figs = bk.figures(page, UNWIRED)
+    assert bk.misaligned(figs) == []
+    frame = bk.widget_root(page, UNWIRED).locator("img.cw-frame")
+    margin = frame.evaluate("img => img.style.marginLeft")  # the layout's, inline
+    frame.evaluate("img => { img.style.marginLeft = '10px'; }")
+    assert "its frame image at" in "".join(bk.misaligned(figs))
+    frame.evaluate("(img, m) => { img.style.marginLeft = m; img.classList.remove('cw-frame'); }",
+                   margin)
+    assert "no frame image" in "".join(bk.misaligned(figs))
+    frame = bk.widget_root(page, UNWIRED).locator("img.widget-image")
+    frame.evaluate("img => img.classList.add('cw-frame')")
+    assert bk.misaligned(figs) == []
     # a click that leaves empty axes with their ticks: the figure changes, but the drawn
     # check must report it (and it passed the same figure before the click)
     bk.wait_rendered(page, BLANK, timeout=120)
